@@ -1,0 +1,47 @@
+#pragma once
+// Argument checks shared by every op. Each message names the op and the argument, so a user can fix the call
+// without reading our source.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace mmer_ext {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_defined(const at::Tensor& t, const char* op, const std::string& name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+}
+
+inline void check_floating(const at::Tensor& t, const char* op, const std::string& name) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const std::string& name,
+                      const char* layout) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be a ", dim, "-d tensor ", layout, ", got shape ",
+              t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& name,
+                              const std::string& ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device(), "; move them to one device");
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& name,
+                             const std::string& ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has ", ref.scalar_type(), "; cast them to one dtype");
+}
+
+// float32 math for float32/half/bfloat16 inputs, float64 for float64.
+inline at::ScalarType opmath_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace mmer_ext

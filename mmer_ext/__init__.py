@@ -1,0 +1,18 @@
+"""mmer_ext: C++/CUDA-accelerated PyTorch ops and models for multimodal emotion recognition with missing or noisy
+modalities.
+
+Importing the package loads the compiled library, which registers the ops as ``torch.ops.mmer_ext.*``; the typed
+Python wrappers live in :mod:`mmer_ext.ops`.
+"""
+
+import torch  # noqa: F401  (torch's libraries must be loaded before ours)
+
+from mmer_ext._build import load_library as _load_library
+
+_C = _load_library()
+
+from mmer_ext import ops  # noqa: E402  (registers fake kernels and autograd formulas on the loaded ops)
+from mmer_ext.info import build_info  # noqa: E402
+
+__version__ = _C.__version__
+__all__ = ["ops", "build_info", "__version__"]

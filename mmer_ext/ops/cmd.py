@@ -1,0 +1,131 @@
+"""Central moment discrepancy (CMD): ``central_moments``, ``cmd``, ``cmd_pairwise``.
+
+The kernels are C++/CUDA (``csrc/ops/cmd/``); this module holds the typed wrappers and registers the fake
+kernels (for ``torch.compile`` and meta tensors) and the autograd formulas of the ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["central_moments", "cmd", "cmd_pairwise"]
+
+_ops = torch.ops.mmer_ext
+
+
+def central_moments(x: Tensor, n_moments: int) -> Tensor:
+    """Mean and central moments of ``x`` over its batch dimension.
+
+    Args:
+        x: ``[B, D]`` float tensor, ``B >= 1``. CUDA and CPU; float32, float64, float16 and bfloat16 (the last two
+            accumulate in float32).
+        n_moments: ``K >= 1``.
+
+    Returns:
+        ``[K, D]`` in ``x.dtype``: row 0 the mean over the batch, row ``k-1`` the central moment
+        ``E[(x - mean)^k]`` for ``k = 2..K``. Computed in two passes about the first row, so data with a large mean
+        (1e4 with unit spread) keeps full precision. Differentiable (first order).
+    """
+    return _ops.central_moments.default(x, n_moments)
+
+
+def cmd(x1: Tensor, x2: Tensor, n_moments: int = 5) -> Tensor:
+    """Central moment discrepancy between two batches, as MISA and IF-MMIN define it.
+
+    ``||mean(x1) - mean(x2)||_2 + sum_{k=2..K} ||c_k(x1) - c_k(x2)||_2`` with ``c_k`` the k-th central moment over the
+    batch. Unlike Zellinger et al. (2017) there is no normalisation by the feature range ``(b - a)^k``.
+
+    Args:
+        x1: ``[B1, D]`` float tensor.
+        x2: ``[B2, D]`` float tensor on the same device with the same dtype; ``B2`` may differ from ``B1``.
+        n_moments: ``K >= 1``.
+
+    Returns:
+        A 0-d tensor in the inputs' dtype. Where two moments are equal the gradient of their norm is taken as 0,
+        so identical inputs give a loss of 0 and zero gradients (the reference code gives NaN there).
+    """
+    return _ops.cmd.default(x1, x2, n_moments)
+
+
+def cmd_pairwise(xs: Tensor | Sequence[Tensor], n_moments: int = 5) -> Tensor:
+    """Mean of :func:`cmd` over all ``M(M-1)/2`` unordered pairs of ``xs``, computing each input's moments once.
+
+    IF-MMIN's invariant-feature loss is ``cmd_pairwise([s_l, s_v, s_a])``: the average over (l, v), (l, a), (a, v).
+
+    Args:
+        xs: a ``[M, B, D]`` tensor, or a sequence of ``M >= 2`` tensors ``[B_i, D]`` (batch sizes may differ).
+        n_moments: ``K >= 1``.
+    """
+    if isinstance(xs, Tensor):
+        if xs.dim() != 3:
+            raise ValueError(
+                f"mmer_ext.cmd_pairwise: xs as one tensor must be [M, B, D], got shape {tuple(xs.shape)}"
+            )
+        xs = list(xs.unbind(0))
+    elif isinstance(xs, Sequence):
+        xs = list(xs)
+    else:
+        raise TypeError(f"mmer_ext.cmd_pairwise: xs must be a tensor or a sequence of tensors, got {type(xs).__name__}")
+    return _ops.cmd_pairwise.default(xs, n_moments)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("mmer_ext::central_moments")
+def _central_moments_fake(x: Tensor, n_moments: int) -> Tensor:
+    torch._check(x.dim() == 2, lambda: f"mmer_ext.central_moments: x must be [batch, features], got {x.shape}")
+    torch._check(n_moments >= 1, lambda: f"mmer_ext.central_moments: n_moments must be >= 1, got {n_moments}")
+    return x.new_empty((n_moments, x.shape[1]))
+
+
+@torch.library.register_fake("mmer_ext::_central_moments_backward")
+def _central_moments_backward_fake(grad: Tensor, x: Tensor, moments: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("mmer_ext::_cmd_pairwise_forward")
+def _cmd_pairwise_forward_fake(xs: list[Tensor], n_moments: int) -> tuple[Tensor, Tensor]:
+    torch._check(len(xs) >= 2, lambda: "mmer_ext.cmd_pairwise: xs must hold at least 2 tensors")
+    x = xs[0]
+    stats = x.new_empty((len(xs), n_moments, x.shape[1]), dtype=_opmath(x.dtype))
+    return x.new_empty(()), stats
+
+
+@torch.library.register_fake("mmer_ext::_cmd_pairwise_backward")
+def _cmd_pairwise_backward_fake(grad: Tensor, xs: list[Tensor], stats: Tensor) -> list[Tensor]:
+    return [x.new_empty(x.shape) for x in xs]
+
+
+def _central_moments_setup(ctx, inputs, output):
+    x, _ = inputs
+    ctx.save_for_backward(x, output)
+
+
+def _central_moments_backward(ctx, grad):
+    x, moments = ctx.saved_tensors
+    return _ops._central_moments_backward.default(grad, x, moments), None
+
+
+def _cmd_pairwise_setup(ctx, inputs, output):
+    xs, _ = inputs
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(*xs, stats)
+
+
+def _cmd_pairwise_backward(ctx, grad_loss, _grad_stats):
+    *xs, stats = ctx.saved_tensors
+    return list(_ops._cmd_pairwise_backward.default(grad_loss, xs, stats)), None
+
+
+torch.library.register_autograd(
+    "mmer_ext::central_moments", _central_moments_backward, setup_context=_central_moments_setup
+)
+torch.library.register_autograd(
+    "mmer_ext::_cmd_pairwise_forward", _cmd_pairwise_backward, setup_context=_cmd_pairwise_setup
+)
