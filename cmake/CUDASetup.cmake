@@ -112,6 +112,20 @@ else()
       _mmer_arch_list_to_cmake("${TORCH_CUDA_ARCH_LIST}" CMAKE_CUDA_ARCHITECTURES)
       enable_language(CUDA)
       find_package(CUDAToolkit REQUIRED)
+      # ATen's CUDA headers include cuBLAS/cuSPARSE/cuSOLVER headers. A minimal toolkit (cudart only, as on our
+      # build machines) lacks them, but the nvidia-* wheels torch depends on ship them. They are searched after
+      # the toolkit's own include directory, so they only fill gaps.
+      set(MMER_EXT_CUDA_EXTRA_INCLUDES "")
+      if(NOT EXISTS "${_cuda_root}/include/cusparse.h")
+        file(GLOB _wheel_includes LIST_DIRECTORIES true
+          "${TORCH_SITE_PACKAGES}/nvidia/cu${_nvcc_major}/include" "${TORCH_SITE_PACKAGES}/nvidia/*/include")
+        foreach(_inc IN LISTS _wheel_includes)
+          if(EXISTS "${_inc}/cusparse.h" OR EXISTS "${_inc}/cublas_v2.h" OR EXISTS "${_inc}/cusolverDn.h")
+            list(APPEND MMER_EXT_CUDA_EXTRA_INCLUDES "${_inc}")
+          endif()
+        endforeach()
+        message(STATUS "mmer_ext: CUDA library headers from torch's nvidia wheels: ${MMER_EXT_CUDA_EXTRA_INCLUDES}")
+      endif()
       message(STATUS "mmer_ext: CUDA kernels ON (nvcc ${_nvcc_version} in ${_cuda_root}, archs ${CMAKE_CUDA_ARCHITECTURES})")
     endif()
   endif()

@@ -40,7 +40,7 @@ string(REGEX MATCH "^[0-9]+\\.[0-9]+" TORCH_VERSION_MAJOR_MINOR "${TORCH_VERSION
 message(STATUS "mmer_ext: torch ${TORCH_VERSION} (CUDA: ${TORCH_CUDA_VERSION}) at ${TORCH_LIB_DIR}")
 
 function(_mmer_torch_lib out name)
-  find_library(_lib_${name} NAMES ${name} PATHS "${TORCH_LIB_DIR}" NO_DEFAULT_PATH REQUIRED)
+  find_library(_lib_${name} NAMES ${name} PATHS "${TORCH_LIB_DIR}" NO_DEFAULT_PATH NO_CACHE REQUIRED)
   set(${out} "${_lib_${name}}" PARENT_SCOPE)
 endfunction()
 

@@ -1,0 +1,359 @@
+"""pytest-benchmark harness for mmer_ext: collection of ``bench_*.py``, calibrated timing, the ratio report.
+
+Run from the repository root with the installed package (the ``pytest`` executable, so the source tree's
+``mmer_ext/`` does not shadow the installed one)::
+
+    .venv/bin/pytest benchmarks                                # full run, prints the ratio table at the end
+    .venv/bin/pytest benchmarks --quick                        # ~a minute: few rounds (make demo)
+    .venv/bin/pytest benchmarks --benchmark-disable            # CI smoke test: every body once, no timings
+    .venv/bin/pytest benchmarks --ratios-json benchmarks/results/cmd_h100.json   # also write the table as JSON
+
+Configuration stays in the root ``pyproject.toml`` (so ``--strict-markers`` and friends apply here too): there
+is deliberately no ``benchmarks/pytest.ini``, which would become the inifile for ``pytest benchmarks`` and drop
+the root configuration. ``bench_*.py`` files are collected by :func:`pytest_collect_file` below instead of a
+``python_files`` setting; ``pytest python_tests`` and a bare ``pytest`` (``testpaths = python_tests``) never load
+this conftest.
+
+Options (besides pytest-benchmark's own):
+
+* ``--quick``: at most ~0.1 s of timed rounds per benchmark and at least 3 rounds (overrides
+  ``--benchmark-max-time`` / ``--benchmark-min-rounds``). Also ``MMER_BENCH_QUICK=1``.
+* ``--ratios-json PATH``: write the ratio table as JSON. Also ``MMER_BENCH_RATIOS_JSON=PATH``.
+
+Rounds: each benchmark is timed with ``benchmark.pedantic`` after its own warm-up (which also triggers
+``torch.compile``). The warm-up calls give an estimate ``t`` of one call; ``iterations = ceil(1 ms / t)`` (so very
+fast calls are timed in batches above the timer's noise) and ``rounds = max(min_rounds, ceil(max_time / (t *
+iterations)))``, capped at 2000, with ``max_time`` and ``min_rounds`` from ``--benchmark-max-time`` (1 s) and
+``--benchmark-min-rounds`` (5).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# Implementations in report order; the first is the one every ratio divides by.
+BASELINE_IMPL = "ours"
+IMPL_ORDER = ("ours", "eager", "compiled", "compiled-max-autotune")
+
+_MIN_ROUND_S = 1e-3
+_MAX_ROUNDS = 2000
+_QUICK_MAX_TIME_S = 0.1
+_QUICK_MIN_ROUNDS = 3
+
+_RECORDS = pytest.StashKey[list]()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Collection and options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mmer_ext benchmarks")
+    group.addoption(
+        "--quick",
+        action="store_true",
+        default=os.environ.get("MMER_BENCH_QUICK", "") not in ("", "0"),
+        help=f"few rounds (<= ~{_QUICK_MAX_TIME_S} s timed per benchmark, >= {_QUICK_MIN_ROUNDS} rounds): "
+        "the whole suite in about a minute. Env: MMER_BENCH_QUICK=1.",
+    )
+    group.addoption(
+        "--ratios-json",
+        metavar="PATH",
+        default=os.environ.get("MMER_BENCH_RATIOS_JSON") or None,
+        help="write the ratio table (medians, ratios vs ours, bandwidth) as JSON to PATH. "
+        "Env: MMER_BENCH_RATIOS_JSON.",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_RECORDS] = []
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    # bench_*.py are benchmark modules. A file named on the command line is already collected by pytest's python
+    # plugin (initial paths bypass python_files), so leave those to it to avoid collecting it twice.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Spec HBM bandwidth by device-name substring, first match wins (torch.cuda.get_device_name: an H100 SXM reports
+# "NVIDIA H100 80GB HBM3").
+_PEAK_BANDWIDTH_BPS = (
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100 SXM", 3.35e12),
+    ("H100 80GB HBM3", 3.35e12),
+)
+
+
+def peak_bandwidth(device: torch.device) -> tuple[float | None, str | None]:
+    """Spec memory bandwidth in B/s and where the number comes from, or ``(None, None)``."""
+    if device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    for key, bps in _PEAK_BANDWIDTH_BPS:
+        if key.lower() in name.lower():
+            return bps, f"spec ({key})"
+    return None, None
+
+
+@pytest.fixture(scope="session")
+def copy_ceiling(request: pytest.FixtureRequest) -> Callable[[torch.device], float | None]:
+    """``ceiling(device)``: practical bandwidth in B/s of a 1 GiB ``dst.copy_(src)`` (read + write), measured once
+    per device with CUDA events (median of 20); None on CPU or with ``--benchmark-disable``."""
+    cache: dict[str, float | None] = {}
+    disabled = bool(getattr(request.config, "_benchmarksession", None) and request.config._benchmarksession.disabled)
+
+    def ceiling(device: torch.device) -> float | None:
+        if device.type != "cuda" or disabled:
+            return None
+        key = str(device)
+        if key not in cache:
+            nbytes = 1 << 30
+            src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+            dst = torch.empty_like(src)
+            for _ in range(3):
+                dst.copy_(src)
+            times = []
+            for _ in range(20):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                dst.copy_(src)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            cache[key] = 2 * nbytes / statistics.median(times)
+            del src, dst
+            torch.cuda.empty_cache()
+        return cache[key]
+
+    return ceiling
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def _timing_settings(config: pytest.Config) -> tuple[float, int]:
+    if config.getoption("quick"):
+        return _QUICK_MAX_TIME_S, _QUICK_MIN_ROUNDS
+    return float(config.getoption("benchmark_max_time")), int(config.getoption("benchmark_min_rounds"))
+
+
+@pytest.fixture
+def run_benchmark(benchmark, request: pytest.FixtureRequest, copy_ceiling):
+    """``run_benchmark(fn, impl=..., device=..., nbytes=..., warmup=..., check=...)`` times ``fn`` with
+    ``benchmark.pedantic`` and records the result for the ratio report.
+
+    ``fn()`` must do one complete unit of work and synchronize the device itself. Before timing it is called
+    ``warmup`` times (the first call's duration is kept as ``first_call_s``: the compile time of a
+    ``torch.compile``d callable), then ``check(fn())`` is called, which must raise on a wrong result. With
+    ``--benchmark-disable`` the warm-up is a single call and ``fn`` then runs once more, untimed.
+    """
+    config = request.config
+    max_time, min_rounds = _timing_settings(config)
+
+    def run(
+        fn: Callable[[], Any],
+        *,
+        impl: str,
+        device: torch.device,
+        nbytes: int | None = None,
+        warmup: int = 2,
+        check: Callable[[Any], None] | None = None,
+    ) -> None:
+        disabled = benchmark.disabled
+        durations = []
+        for _ in range(1 if disabled else max(1, warmup)):
+            t0 = time.perf_counter()
+            fn()
+            durations.append(time.perf_counter() - t0)
+        first_call_s = durations[0]
+        if check is not None:
+            check(fn())
+
+        # The fastest warm-up call after the first (the first may compile) estimates one call.
+        estimate = max(min(durations[1:] or durations), 1e-7)
+        iterations = max(1, math.ceil(_MIN_ROUND_S / estimate))
+        rounds = min(_MAX_ROUNDS, max(min_rounds, math.ceil(max_time / (estimate * iterations))))
+
+        benchmark.extra_info.update(
+            impl=impl,
+            device=str(device),
+            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(),
+            torch_threads=torch.get_num_threads(),
+            first_call_s=first_call_s,
+        )
+        benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
+
+        median = None if disabled or benchmark.stats is None else float(benchmark.stats.stats.median)
+        record = {
+            "group": benchmark.group,
+            "impl": impl,
+            "device": str(device),
+            "median_s": median,
+            "iqr_s": None if median is None else float(benchmark.stats.stats.iqr),
+            "rounds": None if median is None else rounds,
+            "iterations": None if median is None else iterations,
+            "first_call_s": first_call_s,
+            "bytes": nbytes,
+            "gbps": None,
+            "pct_peak": None,
+            "pct_copy": None,
+        }
+        if device.type == "cuda" and nbytes is not None:
+            peak, peak_source = peak_bandwidth(device)
+            ceiling = copy_ceiling(device)
+            record.update(peak_Bps=peak, peak_source=peak_source, copy_ceiling_Bps=ceiling)
+            if median is not None:
+                achieved = nbytes / median
+                record["gbps"] = achieved / 1e9
+                record["pct_peak"] = None if peak is None else 100 * achieved / peak
+                record["pct_copy"] = None if ceiling is None else 100 * achieved / ceiling
+            benchmark.extra_info.update(
+                bytes=nbytes,
+                achieved_Bps=None if median is None else nbytes / median,
+                peak_Bps=peak,
+                peak_source=peak_source,
+                copy_ceiling_Bps=ceiling,
+            )
+        config.stash[_RECORDS].append(record)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ratio report
+
+
+def _build_report(config: pytest.Config) -> dict[str, Any]:
+    groups: dict[str, dict[str, Any]] = {}
+    for rec in config.stash.get(_RECORDS, []):
+        g = groups.setdefault(rec["group"], {"impls": {}, "ratios": {}})
+        g["impls"][rec["impl"]] = {k: v for k, v in rec.items() if k not in ("group", "impl")}
+    timed = any(r["median_s"] is not None for r in config.stash.get(_RECORDS, []))
+    for g in groups.values():
+        base = g["impls"].get(BASELINE_IMPL, {}).get("median_s")
+        for impl, rec in g["impls"].items():
+            if impl != BASELINE_IMPL:
+                other = rec["median_s"]
+                g["ratios"][f"{impl}/{BASELINE_IMPL}"] = None if base is None or other is None else other / base
+    try:
+        import mmer_ext
+
+        mmer_version = mmer_ext.__version__
+    except Exception:  # report even if the package broke mid-run
+        mmer_version = None
+    return {
+        "meta": {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "mmer_ext": mmer_version,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available()
+            else [],
+            "quick": bool(config.getoption("quick")),
+            "timings_disabled": not timed,
+            "ratio_note": "ratio = median(impl) / median(ours): higher means ours is faster",
+        },
+        "groups": groups,
+    }
+
+
+def _fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= scale:
+            return f"{s / scale:.3f} {unit}"
+    return f"{s / 1e-9:.1f} ns"
+
+
+def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _format_report(report: dict[str, Any]) -> list[str]:
+    meta = report["meta"]
+    lines = [
+        f"mmer_ext {meta['mmer_ext']}, torch {meta['torch']}, {meta['torch_threads']} torch threads"
+        + (f", GPUs: {', '.join(meta['gpus'])}" if meta["gpus"] else ", no GPU")
+        + (", QUICK mode (few rounds)" if meta["quick"] else ""),
+    ]
+    if meta["timings_disabled"]:
+        lines.append(
+            "timings disabled (--benchmark-disable): every benchmark body ran once, correctness guards passed; "
+            "no medians or ratios to report."
+        )
+        lines.append("ran: " + ", ".join(f"{name} [{', '.join(g['impls'])}]" for name, g in report["groups"].items()))
+        return lines
+    lines.append("ratio = median(impl) / median(ours); > 1 means ours is faster. 'first call' includes compilation.")
+    header = f"  {'impl':<22} {'median':>11} {'IQR':>11} {'rounds':>9} {'vs ours':>8} {'first call':>11}"
+    any_cuda = any(r.get("gbps") is not None for g in report["groups"].values() for r in g["impls"].values())
+    if any_cuda:
+        header += f" {'GB/s':>8} {'% peak':>7} {'% copy':>7}"
+    for name, g in report["groups"].items():
+        lines.append("")
+        lines.append(name)
+        lines.append(header)
+        base = g["impls"].get(BASELINE_IMPL, {}).get("median_s")
+        impls = sorted(g["impls"], key=lambda i: IMPL_ORDER.index(i) if i in IMPL_ORDER else len(IMPL_ORDER))
+        for impl in impls:
+            r = g["impls"][impl]
+            ratio = 1.0 if impl == BASELINE_IMPL and base is not None else g["ratios"].get(f"{impl}/{BASELINE_IMPL}")
+            rounds = "-" if r["rounds"] is None else f"{r['rounds']}x{r['iterations']}"
+            row = (
+                f"  {impl:<22} {_fmt_time(r['median_s']):>11} {_fmt_time(r['iqr_s']):>11} {rounds:>9} "
+                f"{_fmt(ratio, '.2f', 'x'):>8} {_fmt_time(r['first_call_s']):>11}"
+            )
+            if any_cuda:
+                row += f" {_fmt(r['gbps'], '.0f'):>8} {_fmt(r['pct_peak'], '.1f'):>7} {_fmt(r['pct_copy'], '.1f'):>7}"
+            lines.append(row)
+        summary = ", ".join(f"{k} = {_fmt(v, '.2f', 'x')}" for k, v in g["ratios"].items())
+        if summary:
+            lines.append(f"  ratios: {summary}")
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    if not config.stash.get(_RECORDS, None):
+        return
+    report = _build_report(config)
+    terminalreporter.write_sep("=", "mmer_ext benchmark ratios")
+    for line in _format_report(report):
+        terminalreporter.write_line(line)
+    path = config.getoption("ratios_json")
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+        terminalreporter.write_line(f"ratio table written to {out}")
