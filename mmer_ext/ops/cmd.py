@@ -92,7 +92,7 @@ def _central_moments_backward_fake(grad: Tensor, x: Tensor, moments: Tensor) -> 
 def _cmd_pairwise_forward_fake(xs: list[Tensor], n_moments: int) -> tuple[Tensor, Tensor]:
     torch._check(len(xs) >= 2, lambda: "mmer_ext.cmd_pairwise: xs must hold at least 2 tensors")
     x = xs[0]
-    stats = x.new_empty((len(xs), n_moments, x.shape[1]), dtype=_opmath(x.dtype))
+    stats = x.new_empty((len(xs), n_moments + 1, x.shape[1]), dtype=_opmath(x.dtype))
     return x.new_empty(()), stats
 
 

@@ -56,108 +56,63 @@ at::TensorOptions opmath_options(const at::Tensor& x) {
   return x.options().dtype(opmath_type(x.scalar_type()));
 }
 
-// Coefficients a[j, d] with d/dx[b, d] of sum_k <G[k-1], c_k> = sum_j a[j, d] * y[b, d]^j, y the centred x.
-// c_k depends on x[b] through (k/B) (y^(k-1) - mean(y^(k-1))) and the mean through 1/B, so
-//   a[0]   = (G[0] - sum_{k=3..K} k G[k-1] c_{k-1}) / B     (mean(y) = 0 removes the k = 2 term)
-//   a[j]   = (j+1) G[j] / B,  j = 1..K-1.
-// G and c are [K, D] in opmath; row 0 of c is not read (it holds the mean or its offset).
-at::Tensor moment_grad_coefficients(const at::Tensor& G, const at::Tensor& c, int64_t batch) {
-  const int64_t K = G.size(0);
-  if (K == 1) return G / static_cast<double>(batch);
-  auto k = at::arange(2, K + 1, G.options()).unsqueeze(1);
-  auto a_rest = G.slice(0, 1) * k;  // rows j = 1..K-1
-  auto a0 = G[0];
-  if (K >= 3) a0 = a0 - (a_rest.slice(0, 1) * c.slice(0, 1, K - 1)).sum(0);
-  return at::cat({a0.unsqueeze(0), a_rest}, 0).div_(static_cast<double>(batch));
-}
-
-// Differences of the K statistics of every unordered pair (i < j): [P, K, D]. Row 0 compares means as
-// (x_i[0] - x_j[0]) + (offset_i - offset_j), which keeps the digits a large common mean would eat.
-struct PairDiffs {
-  at::Tensor first, second;  // [P] pair members, int64 on the inputs' device
-  at::Tensor diffs;          // [P, K, D] opmath
-};
-
-PairDiffs pair_diffs(at::TensorList xs, const at::Tensor& stats) {
-  const int64_t M = static_cast<int64_t>(xs.size());
-  auto pairs = at::triu_indices(M, M, 1, stats.options().dtype(at::kLong));
-  auto first = pairs[0], second = pairs[1];
-  std::vector<at::Tensor> rows;
-  rows.reserve(xs.size());
-  for (const auto& x : xs) rows.push_back(x.select(0, 0));
-  auto shifts = at::stack(rows).to(stats.scalar_type());  // [M, D]
-  auto s1 = stats.index_select(0, first), s2 = stats.index_select(0, second);
-  auto mean_diff = (shifts.index_select(0, first) - shifts.index_select(0, second)) + (s1.select(1, 0) - s2.select(1, 0));
-  auto diffs = at::cat({mean_diff.unsqueeze(1), s1.slice(1, 1) - s2.slice(1, 1)}, 1);
-  return {first, second, diffs};
-}
-
 }  // namespace
 
 at::Tensor central_moments(const DeviceKernels& k, const at::Tensor& x, int64_t n_moments) {
   constexpr const char* op = "mmer_ext.central_moments";
   check_inputs({x}, {"x"}, op);
   check_n_moments(n_moments, op);
-  auto xc = x.contiguous();
-  auto stats = at::empty({n_moments, x.size(1)}, opmath_options(x));
-  k.column_stats(xc, stats);
-  stats.select(0, 0).add_(xc.select(0, 0).to(stats.scalar_type()));
-  return stats.to(x.scalar_type());
+  auto stats = at::empty({n_moments + 1, x.size(1)}, opmath_options(x));
+  k.column_stats(x.contiguous(), stats);
+  // Rows: mean = shift + offset, then c_2..c_K.
+  auto out = stats.narrow(0, 1, n_moments).clone();
+  out.select(0, 0).add_(stats.select(0, 0));
+  return out.to(x.scalar_type());
 }
 
 at::Tensor central_moments_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& moments) {
   constexpr const char* op = "mmer_ext._central_moments_backward";
   check_inputs({x}, {"x"}, op);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(1) == x.size(1) && grad.sizes() == moments.sizes(), op,
+  TORCH_CHECK(moments.dim() == 2 && moments.size(1) == x.size(1) && grad.sizes() == moments.sizes(), op,
               ": grad ", grad.sizes(), " and moments ", moments.sizes(), " must both be [n_moments, ", x.size(1), "]");
   auto xc = x.contiguous();
   const auto acc = opmath_type(x.scalar_type());
-  auto c = moments.to(acc);
-  auto offset = c.select(0, 0) - xc.select(0, 0).to(acc);
-  auto coef = moment_grad_coefficients(grad.to(acc), c, x.size(0)).contiguous();
-  return k.poly_grad(xc, offset, coef);
+  auto m = moments.to(acc);
+  // The centre of the forward pass is rebuilt from the mean it returned: shift = x[0], offset = mean - x[0].
+  auto shift = xc.select(0, 0).to(acc);
+  auto center = at::stack({shift, m.select(0, 0) - shift});
+  auto coef = k.moment_coefficients(grad.to(acc).contiguous(), m.contiguous());
+  return k.poly_grad(xc, center, coef, 1.0 / static_cast<double>(x.size(0)));
 }
 
 std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward(const DeviceKernels& k, at::TensorList xs,
                                                         int64_t n_moments) {
   check_pairwise_inputs(xs, n_moments, "mmer_ext._cmd_pairwise_forward");
   const int64_t M = static_cast<int64_t>(xs.size());
-  auto stats = at::empty({M, n_moments, xs[0].size(1)}, opmath_options(xs[0]));
+  auto stats = at::empty({M, n_moments + 1, xs[0].size(1)}, opmath_options(xs[0]));
   for (int64_t i = 0; i < M; ++i) {
     auto s = stats.select(0, i);
     k.column_stats(xs[i].contiguous(), s);
   }
-  auto d = pair_diffs(xs, stats);
-  auto norms = d.diffs.square().sum(-1).sqrt();  // [P, K]
-  auto loss = norms.sum().div_(static_cast<double>(d.first.numel()));
-  return {loss.to(xs[0].scalar_type()), stats};
+  return {k.pairwise_loss(stats, xs[0].scalar_type()), stats};
 }
 
 std::vector<at::Tensor> cmd_pairwise_backward(const DeviceKernels& k, const at::Tensor& grad, at::TensorList xs,
                                               const at::Tensor& stats) {
   constexpr const char* op = "mmer_ext._cmd_pairwise_backward";
-  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == static_cast<int64_t>(xs.size()), op, ": stats must be [",
-              xs.size(), ", n_moments, D], got ", stats.sizes());
-  check_pairwise_inputs(xs, stats.size(1), op);
-  const int64_t M = static_cast<int64_t>(xs.size());
-  auto d = pair_diffs(xs, stats);
-  const int64_t P = d.first.numel();
-  auto norms = d.diffs.square().sum(-1, /*keepdim=*/true).sqrt();  // [P, K, 1]
-  // d||v||/dv = v/||v||, and 0 where v = 0: identical inputs get a zero (sub)gradient, not NaN.
-  auto unit = at::where(norms > 0, d.diffs / norms, at::zeros({}, norms.options()));
-  // G[i] = sum over pairs of (+unit if i is the first member, -unit if the second), as a matmul so the sum
-  // order is fixed (index_add_ would use atomics on CUDA).
-  auto ids = at::arange(M, d.first.options()).unsqueeze(1);
-  auto sign = (ids == d.first.unsqueeze(0)).to(stats.scalar_type()) - (ids == d.second.unsqueeze(0)).to(stats.scalar_type());
-  auto G = at::matmul(sign, unit.flatten(1)).view(stats.sizes());
-  G.mul_(grad.to(stats.scalar_type()) / static_cast<double>(P));
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == static_cast<int64_t>(xs.size()) && stats.size(1) >= 2, op,
+              ": stats must be [", xs.size(), ", n_moments + 1, D] as returned by _cmd_pairwise_forward, got ",
+              stats.sizes());
+  check_pairwise_inputs(xs, stats.size(1) - 1, op);
+  TORCH_CHECK(grad.numel() == 1, op, ": grad must hold one value (the loss is a scalar), got shape ", grad.sizes());
+  auto coef = k.pairwise_coefficients(grad.to(stats.scalar_type()).reshape({}), stats.contiguous());
   std::vector<at::Tensor> grads;
   grads.reserve(xs.size());
-  for (int64_t i = 0; i < M; ++i) {
-    auto s = stats.select(0, i);
-    auto coef = moment_grad_coefficients(G.select(0, i), s, xs[i].size(0)).contiguous();
-    grads.push_back(k.poly_grad(xs[i].contiguous(), s.select(0, 0), coef));
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const auto& x = xs[i];
+    grads.push_back(k.poly_grad(x.contiguous(), stats.select(0, i), coef.select(0, i),
+                                1.0 / static_cast<double>(x.size(0))));
   }
   return grads;
 }
@@ -185,8 +140,6 @@ at::Tensor cmd_pairwise_composite(at::TensorList xs, int64_t n_moments) {
   return std::get<0>(call_pairwise_forward(xs, n_moments));
 }
 
-const DeviceKernels kCpuKernels{&column_stats_cpu, &poly_grad_cpu};
-
 at::Tensor central_moments_cpu(const at::Tensor& x, int64_t n_moments) {
   return central_moments(kCpuKernels, x, n_moments);
 }
@@ -211,8 +164,8 @@ TORCH_LIBRARY_FRAGMENT(mmer_ext, m) {
   m.def("_central_moments_backward(Tensor grad, Tensor x, Tensor moments) -> Tensor");
   m.def("cmd(Tensor x1, Tensor x2, int n_moments=5) -> Tensor");
   m.def("cmd_pairwise(Tensor[] xs, int n_moments=5) -> Tensor");
-  // Returns (loss, stats): stats[i, 0] = mean(xs[i]) - xs[i][0], stats[i, k-1] = c_k(xs[i]) for k >= 2, in
-  // float32 (float64 for float64 inputs). Saved for the backward; not differentiable.
+  // Returns (loss, stats): stats[i] is [n_moments + 1, D] as laid out in cmd_math.h (xs[i][0], mean - xs[i][0],
+  // c_2..c_K) in float32 (float64 for float64 inputs). Saved for the backward; not differentiable.
   m.def("_cmd_pairwise_forward(Tensor[] xs, int n_moments) -> (Tensor, Tensor)");
   m.def("_cmd_pairwise_backward(Tensor grad, Tensor[] xs, Tensor stats) -> Tensor[]");
 }

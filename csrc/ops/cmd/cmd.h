@@ -1,10 +1,8 @@
 #pragma once
 // The CMD (central moment discrepancy) op family: declarations shared by cmd.cpp, cmd_cpu.cpp and cmd_cuda.cu.
 //
-// Only two passes over the [B, D] inputs are device specific; everything else works on the small [M, K, D]
-// statistics with ATen ops and is written once for every device:
-//   column_stats : stats[0] = mean - x[0];  stats[k-1] = mean over rows of ((x - x[0]) - stats[0])^k, k = 2..K
-//   poly_grad    : grad[b, d] = sum_j coef[j, d] * y^j, y = (x[b, d] - x[0, d]) - offset[d]
+// The op bodies in cmd.cpp check arguments, allocate and call the per-device kernels below. Statistics tensors
+// follow the layout of cmd_math.h: per input [K+1, D] in opmath (float32, or float64 for float64 inputs).
 #include <ATen/core/Tensor.h>
 
 #include <vector>
@@ -12,10 +10,17 @@
 namespace mmer_ext::cmd {
 
 struct DeviceKernels {
-  // x: contiguous [B, D], B >= 1. stats: contiguous [K, D] in opmath dtype, fully overwritten.
+  // x: contiguous [B, D], B >= 1. stats: contiguous [K+1, D] (a view), fully overwritten.
   void (*column_stats)(const at::Tensor& x, at::Tensor& stats);
-  // x: contiguous [B, D]; offset: [D]; coef: contiguous [K, D], both opmath. Returns a tensor like x.
-  at::Tensor (*poly_grad)(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& coef);
+  // stats: [M, K+1, D]. Mean over the pairs i < j of sum_k ||stat_k(i) - stat_k(j)||_2, 0-d of dtype `dtype`.
+  at::Tensor (*pairwise_loss)(const at::Tensor& stats, at::ScalarType dtype);
+  // grad: 0-d upstream gradient of that loss. Returns [M, K, D] coefficients a (see grad_coefficients_inplace).
+  at::Tensor (*pairwise_coefficients)(const at::Tensor& grad, const at::Tensor& stats);
+  // grad, moments: [K, D] (opmath). Coefficients [K, D] of central_moments' backward.
+  at::Tensor (*moment_coefficients)(const at::Tensor& grad, const at::Tensor& moments);
+  // x: contiguous [B, D]; center: rows 0 (shift) and 1 (offset) of a statistics tensor; coef: contiguous [K, D].
+  // Returns scale * sum_j coef[j] * y^j, y = (x - shift) - offset, shaped and typed like x.
+  at::Tensor (*poly_grad)(const at::Tensor& x, const at::Tensor& center, const at::Tensor& coef, double scale);
 };
 
 // Op bodies, device-agnostic given the kernels.
@@ -27,8 +32,6 @@ std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward(const DeviceKernels& k, 
 std::vector<at::Tensor> cmd_pairwise_backward(const DeviceKernels& k, const at::Tensor& grad, at::TensorList xs,
                                               const at::Tensor& stats);
 
-// CPU kernels (cmd_cpu.cpp).
-void column_stats_cpu(const at::Tensor& x, at::Tensor& stats);
-at::Tensor poly_grad_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& coef);
+extern const DeviceKernels kCpuKernels;  // cmd_cpu.cpp
 
 }  // namespace mmer_ext::cmd

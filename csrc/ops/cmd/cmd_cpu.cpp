@@ -1,8 +1,8 @@
-// CPU kernels of the CMD family: the two passes over a [B, D] input (see cmd.h).
+// CPU kernels of the CMD family (see cmd.h): the passes over the [B, D] inputs and the per-column maths on the statistics.
 //
-// column_stats works on register tiles of kCols columns: every row adds its powers to accumulators that stay in
-// vector registers, and every kRowBlock rows they are flushed into float64 totals, so float32 inputs sum in
-// short float runs only. Work items are (row chunk, column tile) pairs whose layout depends on the shape alone,
+// column_stats works on one SIMD vector of columns at a time: every row adds its powers to accumulators that stay
+// in registers, and every kRowBlock rows they are flushed into float64 totals, so float32 inputs sum in short
+// float runs only. Work items are (row chunk, column tile) pairs whose layout depends on the shape alone,
 // and their partial sums are added in a fixed order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -10,8 +10,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
+#include "common/cpu_simd.h"
 #include "common/macros.h"
 #include "ops/cmd/cmd.h"
 #include "ops/cmd/cmd_math.h"
@@ -19,156 +21,246 @@
 namespace mmer_ext::cmd {
 namespace {
 
-constexpr int kCols = 16;
+using cpu::Simd;
 constexpr int64_t kRowBlock = 64;
-constexpr int kMaxPowersPerSweep = 4;
+constexpr int kMaxPowersPerSweep = 8;
 constexpr int64_t kTargetWorkItems = 64;
+constexpr int64_t kMinElementsPerTask = 1 << 15;
 
-// Adds sum over rows [0, rows) of y^p_lo .. y^(p_lo+P-1) for W columns into out[q * out_stride + w].
-// x points at the tile's first element, x0 at row 0 of the same columns, offset at the same columns.
-template <int P, int W, typename scalar_t, typename acc_t>
-MMER_EXT_CPU_MULTIVERSION void power_sums_tile(const scalar_t* __restrict x, int64_t ld, int64_t rows,
-                                               const scalar_t* __restrict x0, const acc_t* __restrict offset,
-                                               int p_lo, double* __restrict out, int64_t out_stride) {
-  double total[P][W] = {};
+// out[q * D + d] = sum over rows [0, rows) of y^(p_lo+q), q < P, for columns [d0, d1); y = x - shift.
+// x points at the first row of the chunk. The rows go by in blocks of kRowBlock that
+// stay in cache; within a block, each vector of columns keeps its P accumulators in registers, then adds them to
+// float64 totals (scratch: P * (d1 - d0) doubles).
+template <int P, typename scalar_t, typename acc_t>
+MMER_EXT_CPU_MULTIVERSION void power_sums(const scalar_t* __restrict x, int64_t D, int64_t rows,
+                                          const acc_t* __restrict shift, int64_t d0,
+                                          int64_t d1, int p_lo, double* __restrict out, double* __restrict total) {
+  using Vec = typename Simd<acc_t>::Vec;
+  constexpr int L = Simd<acc_t>::kLanes;
+  const int64_t n = d1 - d0;
+  const int64_t n_vec = n - n % L;
+  for (int64_t i = 0; i < P * n; ++i) total[i] = 0.0;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t r1 = std::min(rows, r0 + kRowBlock);
-    acc_t acc[P][W] = {};
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* row = x + r * ld;
-      acc_t y[W], p[W];
-      for (int w = 0; w < W; ++w) y[w] = centered<acc_t>(row[w], x0[w], offset[w]);
-      for (int w = 0; w < W; ++w) p[w] = y[w];
-      for (int e = 1; e < p_lo; ++e)
-        for (int w = 0; w < W; ++w) p[w] *= y[w];
-      for (int q = 0; q < P; ++q) {
-        for (int w = 0; w < W; ++w) acc[q][w] += p[w];
-        for (int w = 0; w < W; ++w) p[w] *= y[w];
+    for (int64_t c = 0; c < n_vec; c += L) {
+      const int64_t d = d0 + c;
+      const Vec s = cpu::load<acc_t>(shift + d);
+      Vec acc[P] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const Vec y = cpu::load<acc_t>(x + r * D + d) - s;
+        Vec p = y;
+        for (int e = 1; e < p_lo; ++e) p *= y;
+        for (int q = 0; q < P; ++q) {
+          acc[q] += p;
+          p *= y;
+        }
       }
+      for (int q = 0; q < P; ++q)
+        for (int w = 0; w < L; ++w) total[q * n + c + w] += static_cast<double>(acc[q][w]);
     }
-    for (int q = 0; q < P; ++q)
-      for (int w = 0; w < W; ++w) total[q][w] += static_cast<double>(acc[q][w]);
+    for (int64_t c = n_vec; c < n; ++c) {  // the last n % L columns
+      const int64_t d = d0 + c;
+      acc_t acc[P] = {};
+      for (int64_t r = r0; r < r1; ++r) accumulate_powers<P>(centered<acc_t>(x[r * D + d], shift[d], acc_t(0)), p_lo, acc);
+      for (int q = 0; q < P; ++q) total[q * n + c] += static_cast<double>(acc[q]);
+    }
   }
   for (int q = 0; q < P; ++q)
-    for (int w = 0; w < W; ++w) out[q * out_stride + w] = total[q][w];
+    for (int64_t c = 0; c < n; ++c) out[q * D + d0 + c] = total[q * n + c];
 }
 
-template <int P, typename scalar_t, typename acc_t>
-void power_sums_columns(const scalar_t* x, int64_t D, int64_t rows, const scalar_t* x0, const acc_t* offset,
-                        int64_t d0, int64_t d1, int p_lo, double* out) {
-  int64_t d = d0;
-  for (; d + kCols <= d1; d += kCols)
-    power_sums_tile<P, kCols>(x + d, D, rows, x0 + d, offset + d, p_lo, out + d, D);
-  for (; d < d1; ++d) power_sums_tile<P, 1>(x + d, D, rows, x0 + d, offset + d, p_lo, out + d, D);
-}
-
-// result[q, d] = mean over all B rows of y^(p_lo + q), q < n_powers, y = (x - x0) - offset.
+// stats rows 1..K (see cmd_math.h) from one pass over x, given row 0 (the shift).
 template <typename scalar_t, typename acc_t>
-void mean_powers(const scalar_t* x, int64_t B, int64_t D, const acc_t* offset, int p_lo, int n_powers,
-                 acc_t* result) {
-  const int64_t n_tiles = (D + kCols - 1) / kCols;
-  const int64_t max_chunks = (B + kRowBlock - 1) / kRowBlock;
-  const int64_t n_chunks = std::clamp<int64_t>((kTargetWorkItems + n_tiles - 1) / n_tiles, 1, max_chunks);
+void moments_about_shift(const scalar_t* x, int64_t B, int64_t D, int64_t K, acc_t* stats) {
+  constexpr int64_t L = Simd<acc_t>::kLanes;
+  // Work items: row chunks first (they read contiguous memory); column ranges too only when rows are few.
+  // The layout depends on the shape alone, so the summation order, and the result, do not depend on threads.
+  const int64_t n_tiles = (D + L - 1) / L;
+  const int64_t n_chunks = std::clamp<int64_t>(kTargetWorkItems, 1, (B + kRowBlock - 1) / kRowBlock);
   const int64_t chunk_rows = (B + n_chunks - 1) / n_chunks;
-  std::vector<double> partial(static_cast<size_t>(n_chunks * n_powers * D));
-  // Tiles per work item: a few, so tiny D still splits into enough items and wide D keeps items short.
   const int64_t tiles_per_item = std::max<int64_t>(1, n_tiles / std::max<int64_t>(1, kTargetWorkItems / n_chunks));
   const int64_t items_per_chunk = (n_tiles + tiles_per_item - 1) / tiles_per_item;
+  std::vector<double> partial(static_cast<size_t>(n_chunks * K * D));
+  const acc_t* shift = stats;
+  // Small inputs stay on the calling thread: waking the pool costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, chunk_rows * tiles_per_item * L));
 
-  at::parallel_for(0, n_chunks * items_per_chunk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_chunks * items_per_chunk, grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(static_cast<size_t>(kMaxPowersPerSweep * tiles_per_item * L));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t c = item / items_per_chunk;
-      const int64_t t = item % items_per_chunk;
       const int64_t r0 = c * chunk_rows;
       const int64_t rows = std::min(B, r0 + chunk_rows) - r0;
-      const int64_t d0 = t * tiles_per_item * kCols;
-      const int64_t d1 = std::min(D, d0 + tiles_per_item * kCols);
+      const int64_t d0 = (item % items_per_chunk) * tiles_per_item * L;
+      const int64_t d1 = std::min(D, d0 + tiles_per_item * L);
       if (rows <= 0 || d0 >= d1) continue;
-      for (int q0 = 0; q0 < n_powers; q0 += kMaxPowersPerSweep) {
-        const int n = std::min(kMaxPowersPerSweep, n_powers - q0);
-        double* out = partial.data() + (c * n_powers + q0) * D;
-        const scalar_t* xs = x + r0 * D;
-        switch (n) {
-          case 1: power_sums_columns<1>(xs, D, rows, x, offset, d0, d1, p_lo + q0, out); break;
-          case 2: power_sums_columns<2>(xs, D, rows, x, offset, d0, d1, p_lo + q0, out); break;
-          case 3: power_sums_columns<3>(xs, D, rows, x, offset, d0, d1, p_lo + q0, out); break;
-          default: power_sums_columns<4>(xs, D, rows, x, offset, d0, d1, p_lo + q0, out); break;
+      // Powers 1..K of x - shift, in sweeps of up to kMaxPowersPerSweep (one sweep for the usual K <= 8).
+      for (int64_t q0 = 0; q0 < K; q0 += kMaxPowersPerSweep) {
+        double* out = partial.data() + (c * K + q0) * D;
+        const scalar_t* xc = x + r0 * D;
+        const int p = static_cast<int>(q0) + 1;
+        switch (std::min<int64_t>(kMaxPowersPerSweep, K - q0)) {
+#define MMER_POWER_SUMS_CASE(P) \
+  case P:                       \
+    power_sums<P>(xc, D, rows, shift, d0, d1, p, out, scratch.data()); \
+    break;
+          MMER_POWER_SUMS_CASE(1)
+          MMER_POWER_SUMS_CASE(2)
+          MMER_POWER_SUMS_CASE(3)
+          MMER_POWER_SUMS_CASE(4)
+          MMER_POWER_SUMS_CASE(5)
+          MMER_POWER_SUMS_CASE(6)
+          MMER_POWER_SUMS_CASE(7)
+          MMER_POWER_SUMS_CASE(8)
+#undef MMER_POWER_SUMS_CASE
         }
       }
     }
   });
 
-  for (int64_t q = 0; q < n_powers; ++q) {
-    for (int64_t d = 0; d < D; ++d) {
+  std::vector<double> raw(static_cast<size_t>(K));
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t q = 0; q < K; ++q) {
       double s = 0;
-      for (int64_t c = 0; c < n_chunks; ++c) s += partial[(c * n_powers + q) * D + d];
-      result[q * D + d] = static_cast<acc_t>(s / static_cast<double>(B));
+      for (int64_t c = 0; c < n_chunks; ++c) s += partial[(c * K + q) * D + d];
+      raw[q] = s / static_cast<double>(B);
     }
+    raw_to_central(raw.data(), 1, K);
+    for (int64_t q = 0; q < K; ++q) stats[(q + 1) * D + d] = static_cast<acc_t>(raw[q]);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void column_stats_impl(const at::Tensor& x, at::Tensor& stats) {
-  const int64_t B = x.size(0), D = x.size(1), K = stats.size(0);
+  const int64_t B = x.size(0), D = x.size(1), K = stats.size(0) - 1;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* sp = stats.mutable_data_ptr<acc_t>();
   if (D == 0) return;
-  // Pass 1: offset = mean(x - x0). Pass 2: central powers about x0 + offset.
-  std::vector<acc_t> zeros(static_cast<size_t>(D), acc_t(0));
-  mean_powers<scalar_t, acc_t>(xp, B, D, zeros.data(), 1, 1, sp);
-  if (K >= 2) mean_powers<scalar_t, acc_t>(xp, B, D, sp, 2, static_cast<int>(K - 1), sp + D);
+  const int64_t shift_rows = std::min(B, kShiftRows);
+  for (int64_t d = 0; d < D; ++d) {
+    double s = 0;
+    for (int64_t r = 0; r < shift_rows; ++r) s += static_cast<double>(xp[r * D + d]);
+    sp[d] = static_cast<acc_t>(s / static_cast<double>(shift_rows));
+  }
+  moments_about_shift<scalar_t, acc_t>(xp, B, D, K, sp);
 }
 
-template <int W, typename scalar_t, typename acc_t>
-MMER_EXT_CPU_MULTIVERSION void poly_grad_tile(const scalar_t* __restrict x, scalar_t* __restrict out,
-                                              const scalar_t* __restrict x0, const acc_t* __restrict offset,
-                                              const acc_t* __restrict coef, int64_t K, int64_t ld) {
-  acc_t y[W], acc[W];
-  for (int w = 0; w < W; ++w) y[w] = centered<acc_t>(x[w], x0[w], offset[w]);
-  for (int w = 0; w < W; ++w) acc[w] = coef[(K - 1) * ld + w];
-  for (int64_t j = K - 2; j >= 0; --j)
-    for (int w = 0; w < W; ++w) acc[w] = acc[w] * y[w] + coef[j * ld + w];
-  for (int w = 0; w < W; ++w) out[w] = static_cast<scalar_t>(acc[w]);
+// One row of poly_grad: out[d] = scale * sum_j coef[j, d] y^j (Horner), y = (x[d] - shift[d]) - offset[d].
+template <typename scalar_t, typename acc_t>
+MMER_EXT_CPU_MULTIVERSION void poly_grad_row(const scalar_t* __restrict x, scalar_t* __restrict out,
+                                             const acc_t* __restrict shift, const acc_t* __restrict offset,
+                                             const acc_t* __restrict coef, int64_t K, int64_t D, acc_t scale) {
+  using Vec = typename Simd<acc_t>::Vec;
+  constexpr int L = Simd<acc_t>::kLanes;
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    const Vec y = (cpu::load<acc_t>(x + d) - cpu::load<acc_t>(shift + d)) - cpu::load<acc_t>(offset + d);
+    Vec acc = cpu::load<acc_t>(coef + (K - 1) * D + d);
+    for (int64_t j = K - 2; j >= 0; --j) acc = acc * y + cpu::load<acc_t>(coef + j * D + d);
+    cpu::store<scalar_t, acc_t>(out + d, acc * scale);
+  }
+  for (; d < D; ++d)
+    out[d] = static_cast<scalar_t>(scale * horner(coef + d, D, K, centered<acc_t>(x[d], shift[d], offset[d])));
+}
+
+// norms[p * K + k - 1] = ||stat_k(i) - stat_k(j)||_2 for every pair p = (i < j), summed in float64.
+template <typename acc_t>
+std::vector<acc_t> pair_norms(const acc_t* stats, int64_t M, int64_t K, int64_t D) {
+  std::vector<acc_t> norms(static_cast<size_t>(M * (M - 1) / 2 * K));
+  const int64_t stride_m = (K + 1) * D;
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = i + 1; j < M; ++j) {
+      for (int64_t k = 1; k <= K; ++k) {
+        double sq = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double diff = stat_diff(stats + i * stride_m + d, stats + j * stride_m + d, k, D);
+          sq += diff * diff;
+        }
+        norms[pair_index(i, j, M) * K + (k - 1)] = static_cast<acc_t>(std::sqrt(sq));
+      }
+    }
+  }
+  return norms;
 }
 
 template <typename scalar_t, typename acc_t>
-void poly_grad_impl(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& coef, at::Tensor& out) {
+void poly_grad_impl(const at::Tensor& x, const acc_t* shift, const acc_t* offset, const at::Tensor& coef,
+                    acc_t scale, at::Tensor& out) {
   const int64_t B = x.size(0), D = x.size(1), K = coef.size(0);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const acc_t* off = offset.const_data_ptr<acc_t>();
   const acc_t* cp = coef.const_data_ptr<acc_t>();
   // Rows stream through in order; the [K, D] coefficients stay in cache.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(D, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* row = xp + b * D;
-      scalar_t* orow = op + b * D;
-      int64_t d = 0;
-      for (; d + kCols <= D; d += kCols) poly_grad_tile<kCols>(row + d, orow + d, xp + d, off + d, cp + d, K, D);
-      for (; d < D; ++d) poly_grad_tile<1>(row + d, orow + d, xp + d, off + d, cp + d, K, D);
+    for (int64_t b = begin; b < end; ++b)
+      poly_grad_row<scalar_t, acc_t>(xp + b * D, op + b * D, shift, offset, cp, K, D, scale);
+  });
+}
+
+void column_stats_cpu(const at::Tensor& x, at::Tensor& stats) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.column_stats_cpu", [&] {
+    column_stats_impl<scalar_t, at::opmath_type<scalar_t>>(x, stats);
+  });
+}
+
+at::Tensor pairwise_loss_cpu(const at::Tensor& stats, at::ScalarType dtype) {
+  const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_loss_cpu", [&] {
+    for (auto n : pair_norms(stats.const_data_ptr<scalar_t>(), M, K, D)) total += static_cast<double>(n);
+  });
+  return at::scalar_tensor(total / static_cast<double>(M * (M - 1) / 2), stats.options().dtype(dtype));
+}
+
+at::Tensor pairwise_coefficients_cpu(const at::Tensor& grad, const at::Tensor& stats) {
+  const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
+  auto coef = at::empty({M, K, D}, stats.options());
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_coefficients_cpu", [&] {
+    const scalar_t* sp = stats.const_data_ptr<scalar_t>();
+    scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
+    const auto norms = pair_norms(sp, M, K, D);
+    const scalar_t scale = grad.item<scalar_t>() / static_cast<scalar_t>(M * (M - 1) / 2);
+    const int64_t stride_m = (K + 1) * D;
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t d = 0; d < D; ++d) {
+        scalar_t* g = cp + i * K * D + d;
+        for (int64_t k = 1; k <= K; ++k)
+          g[(k - 1) * D] = scale * pairwise_stat_grad(sp + d, stride_m, M, i, k, D, norms.data(), K);
+        grad_coefficients_inplace(g, sp + i * stride_m + D + d, D, K);
+      }
     }
   });
+  return coef;
+}
+
+at::Tensor moment_coefficients_cpu(const at::Tensor& grad, const at::Tensor& moments) {
+  auto coef = grad.clone();
+  const int64_t K = coef.size(0), D = coef.size(1);
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "mmer_ext.moment_coefficients_cpu", [&] {
+    scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
+    const scalar_t* mp = moments.const_data_ptr<scalar_t>();
+    for (int64_t d = 0; d < D; ++d) grad_coefficients_inplace(cp + d, mp + d, D, K);
+  });
+  return coef;
+}
+
+at::Tensor poly_grad_cpu(const at::Tensor& x, const at::Tensor& center, const at::Tensor& coef, double scale) {
+  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return out;
+  auto c = center.narrow(0, 0, 2).contiguous();
+  auto k = coef.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.poly_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* cp = c.const_data_ptr<acc_t>();
+    poly_grad_impl<scalar_t, acc_t>(x, cp, cp + x.size(1), k, static_cast<acc_t>(scale), out);
+  });
+  return out;
 }
 
 }  // namespace
 
-void column_stats_cpu(const at::Tensor& x, at::Tensor& stats) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.column_stats_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    column_stats_impl<scalar_t, acc_t>(x, stats);
-  });
-}
-
-at::Tensor poly_grad_cpu(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& coef) {
-  auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (x.numel() == 0) return out;
-  auto off = offset.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.poly_grad_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    poly_grad_impl<scalar_t, acc_t>(x, off, coef, out);
-  });
-  return out;
-}
+const DeviceKernels kCpuKernels{&column_stats_cpu, &pairwise_loss_cpu, &pairwise_coefficients_cpu,
+                                &moment_coefficients_cpu, &poly_grad_cpu};
 
 }  // namespace mmer_ext::cmd

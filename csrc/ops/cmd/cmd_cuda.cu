@@ -1,9 +1,11 @@
-// CUDA kernels of the CMD family: the two passes over a [B, D] input (see cmd.h), and the CUDA registration.
+// CUDA kernels of the CMD family (see cmd.h): the passes over the [B, D] inputs, the per-column maths on the
+// statistics, and the CUDA registration.
 //
-// column_power_sums: a block owns 32 consecutive columns (one per lane, so each warp reads 128 contiguous bytes
+// power_sums_kernel: a block owns 32 consecutive columns (one per lane, so each warp reads 128 contiguous bytes
 // per row) and one split of the rows; 8 row-lanes stride through the split, their partial sums meet in shared
-// memory in a fixed order, and the per-split partials are summed by ATen. No atomics: results are deterministic
-// on a given GPU, and nothing syncs with the host, so the ops can be captured in CUDA graphs.
+// memory in a fixed order, and finalize_stats_kernel adds the splits in order. No atomics: results are deterministic
+// on a given GPU, and nothing syncs with the host (the upstream gradient is read on the device), so the ops can be
+// captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,15 +22,26 @@ namespace {
 
 constexpr int kColsPerBlock = 32;
 constexpr int kRowLanes = 8;
-constexpr int kMaxPowersPerLaunch = 4;
+constexpr int kMaxPowersPerLaunch = 8;
 constexpr int kPolyThreads = 256;
+constexpr int kReduceThreads = 256;  // a power of two: the tree reduction halves it
 
-// partial[s, q, d] = sum over the rows of split s of y^(p_lo + q), q < P, with y = (x - x[0]) - offset
-// (offset == nullptr: 0).
+// stats[0, d] = mean of the first min(B, kShiftRows) rows (the shift of cmd_math.h), one thread per column.
+template <typename scalar_t, typename acc_t>
+__global__ void shift_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, acc_t* __restrict__ shift) {
+  const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (d >= D) return;
+  const int64_t rows = B < kShiftRows ? B : kShiftRows;
+  double s = 0;
+  for (int64_t r = 0; r < rows; ++r) s += static_cast<double>(x[r * D + d]);
+  shift[d] = static_cast<acc_t>(s / static_cast<double>(rows));
+}
+
+// partial[s, q, d] = sum over the rows of split s of (x - shift)^(p_lo + q), q < P.
 template <int P, typename scalar_t, typename acc_t>
-__global__ void column_power_sums_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, int64_t rows_per_split,
-                                         const acc_t* __restrict__ offset, int p_lo, acc_t* __restrict__ partial,
-                                         int64_t partial_stride_s, int64_t partial_stride_q) {
+__global__ void power_sums_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, int64_t rows_per_split,
+                                  const acc_t* __restrict__ shift, int p_lo, acc_t* __restrict__ partial,
+                                  int64_t partial_stride_s, int64_t partial_stride_q) {
   __shared__ acc_t smem[kRowLanes][P][kColsPerBlock];
   const int64_t d = int64_t(blockIdx.x) * kColsPerBlock + threadIdx.x;
   const int64_t r_begin = int64_t(blockIdx.y) * rows_per_split;
@@ -37,10 +50,9 @@ __global__ void column_power_sums_kernel(const scalar_t* __restrict__ x, int64_t
   MMER_UNROLL
   for (int q = 0; q < P; ++q) acc[q] = acc_t(0);
   if (d < D) {
-    const scalar_t x0 = x[d];
-    const acc_t off = offset == nullptr ? acc_t(0) : offset[d];
+    const acc_t s = shift[d];
     for (int64_t r = r_begin + threadIdx.y; r < r_end; r += kRowLanes) {
-      accumulate_powers<P>(centered<acc_t>(x[r * D + d], x0, off), p_lo, acc);
+      accumulate_powers<P>(centered<acc_t>(x[r * D + d], s, acc_t(0)), p_lo, acc);
     }
   }
   MMER_UNROLL
@@ -49,22 +61,95 @@ __global__ void column_power_sums_kernel(const scalar_t* __restrict__ x, int64_t
   if (threadIdx.y == 0 && d < D) {
     MMER_UNROLL
     for (int q = 0; q < P; ++q) {
-      acc_t s = acc_t(0);
+      acc_t sum = acc_t(0);
       MMER_UNROLL
-      for (int lane = 0; lane < kRowLanes; ++lane) s += smem[lane][q][threadIdx.x];
-      partial[blockIdx.y * partial_stride_s + q * partial_stride_q + d] = s;
+      for (int lane = 0; lane < kRowLanes; ++lane) sum += smem[lane][q][threadIdx.x];
+      partial[blockIdx.y * partial_stride_s + q * partial_stride_q + d] = sum;
     }
   }
 }
 
+// stats rows 1..K from the per-split power sums, one thread per column: the splits are added in order, then the
+// raw moments about the shift become central ones (in float64, in the raw scratch [K, D]).
+template <typename acc_t>
+__global__ void finalize_stats_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t B, int64_t K,
+                                      int64_t D, double* __restrict__ raw, acc_t* __restrict__ stats) {
+  const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (d >= D) return;
+  for (int64_t q = 0; q < K; ++q) {
+    double s = 0;
+    for (int64_t i = 0; i < splits; ++i) s += static_cast<double>(partial[(i * K + q) * D + d]);
+    raw[q * D + d] = s / static_cast<double>(B);
+  }
+  raw_to_central(raw + d, D, K);
+  for (int64_t q = 0; q < K; ++q) stats[(q + 1) * D + d] = static_cast<acc_t>(raw[q * D + d]);
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void poly_grad_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n, int64_t D,
-                                 const acc_t* __restrict__ offset, const acc_t* __restrict__ coef, int64_t K) {
+                                 const acc_t* __restrict__ shift, const acc_t* __restrict__ offset,
+                                 const acc_t* __restrict__ coef, int64_t K, acc_t scale) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t d = i % D;
-    const acc_t y = centered<acc_t>(x[i], x[d], offset[d]);
-    out[i] = static_cast<scalar_t>(horner(coef + d, D, K, y));
+    const acc_t y = (static_cast<acc_t>(x[i]) - shift[d]) - offset[d];
+    out[i] = static_cast<scalar_t>(scale * horner(coef + d, D, K, y));
   }
+}
+
+// One block walks the pairs and statistics in a fixed order; its threads split the columns of each norm. Writes
+// norms[p * K + k - 1] when norms != nullptr, and the mean over pairs of their sums to *loss when loss != nullptr.
+template <typename acc_t, typename out_t>
+__global__ void pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, int64_t K, int64_t D,
+                                  acc_t* __restrict__ norms, out_t* __restrict__ loss) {
+  __shared__ acc_t smem[kReduceThreads];
+  const int64_t stride_m = (K + 1) * D;
+  acc_t total = acc_t(0);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = i + 1; j < M; ++j) {
+      for (int64_t k = 1; k <= K; ++k) {
+        acc_t sq = acc_t(0);
+        for (int64_t d = threadIdx.x; d < D; d += kReduceThreads) {
+          const acc_t diff = stat_diff(stats + i * stride_m + d, stats + j * stride_m + d, k, D);
+          sq += diff * diff;
+        }
+        smem[threadIdx.x] = sq;
+        __syncthreads();
+        for (int width = kReduceThreads / 2; width > 0; width /= 2) {
+          if (threadIdx.x < width) smem[threadIdx.x] += smem[threadIdx.x + width];
+          __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+          const acc_t norm = sqrt(smem[0]);
+          if (norms != nullptr) norms[pair_index(i, j, M) * K + (k - 1)] = norm;
+          total += norm;
+        }
+        __syncthreads();
+      }
+    }
+  }
+  if (threadIdx.x == 0 && loss != nullptr) *loss = static_cast<out_t>(total / acc_t(M * (M - 1) / 2));
+}
+
+// coef[i, :, d] for every input i and column d (one thread each); *grad is the upstream gradient of the loss.
+template <typename acc_t>
+__global__ void pairwise_coefficients_kernel(const acc_t* __restrict__ stats, const acc_t* __restrict__ norms,
+                                             const acc_t* __restrict__ grad, int64_t M, int64_t K, int64_t D,
+                                             acc_t* __restrict__ coef) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= M * D) return;
+  const int64_t i = t / D, d = t % D;
+  const int64_t stride_m = (K + 1) * D;
+  const acc_t scale = *grad / acc_t(M * (M - 1) / 2);
+  acc_t* g = coef + i * K * D + d;
+  for (int64_t k = 1; k <= K; ++k) g[(k - 1) * D] = scale * pairwise_stat_grad(stats + d, stride_m, M, i, k, D, norms, K);
+  grad_coefficients_inplace(g, stats + i * stride_m + D + d, D, K);
+}
+
+template <typename acc_t>
+__global__ void moment_coefficients_kernel(acc_t* __restrict__ coef, const acc_t* __restrict__ moments, int64_t K,
+                                           int64_t D) {
+  const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (d < D) grad_coefficients_inplace(coef + d, moments + d, D, K);
 }
 
 // Row splits: enough blocks to fill the GPU a few times over, each thread still summing several rows.
@@ -75,67 +160,131 @@ int64_t row_splits(int64_t B, int64_t D) {
   return std::clamp<int64_t>(wanted, 1, std::min<int64_t>(max_splits, 65535));
 }
 
-// out ([n_powers, D], a view into stats) = mean over rows of y^(p_lo..p_lo+n_powers-1).
 template <typename scalar_t, typename acc_t>
-void mean_powers(const at::Tensor& x, const acc_t* offset, int p_lo, int64_t n_powers, at::Tensor out) {
-  const int64_t B = x.size(0), D = x.size(1);
-  const int64_t splits = row_splits(B, D);
-  const int64_t rows_per_split = mmer_ext::cuda::ceil_div(B, splits);
-  auto partial = at::empty({splits, n_powers, D}, out.options());
+void launch_power_sums(int64_t n_powers, const scalar_t* x, int64_t B, int64_t D, int64_t rows_per_split,
+                       const acc_t* shift, int p_lo, acc_t* partial, int64_t partial_stride_s, int64_t splits,
+                       cudaStream_t stream) {
   const dim3 block(kColsPerBlock, kRowLanes);
   const dim3 grid(static_cast<unsigned>(mmer_ext::cuda::ceil_div(D, kColsPerBlock)), static_cast<unsigned>(splits));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  for (int64_t q0 = 0; q0 < n_powers; q0 += kMaxPowersPerLaunch) {
-    acc_t* pp = partial.mutable_data_ptr<acc_t>() + q0 * D;
-    const int p = p_lo + static_cast<int>(q0);
-    switch (std::min<int64_t>(kMaxPowersPerLaunch, n_powers - q0)) {
-#define MMER_LAUNCH_POWER_SUMS(P)                                                                          \
-  case P:                                                                                                  \
-    column_power_sums_kernel<P, scalar_t, acc_t>                                                           \
-        <<<grid, block, 0, stream>>>(xp, B, D, rows_per_split, offset, p, pp, n_powers * D, D);            \
+  switch (n_powers) {
+#define MMER_LAUNCH_POWER_SUMS(P)                                                                               \
+  case P:                                                                                                       \
+    power_sums_kernel<P, scalar_t, acc_t>                                                                       \
+        <<<grid, block, 0, stream>>>(x, B, D, rows_per_split, shift, p_lo, partial, partial_stride_s, D);        \
     break;
-      MMER_LAUNCH_POWER_SUMS(1)
-      MMER_LAUNCH_POWER_SUMS(2)
-      MMER_LAUNCH_POWER_SUMS(3)
-      MMER_LAUNCH_POWER_SUMS(4)
+    MMER_LAUNCH_POWER_SUMS(1)
+    MMER_LAUNCH_POWER_SUMS(2)
+    MMER_LAUNCH_POWER_SUMS(3)
+    MMER_LAUNCH_POWER_SUMS(4)
+    MMER_LAUNCH_POWER_SUMS(5)
+    MMER_LAUNCH_POWER_SUMS(6)
+    MMER_LAUNCH_POWER_SUMS(7)
+    MMER_LAUNCH_POWER_SUMS(8)
 #undef MMER_LAUNCH_POWER_SUMS
-    }
-    mmer_ext::cuda::launch_check("column_power_sums_kernel");
   }
-  at::sum_out(out, partial, {0}).div_(static_cast<double>(B));
+  mmer_ext::cuda::launch_check("power_sums_kernel");
 }
 
 void column_stats_cuda(const at::Tensor& x, at::Tensor& stats) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  const int64_t D = x.size(1), K = stats.size(0);
+  const int64_t B = x.size(0), D = x.size(1), K = stats.size(0) - 1;
   if (D == 0) return;
+  const int64_t splits = row_splits(B, D);
+  const int64_t rows_per_split = mmer_ext::cuda::ceil_div(B, splits);
+  auto partial = at::empty({splits, K, D}, stats.options());
+  auto raw = at::empty({K, D}, stats.options().dtype(at::kDouble));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto column_blocks = static_cast<unsigned>(mmer_ext::cuda::ceil_div(D, kPolyThreads));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.column_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Pass 1: offset = mean(x - x0). Pass 2: central powers about x0 + offset.
-    mean_powers<scalar_t, acc_t>(x, nullptr, 1, 1, stats.narrow(0, 0, 1));
-    if (K >= 2) mean_powers<scalar_t, acc_t>(x, stats.const_data_ptr<acc_t>(), 2, K - 1, stats.narrow(0, 1, K - 1));
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc_t* sp = stats.mutable_data_ptr<acc_t>();
+    shift_kernel<scalar_t, acc_t><<<column_blocks, kPolyThreads, 0, stream>>>(xp, B, D, sp);
+    mmer_ext::cuda::launch_check("shift_kernel");
+    // Powers 1..K of x - shift in one read of x when K <= kMaxPowersPerLaunch.
+    for (int64_t q0 = 0; q0 < K; q0 += kMaxPowersPerLaunch) {
+      launch_power_sums<scalar_t, acc_t>(std::min<int64_t>(kMaxPowersPerLaunch, K - q0), xp, B, D, rows_per_split,
+                                         sp, static_cast<int>(q0) + 1, partial.mutable_data_ptr<acc_t>() + q0 * D,
+                                         K * D, splits, stream);
+    }
+    finalize_stats_kernel<acc_t><<<column_blocks, kPolyThreads, 0, stream>>>(
+        partial.const_data_ptr<acc_t>(), splits, B, K, D, raw.mutable_data_ptr<double>(), sp);
+    mmer_ext::cuda::launch_check("finalize_stats_kernel");
   });
 }
 
-at::Tensor poly_grad_cuda(const at::Tensor& x, const at::Tensor& offset, const at::Tensor& coef) {
+at::Tensor pairwise_loss_cuda(const at::Tensor& stats, at::ScalarType dtype) {
+  const at::cuda::OptionalCUDAGuard guard(stats.device());
+  auto loss = at::empty({}, stats.options().dtype(dtype));
+  const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_loss_cuda", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mmer_ext.pairwise_loss_cuda", [&] {
+      pair_norms_kernel<acc_t, scalar_t><<<1, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          stats.const_data_ptr<acc_t>(), M, K, D, nullptr, loss.mutable_data_ptr<scalar_t>());
+      mmer_ext::cuda::launch_check("pair_norms_kernel");
+    });
+  });
+  return loss;
+}
+
+at::Tensor pairwise_coefficients_cuda(const at::Tensor& grad, const at::Tensor& stats) {
+  const at::cuda::OptionalCUDAGuard guard(stats.device());
+  const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
+  auto coef = at::empty({M, K, D}, stats.options());
+  auto norms = at::empty({M * (M - 1) / 2, K}, stats.options());
+  auto g = grad.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_coefficients_cuda", [&] {
+    pair_norms_kernel<scalar_t, scalar_t><<<1, kReduceThreads, 0, stream>>>(
+        stats.const_data_ptr<scalar_t>(), M, K, D, norms.mutable_data_ptr<scalar_t>(), nullptr);
+    mmer_ext::cuda::launch_check("pair_norms_kernel");
+    if (M * D > 0) {
+      const auto blocks = static_cast<unsigned>(mmer_ext::cuda::ceil_div(M * D, kPolyThreads));
+      pairwise_coefficients_kernel<scalar_t><<<blocks, kPolyThreads, 0, stream>>>(
+          stats.const_data_ptr<scalar_t>(), norms.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), M, K, D,
+          coef.mutable_data_ptr<scalar_t>());
+      mmer_ext::cuda::launch_check("pairwise_coefficients_kernel");
+    }
+  });
+  return coef;
+}
+
+at::Tensor moment_coefficients_cuda(const at::Tensor& grad, const at::Tensor& moments) {
+  const at::cuda::OptionalCUDAGuard guard(grad.device());
+  auto coef = grad.clone();
+  const int64_t K = coef.size(0), D = coef.size(1);
+  if (D == 0) return coef;
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "mmer_ext.moment_coefficients_cuda", [&] {
+    const auto blocks = static_cast<unsigned>(mmer_ext::cuda::ceil_div(D, kPolyThreads));
+    moment_coefficients_kernel<scalar_t><<<blocks, kPolyThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        coef.mutable_data_ptr<scalar_t>(), moments.const_data_ptr<scalar_t>(), K, D);
+    mmer_ext::cuda::launch_check("moment_coefficients_kernel");
+  });
+  return coef;
+}
+
+at::Tensor poly_grad_cuda(const at::Tensor& x, const at::Tensor& center, const at::Tensor& coef, double scale) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
   if (n == 0) return out;
-  auto off = offset.contiguous();
+  auto c = center.narrow(0, 0, 2).contiguous();
+  auto k = coef.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.poly_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* cp = c.const_data_ptr<acc_t>();
     poly_grad_kernel<scalar_t, acc_t>
         <<<mmer_ext::cuda::grid_for(n, kPolyThreads), kPolyThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, x.size(1), off.const_data_ptr<acc_t>(),
-            coef.const_data_ptr<acc_t>(), coef.size(0));
+            x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, x.size(1), cp, cp + x.size(1),
+            k.const_data_ptr<acc_t>(), k.size(0), static_cast<acc_t>(scale));
     mmer_ext::cuda::launch_check("poly_grad_kernel");
   });
   return out;
 }
 
-const DeviceKernels kCudaKernels{&column_stats_cuda, &poly_grad_cuda};
+const DeviceKernels kCudaKernels{&column_stats_cuda, &pairwise_loss_cuda, &pairwise_coefficients_cuda,
+                                 &moment_coefficients_cuda, &poly_grad_cuda};
 
 at::Tensor central_moments_cuda(const at::Tensor& x, int64_t n_moments) {
   const at::cuda::OptionalCUDAGuard guard(x.device());

@@ -1,0 +1,56 @@
+# The README's commands. Each sets up what it needs on a fresh machine: a virtual environment with torch,
+# the build and test dependencies, and mmer_ext built from this tree.
+#
+#   make demo      the main job (until the models land: the benchmark suite in quick mode, printing the ratios)
+#   make test      the whole test suite (and the benchmarks once each, as a smoke test)
+#   make bench     the benchmarks with full timing
+#   make wheel     a wheel for this torch in dist/
+#   make test-cpu  the same tests in a second environment with the CPU-only torch 2.13.0
+#
+# Variables: VENV (.venv), TORCH (torch==2.14.1), MMER_EXT_CUDA (AUTO | ON | OFF), PYTHON (python3).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1
+MMER_EXT_CUDA ?= AUTO
+export MMER_EXT_CUDA
+
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+# One build directory per environment: CMake caches the torch it was configured against.
+BUILD_DIR := build/$(notdir $(VENV))
+DEPS_STAMP := $(VENV)/.mmer_ext-deps
+
+.PHONY: venv build test demo bench wheel test-cpu clean
+
+venv: $(DEPS_STAMP)
+
+$(DEPS_STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	# The build requirements from pyproject.toml (torch is already in place: builds use --no-build-isolation).
+	$(PY) -m pip install --quiet $$($(PY) -c "import tomllib; reqs = tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']; print(' '.join(repr(r) for r in reqs if not r.startswith('torch')))") ninja
+	touch $@
+
+build: $(DEPS_STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation -C build-dir=$(BUILD_DIR) ".[test]"
+	cd /tmp && $(abspath $(PY)) -m mmer_ext info
+
+test: build
+	$(PYTEST) python_tests
+	$(PYTEST) benchmarks --benchmark-disable -q
+
+demo: build
+	$(PYTEST) benchmarks --quick -q
+
+bench: build
+	$(PYTEST) benchmarks
+
+wheel: $(DEPS_STAMP)
+	$(PY) -m pip wheel --no-build-isolation --no-deps -C build-dir=$(BUILD_DIR) -w dist .
+
+test-cpu:
+	$(MAKE) test VENV=.venv-cpu TORCH=torch==2.13.0 MMER_EXT_CUDA=AUTO
+
+clean:
+	rm -rf build dist .benchmarks
