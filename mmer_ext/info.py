@@ -12,8 +12,8 @@ def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
     """Whether a GPU of ``capability`` can run kernels built for ``arch_list`` (entries like "8.0", "9.0a",
     "12.0+PTX").
 
-    Machine code runs on GPUs of the same major version and an equal or newer minor; arch-specific ("a") code
-    only on exactly its own version; PTX is compiled on load for any newer GPU.
+    Machine code runs on GPUs of the same major version and an equal or newer minor, family-specific ("f") code
+    too; arch-specific ("a") code only on exactly its own version; PTX is compiled on load for any newer GPU.
     """
     for entry in arch_list:
         m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry.strip())
@@ -22,7 +22,7 @@ def arch_supported(capability: tuple[int, int], arch_list: list[str]) -> bool:
         arch = (int(m.group(1)), int(m.group(2)))
         if m.group(4) and capability >= arch:
             return True
-        if m.group(3):
+        if m.group(3) == "a":
             if capability == arch:
                 return True
         elif capability[0] == arch[0] and capability[1] >= arch[1]:

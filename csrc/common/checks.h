@@ -21,12 +21,6 @@ inline void check_floating(const at::Tensor& t, const char* op, const std::strin
               " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const std::string& name,
-                      const char* layout) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be a ", dim, "-d tensor ", layout, ", got shape ",
-              t.sizes());
-}
-
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& name,
                               const std::string& ref_name) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",

@@ -2,6 +2,13 @@
 
 The kernels are C++/CUDA (``csrc/ops/cmd/``); this module holds the typed wrappers and registers the fake
 kernels (for ``torch.compile`` and meta tensors) and the autograd formulas of the ops.
+
+The public ops ``torch.ops.mmer_ext.central_moments``, ``cmd`` and ``cmd_pairwise`` are CompositeImplicitAutograd
+ops (as ``layer_norm`` is over ``native_layer_norm``): they check their arguments and call
+``_central_moments_forward`` / ``_cmd_pairwise_forward``, which also return the per-input statistics in float32
+(float64), so the fused backward ops read those instead of passing over the inputs again, at full precision. Fake
+kernels and autograd are therefore registered on the private ops, and tracing (``torch.compile``, fake tensors) sees
+them in place of the composites.
 """
 
 from __future__ import annotations
@@ -76,15 +83,16 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("mmer_ext::central_moments")
-def _central_moments_fake(x: Tensor, n_moments: int) -> Tensor:
+@torch.library.register_fake("mmer_ext::_central_moments_forward")
+def _central_moments_forward_fake(x: Tensor, n_moments: int) -> tuple[Tensor, Tensor]:
     torch._check(x.dim() == 2, lambda: f"mmer_ext.central_moments: x must be [batch, features], got {x.shape}")
     torch._check(n_moments >= 1, lambda: f"mmer_ext.central_moments: n_moments must be >= 1, got {n_moments}")
-    return x.new_empty((n_moments, x.shape[1]))
+    stats = x.new_empty((n_moments + 1, x.shape[1]), dtype=_opmath(x.dtype))
+    return x.new_empty((n_moments, x.shape[1])), stats
 
 
 @torch.library.register_fake("mmer_ext::_central_moments_backward")
-def _central_moments_backward_fake(grad: Tensor, x: Tensor, moments: Tensor) -> Tensor:
+def _central_moments_backward_fake(grad: Tensor, x: Tensor, stats: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
@@ -103,12 +111,14 @@ def _cmd_pairwise_backward_fake(grad: Tensor, xs: list[Tensor], stats: Tensor) -
 
 def _central_moments_setup(ctx, inputs, output):
     x, _ = inputs
-    ctx.save_for_backward(x, output)
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(x, stats)
 
 
-def _central_moments_backward(ctx, grad):
-    x, moments = ctx.saved_tensors
-    return _ops._central_moments_backward.default(grad, x, moments), None
+def _central_moments_backward(ctx, grad, _grad_stats):
+    x, stats = ctx.saved_tensors
+    return _ops._central_moments_backward.default(grad, x, stats), None
 
 
 def _cmd_pairwise_setup(ctx, inputs, output):
@@ -123,9 +133,23 @@ def _cmd_pairwise_backward(ctx, grad_loss, _grad_stats):
     return list(_ops._cmd_pairwise_backward.default(grad_loss, xs, stats)), None
 
 
+def _refuse_double_backward(public_name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"mmer_ext.{public_name}: second derivatives are not implemented (its backward is a fused kernel with a "
+            f"first-order formula). Use the pure-PyTorch reference in mmer_ext.ops._reference for gradient penalties."
+        )
+
+    return backward
+
+
 torch.library.register_autograd(
-    "mmer_ext::central_moments", _central_moments_backward, setup_context=_central_moments_setup
+    "mmer_ext::_central_moments_forward", _central_moments_backward, setup_context=_central_moments_setup
 )
 torch.library.register_autograd(
     "mmer_ext::_cmd_pairwise_forward", _cmd_pairwise_backward, setup_context=_cmd_pairwise_setup
 )
+# Differentiating a backward op would otherwise warn and treat its output as a constant: a silently wrong
+# second derivative. Refuse it instead.
+torch.library.register_autograd("mmer_ext::_central_moments_backward", _refuse_double_backward("central_moments"))
+torch.library.register_autograd("mmer_ext::_cmd_pairwise_backward", _refuse_double_backward("cmd"))

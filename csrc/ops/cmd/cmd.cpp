@@ -26,15 +26,17 @@ void check_inputs(at::TensorList xs, const std::vector<std::string>& names, cons
   for (size_t i = 0; i < xs.size(); ++i) {
     const auto& x = xs[i];
     check_defined(x, op, names[i]);
-    check_dim(x, 2, op, names[i], "[batch, features]");
+    TORCH_CHECK(x.dim() == 2, op, ": ", names[i], " must be a 2-d tensor [batch, features], got shape ",
+                x.sym_sizes());
     check_floating(x, op, names[i]);
-    TORCH_CHECK(x.size(0) >= 1, op, ": ", names[i], " has an empty batch (shape ", x.sizes(),
-                "); moments need at least one row");
+    // Symbolic sizes: under torch.compile(dynamic=True) these checks become runtime asserts, not shape guards.
+    TORCH_SYM_CHECK(x.sym_size(0).sym_ge(1), op, ": ", names[i], " has an empty batch (shape ", x.sym_sizes(),
+                    "); moments need at least one row");
     if (i > 0) {
       check_same_device(x, xs[0], op, names[i], names[0]);
       check_same_dtype(x, xs[0], op, names[i], names[0]);
-      TORCH_CHECK(x.size(1) == xs[0].size(1), op, ": ", names[i], " has ", x.size(1), " features but ", names[0],
-                  " has ", xs[0].size(1), "; the feature dimension D must agree");
+      TORCH_SYM_CHECK(x.sym_size(1).sym_eq(xs[0].sym_size(1)), op, ": ", names[i], " has ", x.sym_size(1),
+                      " features but ", names[0], " has ", xs[0].sym_size(1), "; the feature dimension D must agree");
     }
   }
 }
@@ -58,8 +60,9 @@ at::TensorOptions opmath_options(const at::Tensor& x) {
 
 }  // namespace
 
-at::Tensor central_moments(const DeviceKernels& k, const at::Tensor& x, int64_t n_moments) {
-  constexpr const char* op = "mmer_ext.central_moments";
+std::tuple<at::Tensor, at::Tensor> central_moments_forward(const DeviceKernels& k, const at::Tensor& x,
+                                                           int64_t n_moments) {
+  constexpr const char* op = "mmer_ext._central_moments_forward";
   check_inputs({x}, {"x"}, op);
   check_n_moments(n_moments, op);
   auto stats = at::empty({n_moments + 1, x.size(1)}, opmath_options(x));
@@ -67,23 +70,22 @@ at::Tensor central_moments(const DeviceKernels& k, const at::Tensor& x, int64_t 
   // Rows: mean = shift + offset, then c_2..c_K.
   auto out = stats.narrow(0, 1, n_moments).clone();
   out.select(0, 0).add_(stats.select(0, 0));
-  return out.to(x.scalar_type());
+  return {out.to(x.scalar_type()), stats};
 }
 
 at::Tensor central_moments_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& x,
-                                    const at::Tensor& moments) {
+                                    const at::Tensor& stats) {
   constexpr const char* op = "mmer_ext._central_moments_backward";
   check_inputs({x}, {"x"}, op);
-  TORCH_CHECK(moments.dim() == 2 && moments.size(1) == x.size(1) && grad.sizes() == moments.sizes(), op,
-              ": grad ", grad.sizes(), " and moments ", moments.sizes(), " must both be [n_moments, ", x.size(1), "]");
-  auto xc = x.contiguous();
+  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == x.size(1) && stats.size(0) >= 2 &&
+                  grad.dim() == 2 && grad.size(0) == stats.size(0) - 1 && grad.size(1) == x.size(1),
+              op, ": grad ", grad.sizes(), " must be [n_moments, ", x.size(1), "] and stats ", stats.sizes(),
+              " [n_moments + 1, ", x.size(1), "] as returned by _central_moments_forward");
   const auto acc = opmath_type(x.scalar_type());
-  auto m = moments.to(acc);
-  // The centre of the forward pass is rebuilt from the mean it returned: shift = x[0], offset = mean - x[0].
-  auto shift = xc.select(0, 0).to(acc);
-  auto center = at::stack({shift, m.select(0, 0) - shift});
-  auto coef = k.moment_coefficients(grad.to(acc).contiguous(), m.contiguous());
-  return k.poly_grad(xc, center, coef, 1.0 / static_cast<double>(x.size(0)));
+  auto s = stats.to(acc).contiguous();
+  // moment_coefficients reads c_k (k >= 2) from rows 1.. of its second argument, i.e. stats rows 2..K.
+  auto coef = k.moment_coefficients(grad.to(acc).contiguous(), s.narrow(0, 1, s.size(0) - 1));
+  return k.poly_grad(x.contiguous(), s, coef, 1.0 / static_cast<double>(x.size(0)));
 }
 
 std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward(const DeviceKernels& k, at::TensorList xs,
@@ -119,14 +121,23 @@ std::vector<at::Tensor> cmd_pairwise_backward(const DeviceKernels& k, const at::
 
 namespace {
 
-// cmd and cmd_pairwise are thin composites over _cmd_pairwise_forward, the ATen way (layer_norm over
-// native_layer_norm): the private op also returns the statistics, so its backward reads them instead of
-// passing over the inputs again.
+// The public ops are thin composites over private ops that also return the statistics, the ATen way (layer_norm
+// over native_layer_norm): the backward reads them instead of passing over the inputs again, and keeps the
+// centre at full precision (the returned mean is rounded to the input dtype).
 std::tuple<at::Tensor, at::Tensor> call_pairwise_forward(at::TensorList xs, int64_t n_moments) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mmer_ext::_cmd_pairwise_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, int64_t)>();
   return op.call(xs, n_moments);
+}
+
+at::Tensor central_moments_composite(const at::Tensor& x, int64_t n_moments) {
+  check_inputs({x}, {"x"}, "mmer_ext.central_moments");
+  check_n_moments(n_moments, "mmer_ext.central_moments");
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mmer_ext::_central_moments_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  return std::get<0>(op.call(x, n_moments));
 }
 
 at::Tensor cmd_composite(const at::Tensor& x1, const at::Tensor& x2, int64_t n_moments) {
@@ -140,11 +151,11 @@ at::Tensor cmd_pairwise_composite(at::TensorList xs, int64_t n_moments) {
   return std::get<0>(call_pairwise_forward(xs, n_moments));
 }
 
-at::Tensor central_moments_cpu(const at::Tensor& x, int64_t n_moments) {
-  return central_moments(kCpuKernels, x, n_moments);
+std::tuple<at::Tensor, at::Tensor> central_moments_forward_cpu(const at::Tensor& x, int64_t n_moments) {
+  return central_moments_forward(kCpuKernels, x, n_moments);
 }
-at::Tensor central_moments_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& moments) {
-  return central_moments_backward(kCpuKernels, grad, x, moments);
+at::Tensor central_moments_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats) {
+  return central_moments_backward(kCpuKernels, grad, x, stats);
 }
 std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward_cpu(at::TensorList xs, int64_t n_moments) {
   return cmd_pairwise_forward(kCpuKernels, xs, n_moments);
@@ -161,7 +172,10 @@ TORCH_LIBRARY_FRAGMENT(mmer_ext, m) {
   // Fake kernels and autograd formulas are registered from this Python module.
   m.set_python_module("mmer_ext.ops.cmd");
   m.def("central_moments(Tensor x, int n_moments) -> Tensor");
-  m.def("_central_moments_backward(Tensor grad, Tensor x, Tensor moments) -> Tensor");
+  // Returns (moments, stats); stats is [n_moments + 1, D] as laid out in cmd_math.h, in float32 (float64 for
+  // float64 inputs). Saved for the backward; not differentiable.
+  m.def("_central_moments_forward(Tensor x, int n_moments) -> (Tensor, Tensor)");
+  m.def("_central_moments_backward(Tensor grad, Tensor x, Tensor stats) -> Tensor");
   m.def("cmd(Tensor x1, Tensor x2, int n_moments=5) -> Tensor");
   m.def("cmd_pairwise(Tensor[] xs, int n_moments=5) -> Tensor");
   // Returns (loss, stats): stats[i] is [n_moments + 1, D] as laid out in cmd_math.h (xs[i][0], mean - xs[i][0],
@@ -171,12 +185,13 @@ TORCH_LIBRARY_FRAGMENT(mmer_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(mmer_ext, CompositeImplicitAutograd, m) {
+  m.impl("central_moments", &mmer_ext::cmd::central_moments_composite);
   m.impl("cmd", &mmer_ext::cmd::cmd_composite);
   m.impl("cmd_pairwise", &mmer_ext::cmd::cmd_pairwise_composite);
 }
 
 TORCH_LIBRARY_IMPL(mmer_ext, CPU, m) {
-  m.impl("central_moments", &mmer_ext::cmd::central_moments_cpu);
+  m.impl("_central_moments_forward", &mmer_ext::cmd::central_moments_forward_cpu);
   m.impl("_central_moments_backward", &mmer_ext::cmd::central_moments_backward_cpu);
   m.impl("_cmd_pairwise_forward", &mmer_ext::cmd::cmd_pairwise_forward_cpu);
   m.impl("_cmd_pairwise_backward", &mmer_ext::cmd::cmd_pairwise_backward_cpu);

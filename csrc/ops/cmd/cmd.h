@@ -16,7 +16,8 @@ struct DeviceKernels {
   at::Tensor (*pairwise_loss)(const at::Tensor& stats, at::ScalarType dtype);
   // grad: 0-d upstream gradient of that loss. Returns [M, K, D] coefficients a (see grad_coefficients_inplace).
   at::Tensor (*pairwise_coefficients)(const at::Tensor& grad, const at::Tensor& stats);
-  // grad, moments: [K, D] (opmath). Coefficients [K, D] of central_moments' backward.
+  // grad: [K, D]; moments: [K, D] whose rows 1.. hold c_2..c_K (opmath). Coefficients [K, D] of
+  // central_moments' backward.
   at::Tensor (*moment_coefficients)(const at::Tensor& grad, const at::Tensor& moments);
   // x: contiguous [B, D]; center: rows 0 (shift) and 1 (offset) of a statistics tensor; coef: contiguous [K, D].
   // Returns scale * sum_j coef[j] * y^j, y = (x - shift) - offset, shaped and typed like x.
@@ -24,9 +25,10 @@ struct DeviceKernels {
 };
 
 // Op bodies, device-agnostic given the kernels.
-at::Tensor central_moments(const DeviceKernels& k, const at::Tensor& x, int64_t n_moments);
+std::tuple<at::Tensor, at::Tensor> central_moments_forward(const DeviceKernels& k, const at::Tensor& x,
+                                                           int64_t n_moments);
 at::Tensor central_moments_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& x,
-                                    const at::Tensor& moments);
+                                    const at::Tensor& stats);
 std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward(const DeviceKernels& k, at::TensorList xs,
                                                         int64_t n_moments);
 std::vector<at::Tensor> cmd_pairwise_backward(const DeviceKernels& k, const at::Tensor& grad, at::TensorList xs,

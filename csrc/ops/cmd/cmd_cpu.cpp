@@ -118,16 +118,17 @@ void moments_about_shift(const scalar_t* x, int64_t B, int64_t D, int64_t K, acc
     }
   });
 
-  std::vector<double> raw(static_cast<size_t>(K));
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t q = 0; q < K; ++q) {
-      double s = 0;
-      for (int64_t c = 0; c < n_chunks; ++c) s += partial[(c * K + q) * D + d];
-      raw[q] = s / static_cast<double>(B);
-    }
-    raw_to_central(raw.data(), 1, K);
-    for (int64_t q = 0; q < K; ++q) stats[(q + 1) * D + d] = static_cast<acc_t>(raw[q]);
+  // Chunks are added in order (contiguous rows, so this vectorises), then each column's raw moments about the
+  // shift become central ones.
+  std::vector<double> raw(partial.begin(), partial.begin() + K * D);
+  for (int64_t c = 1; c < n_chunks; ++c) {
+    const double* pc = partial.data() + c * K * D;
+    for (int64_t i = 0; i < K * D; ++i) raw[i] += pc[i];
   }
+  const double inv_b = 1.0 / static_cast<double>(B);
+  for (int64_t i = 0; i < K * D; ++i) raw[i] *= inv_b;
+  for (int64_t d = 0; d < D; ++d) raw_to_central(raw.data() + d, D, K);
+  for (int64_t i = 0; i < K * D; ++i) stats[D + i] = static_cast<acc_t>(raw[i]);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -137,11 +138,10 @@ void column_stats_impl(const at::Tensor& x, at::Tensor& stats) {
   acc_t* sp = stats.mutable_data_ptr<acc_t>();
   if (D == 0) return;
   const int64_t shift_rows = std::min(B, kShiftRows);
-  for (int64_t d = 0; d < D; ++d) {
-    double s = 0;
-    for (int64_t r = 0; r < shift_rows; ++r) s += static_cast<double>(xp[r * D + d]);
-    sp[d] = static_cast<acc_t>(s / static_cast<double>(shift_rows));
-  }
+  std::vector<double> shift(static_cast<size_t>(D), 0.0);
+  for (int64_t r = 0; r < shift_rows; ++r)
+    for (int64_t d = 0; d < D; ++d) shift[d] += static_cast<double>(xp[r * D + d]);
+  for (int64_t d = 0; d < D; ++d) sp[d] = static_cast<acc_t>(shift[d] / static_cast<double>(shift_rows));
   moments_about_shift<scalar_t, acc_t>(xp, B, D, K, sp);
 }
 

@@ -286,13 +286,13 @@ at::Tensor poly_grad_cuda(const at::Tensor& x, const at::Tensor& center, const a
 const DeviceKernels kCudaKernels{&column_stats_cuda, &pairwise_loss_cuda, &pairwise_coefficients_cuda,
                                  &moment_coefficients_cuda, &poly_grad_cuda};
 
-at::Tensor central_moments_cuda(const at::Tensor& x, int64_t n_moments) {
+std::tuple<at::Tensor, at::Tensor> central_moments_forward_cuda(const at::Tensor& x, int64_t n_moments) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  return central_moments(kCudaKernels, x, n_moments);
+  return central_moments_forward(kCudaKernels, x, n_moments);
 }
-at::Tensor central_moments_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& moments) {
+at::Tensor central_moments_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  return central_moments_backward(kCudaKernels, grad, x, moments);
+  return central_moments_backward(kCudaKernels, grad, x, stats);
 }
 std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward_cuda(at::TensorList xs, int64_t n_moments) {
   const at::cuda::OptionalCUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
@@ -308,7 +308,7 @@ std::vector<at::Tensor> cmd_pairwise_backward_cuda(const at::Tensor& grad, at::T
 }  // namespace mmer_ext::cmd
 
 TORCH_LIBRARY_IMPL(mmer_ext, CUDA, m) {
-  m.impl("central_moments", &mmer_ext::cmd::central_moments_cuda);
+  m.impl("_central_moments_forward", &mmer_ext::cmd::central_moments_forward_cuda);
   m.impl("_central_moments_backward", &mmer_ext::cmd::central_moments_backward_cuda);
   m.impl("_cmd_pairwise_forward", &mmer_ext::cmd::cmd_pairwise_forward_cuda);
   m.impl("_cmd_pairwise_backward", &mmer_ext::cmd::cmd_pairwise_backward_cuda);
