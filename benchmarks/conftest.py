@@ -4,7 +4,7 @@ Run from the repository root with the installed package (the ``pytest`` executab
 ``mmer_ext/`` does not shadow the installed one)::
 
     .venv/bin/pytest benchmarks                                # full run, prints the ratio table at the end
-    .venv/bin/pytest benchmarks --quick                        # ~a minute: few rounds (make demo)
+    .venv/bin/pytest benchmarks --quick                        # few rounds, for make demo (see below)
     .venv/bin/pytest benchmarks --benchmark-disable            # CI smoke test: every body once, no timings
     .venv/bin/pytest benchmarks --ratios-json benchmarks/results/cmd_h100.json   # also write the table as JSON
 
@@ -25,6 +25,14 @@ Rounds: each benchmark is timed with ``benchmark.pedantic`` after its own warm-u
 fast calls are timed in batches above the timer's noise) and ``rounds = max(min_rounds, ceil(max_time / (t *
 iterations)))``, capped at 2000, with ``max_time`` and ``min_rounds`` from ``--benchmark-max-time`` (1 s) and
 ``--benchmark-min-rounds`` (5).
+
+On the 2-core CPU dev machine the full suite takes ~30-40 s and ``--quick`` ~20 s of wall time with a warm Inductor
+cache (``/tmp/torchinductor_$USER``); a cold cache adds ~35 s of torch.compile (quick: ~55 s). Compile time is
+reported per benchmark as "first call".
+
+Contention: every benchmark records in ``extra_info["others_cpu_pct"]`` (column "others") the share of all CPUs
+that other processes used while it was timed; above 10% the report ends with a warning that the timings are
+distorted. On a shared 2-core machine one concurrent compile or test run can change a ratio several-fold.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ _QUICK_MAX_TIME_S = 0.1
 _QUICK_MIN_ROUNDS = 3
 
 _RECORDS = pytest.StashKey[list]()
+_SESSION_CPU = pytest.StashKey[object]()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -79,6 +88,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RECORDS] = []
+    config.stash[_SESSION_CPU] = _cpu_sample()
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
@@ -93,14 +103,36 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
 # Device helpers
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# CPU contention. On a small shared machine a compiler or test run elsewhere distorts every number here, so each
+# benchmark records the share of all CPUs that *other* processes used while it was timed: system-wide busy time
+# from /proc/stat minus this process's CPU time, over wall time x cores (Linux only; None elsewhere).
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_CONTENTION_WARN_PCT = 10.0
+
+
+def _cpu_sample() -> tuple[float, float, float] | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    busy_s = (user + nice + system + irq + softirq + steal) / _CLK_TCK
+    return time.perf_counter(), busy_s, time.process_time()
+
+
+def _others_cpu_pct(start, end) -> float | None:
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    wall, busy, own = end[0] - start[0], end[1] - start[1], end[2] - start[2]
+    return 100.0 * max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
 
 
 # Spec HBM bandwidth by device-name substring, first match wins (torch.cuda.get_device_name: an H100 SXM reports
-# "NVIDIA H100 80GB HBM3").
-_PEAK_BANDWIDTH_BPS = (
+# "NVIDIA H100 80GB HBM3"). GH200 comes in two memory configurations, so it gets no number.
+_PEAK_BANDWIDTH_BPS: tuple[tuple[str, float | None], ...] = (
+    ("GH200", None),
     ("H200", 4.8e12),
     ("H100 NVL", 3.9e12),
     ("H100 PCIe", 2.0e12),
@@ -116,7 +148,7 @@ def peak_bandwidth(device: torch.device) -> tuple[float | None, str | None]:
     name = torch.cuda.get_device_name(device)
     for key, bps in _PEAK_BANDWIDTH_BPS:
         if key.lower() in name.lower():
-            return bps, f"spec ({key})"
+            return (bps, f"spec ({key})") if bps is not None else (None, None)
     return None, None
 
 
@@ -170,8 +202,9 @@ def run_benchmark(benchmark, request: pytest.FixtureRequest, copy_ceiling):
 
     ``fn()`` must do one complete unit of work and synchronize the device itself. Before timing it is called
     ``warmup`` times (the first call's duration is kept as ``first_call_s``: the compile time of a
-    ``torch.compile``d callable), then ``check(fn())`` is called, which must raise on a wrong result. With
-    ``--benchmark-disable`` the warm-up is a single call and ``fn`` then runs once more, untimed.
+    ``torch.compile``d callable), then ``check(fn())`` is called, which must raise on a wrong result (a dict it
+    returns goes into ``extra_info``). With ``--benchmark-disable`` the warm-up is a single call, and after the
+    check ``fn`` runs once more, untimed.
     """
     config = request.config
     max_time, min_rounds = _timing_settings(config)
@@ -192,10 +225,13 @@ def run_benchmark(benchmark, request: pytest.FixtureRequest, copy_ceiling):
             fn()
             durations.append(time.perf_counter() - t0)
         first_call_s = durations[0]
-        if check is not None:
-            check(fn())
+        t0 = time.perf_counter()
+        result = fn()
+        durations.append(time.perf_counter() - t0)
+        accuracy = check(result) if check is not None else None
+        del result
 
-        # The fastest warm-up call after the first (the first may compile) estimates one call.
+        # The fastest call after the first (which may compile) estimates one call.
         estimate = max(min(durations[1:] or durations), 1e-7)
         iterations = max(1, math.ceil(_MIN_ROUND_S / estimate))
         rounds = min(_MAX_ROUNDS, max(min_rounds, math.ceil(max_time / (estimate * iterations))))
@@ -208,7 +244,12 @@ def run_benchmark(benchmark, request: pytest.FixtureRequest, copy_ceiling):
             torch_threads=torch.get_num_threads(),
             first_call_s=first_call_s,
         )
+        if accuracy:
+            benchmark.extra_info.update(accuracy)
+        before = _cpu_sample()
         benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=0)
+        others_pct = None if disabled else _others_cpu_pct(before, _cpu_sample())
+        benchmark.extra_info["others_cpu_pct"] = others_pct
 
         median = None if disabled or benchmark.stats is None else float(benchmark.stats.stats.median)
         record = {
@@ -220,6 +261,8 @@ def run_benchmark(benchmark, request: pytest.FixtureRequest, copy_ceiling):
             "rounds": None if median is None else rounds,
             "iterations": None if median is None else iterations,
             "first_call_s": first_call_s,
+            "accuracy": accuracy or None,
+            "others_cpu_pct": others_pct,
             "bytes": nbytes,
             "gbps": None,
             "pct_peak": None,
@@ -266,12 +309,21 @@ def _build_report(config: pytest.Config) -> dict[str, Any]:
         import mmer_ext
 
         mmer_version = mmer_ext.__version__
+        lib = Path(mmer_ext._C.__file__)
+        mmer_lib = {
+            "path": str(lib),
+            "mtime": datetime.datetime.fromtimestamp(lib.stat().st_mtime, datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+        }
     except Exception:  # report even if the package broke mid-run
-        mmer_version = None
+        mmer_version, mmer_lib = None, None
+    others = [r["others_cpu_pct"] for r in config.stash.get(_RECORDS, []) if r.get("others_cpu_pct") is not None]
     return {
         "meta": {
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "mmer_ext": mmer_version,
+            "mmer_ext_library": mmer_lib,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
@@ -282,6 +334,8 @@ def _build_report(config: pytest.Config) -> dict[str, Any]:
             else [],
             "quick": bool(config.getoption("quick")),
             "timings_disabled": not timed,
+            "others_cpu_pct_session": _others_cpu_pct(config.stash.get(_SESSION_CPU, None), _cpu_sample()),
+            "others_cpu_pct_max": max(others) if others else None,
             "ratio_note": "ratio = median(impl) / median(ours): higher means ours is faster",
         },
         "groups": groups,
@@ -301,6 +355,11 @@ def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def _max_err(record: dict[str, Any]) -> float | None:
+    acc = record.get("accuracy") or {}
+    return acc.get("grad_err_rel_to_max", acc.get("loss_rel_err"))
+
+
 def _format_report(report: dict[str, Any]) -> list[str]:
     meta = report["meta"]
     lines = [
@@ -315,8 +374,13 @@ def _format_report(report: dict[str, Any]) -> list[str]:
         )
         lines.append("ran: " + ", ".join(f"{name} [{', '.join(g['impls'])}]" for name, g in report["groups"].items()))
         return lines
-    lines.append("ratio = median(impl) / median(ours); > 1 means ours is faster. 'first call' includes compilation.")
-    header = f"  {'impl':<22} {'median':>11} {'IQR':>11} {'rounds':>9} {'vs ours':>8} {'first call':>11}"
+    lines.append("ratio = median(impl) / median(ours); > 1 means ours is faster. 'first call' includes compilation;")
+    lines.append("'others' = share of all CPUs used by other processes while that benchmark was timed;")
+    lines.append("'max err' = error vs the float64 reference (gradients: relative to their largest entry).")
+    header = (
+        f"  {'impl':<22} {'median':>11} {'IQR':>11} {'rounds':>9} {'vs ours':>8} {'first call':>11} {'others':>7}"
+        f" {'max err':>8}"
+    )
     any_cuda = any(r.get("gbps") is not None for g in report["groups"].values() for r in g["impls"].values())
     if any_cuda:
         header += f" {'GB/s':>8} {'% peak':>7} {'% copy':>7}"
@@ -333,6 +397,7 @@ def _format_report(report: dict[str, Any]) -> list[str]:
             row = (
                 f"  {impl:<22} {_fmt_time(r['median_s']):>11} {_fmt_time(r['iqr_s']):>11} {rounds:>9} "
                 f"{_fmt(ratio, '.2f', 'x'):>8} {_fmt_time(r['first_call_s']):>11}"
+                f" {_fmt(r.get('others_cpu_pct'), '.0f', '%'):>7} {_fmt(_max_err(r), '.1e'):>8}"
             )
             if any_cuda:
                 row += f" {_fmt(r['gbps'], '.0f'):>8} {_fmt(r['pct_peak'], '.1f'):>7} {_fmt(r['pct_copy'], '.1f'):>7}"
@@ -340,6 +405,13 @@ def _format_report(report: dict[str, Any]) -> list[str]:
         summary = ", ".join(f"{k} = {_fmt(v, '.2f', 'x')}" for k, v in g["ratios"].items())
         if summary:
             lines.append(f"  ratios: {summary}")
+    worst = meta.get("others_cpu_pct_max")
+    if worst is not None and worst > _CONTENTION_WARN_PCT:
+        lines.append("")
+        lines.append(
+            f"WARNING: other processes used up to {worst:.0f}% of the CPUs while benchmarks were timed "
+            f"(threshold {_CONTENTION_WARN_PCT:.0f}%); these timings are distorted, rerun on a quiet machine."
+        )
     return lines
 
 
