@@ -4,31 +4,44 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <string>
+#include <ostream>
 
 namespace mmer_ext {
+
+// The name of an argument in error messages: "x1", or "xs[2]" for an element of a list. Cheap to pass around;
+// only formatted when a check fails.
+struct ArgName {
+  const char* base;
+  int64_t index = -1;
+};
+
+inline std::ostream& operator<<(std::ostream& os, const ArgName& n) {
+  os << n.base;
+  if (n.index >= 0) os << "[" << n.index << "]";
+  return os;
+}
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-inline void check_defined(const at::Tensor& t, const char* op, const std::string& name) {
+inline void check_defined(const at::Tensor& t, const char* op, const ArgName& name) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
 }
 
-inline void check_floating(const at::Tensor& t, const char* op, const std::string& name) {
+inline void check_floating(const at::Tensor& t, const char* op, const ArgName& name) {
   TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
               " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& name,
-                              const std::string& ref_name) {
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const ArgName& name,
+                              const ArgName& ref_name) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; move them to one device");
 }
 
-inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const std::string& name,
-                             const std::string& ref_name) {
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const ArgName& name,
+                             const ArgName& ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
               ref_name, " has ", ref.scalar_type(), "; cast them to one dtype");
 }

@@ -10,47 +10,42 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <string>
 
 #include "common/checks.h"
 
 namespace mmer_ext::cmd {
 namespace {
 
+const ArgName kX[] = {{"x"}};
+
 void check_n_moments(int64_t n_moments, const char* op) {
   TORCH_CHECK(n_moments >= 1, op, ": n_moments must be >= 1 (1 compares means only), got ", n_moments);
 }
 
 // Every input is a [B, D] floating matrix with B >= 1, and all share D, dtype and device.
-void check_inputs(at::TensorList xs, const std::vector<std::string>& names, const char* op) {
+void check_inputs(at::TensorList xs, const char* op, const ArgName* names = nullptr) {
+  auto name = [&](size_t i) { return names ? names[i] : ArgName{"xs", static_cast<int64_t>(i)}; };
   for (size_t i = 0; i < xs.size(); ++i) {
     const auto& x = xs[i];
-    check_defined(x, op, names[i]);
-    TORCH_CHECK(x.dim() == 2, op, ": ", names[i], " must be a 2-d tensor [batch, features], got shape ",
+    check_defined(x, op, name(i));
+    TORCH_CHECK(x.dim() == 2, op, ": ", name(i), " must be a 2-d tensor [batch, features], got shape ",
                 x.sym_sizes());
-    check_floating(x, op, names[i]);
+    check_floating(x, op, name(i));
     // Symbolic sizes: under torch.compile(dynamic=True) these checks become runtime asserts, not shape guards.
-    TORCH_SYM_CHECK(x.sym_size(0).sym_ge(1), op, ": ", names[i], " has an empty batch (shape ", x.sym_sizes(),
+    TORCH_SYM_CHECK(x.sym_size(0).sym_ge(1), op, ": ", name(i), " has an empty batch (shape ", x.sym_sizes(),
                     "); moments need at least one row");
     if (i > 0) {
-      check_same_device(x, xs[0], op, names[i], names[0]);
-      check_same_dtype(x, xs[0], op, names[i], names[0]);
-      TORCH_SYM_CHECK(x.sym_size(1).sym_eq(xs[0].sym_size(1)), op, ": ", names[i], " has ", x.sym_size(1),
-                      " features but ", names[0], " has ", xs[0].sym_size(1), "; the feature dimension D must agree");
+      check_same_device(x, xs[0], op, name(i), name(0));
+      check_same_dtype(x, xs[0], op, name(i), name(0));
+      TORCH_SYM_CHECK(x.sym_size(1).sym_eq(xs[0].sym_size(1)), op, ": ", name(i), " has ", x.sym_size(1),
+                      " features but ", name(0), " has ", xs[0].sym_size(1), "; the feature dimension D must agree");
     }
   }
 }
 
-std::vector<std::string> list_names(const char* base, size_t n) {
-  std::vector<std::string> names;
-  names.reserve(n);
-  for (size_t i = 0; i < n; ++i) names.push_back(std::string(base) + "[" + std::to_string(i) + "]");
-  return names;
-}
-
 void check_pairwise_inputs(at::TensorList xs, int64_t n_moments, const char* op) {
   TORCH_CHECK(xs.size() >= 2, op, ": xs must hold at least 2 tensors to form a pair, got ", xs.size());
-  check_inputs(xs, list_names("xs", xs.size()), op);
+  check_inputs(xs, op);
   check_n_moments(n_moments, op);
 }
 
@@ -63,7 +58,7 @@ at::TensorOptions opmath_options(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor> central_moments_forward(const DeviceKernels& k, const at::Tensor& x,
                                                            int64_t n_moments) {
   constexpr const char* op = "mmer_ext._central_moments_forward";
-  check_inputs({x}, {"x"}, op);
+  check_inputs({x}, op, kX);
   check_n_moments(n_moments, op);
   auto stats = at::empty({n_moments + 1, x.size(1)}, opmath_options(x));
   k.column_stats(x.contiguous(), stats);
@@ -76,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> central_moments_forward(const DeviceKernels& 
 at::Tensor central_moments_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& stats) {
   constexpr const char* op = "mmer_ext._central_moments_backward";
-  check_inputs({x}, {"x"}, op);
+  check_inputs({x}, op, kX);
   TORCH_CHECK(stats.dim() == 2 && stats.size(1) == x.size(1) && stats.size(0) >= 2 &&
                   grad.dim() == 2 && grad.size(0) == stats.size(0) - 1 && grad.size(1) == x.size(1),
               op, ": grad ", grad.sizes(), " must be [n_moments, ", x.size(1), "] and stats ", stats.sizes(),
@@ -132,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> call_pairwise_forward(at::TensorList xs, int6
 }
 
 at::Tensor central_moments_composite(const at::Tensor& x, int64_t n_moments) {
-  check_inputs({x}, {"x"}, "mmer_ext.central_moments");
+  check_inputs({x}, "mmer_ext.central_moments", kX);
   check_n_moments(n_moments, "mmer_ext.central_moments");
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mmer_ext::_central_moments_forward", "")
@@ -141,7 +136,8 @@ at::Tensor central_moments_composite(const at::Tensor& x, int64_t n_moments) {
 }
 
 at::Tensor cmd_composite(const at::Tensor& x1, const at::Tensor& x2, int64_t n_moments) {
-  check_inputs({x1, x2}, {"x1", "x2"}, "mmer_ext.cmd");
+  static const ArgName names[] = {{"x1"}, {"x2"}};
+  check_inputs({x1, x2}, "mmer_ext.cmd", names);
   check_n_moments(n_moments, "mmer_ext.cmd");
   return std::get<0>(call_pairwise_forward({x1, x2}, n_moments));
 }

@@ -219,14 +219,15 @@ at::Tensor pairwise_coefficients_cpu(const at::Tensor& grad, const at::Tensor& s
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_coefficients_cpu", [&] {
     const scalar_t* sp = stats.const_data_ptr<scalar_t>();
     scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
-    const auto norms = pair_norms(sp, M, K, D);
+    auto inv_norms = pair_norms(sp, M, K, D);
+    for (auto& n : inv_norms) n = inverse_or_zero(n);
     const scalar_t scale = grad.item<scalar_t>() / static_cast<scalar_t>(M * (M - 1) / 2);
     const int64_t stride_m = (K + 1) * D;
     for (int64_t i = 0; i < M; ++i) {
       for (int64_t d = 0; d < D; ++d) {
         scalar_t* g = cp + i * K * D + d;
         for (int64_t k = 1; k <= K; ++k)
-          g[(k - 1) * D] = scale * pairwise_stat_grad(sp + d, stride_m, M, i, k, D, norms.data(), K);
+          g[(k - 1) * D] = scale * pairwise_stat_grad(sp + d, stride_m, M, i, k, D, inv_norms.data(), K);
         grad_coefficients_inplace(g, sp + i * stride_m + D + d, D, K);
       }
     }

@@ -97,10 +97,11 @@ __global__ void poly_grad_kernel(const scalar_t* __restrict__ x, scalar_t* __res
 }
 
 // One block walks the pairs and statistics in a fixed order; its threads split the columns of each norm. Writes
-// norms[p * K + k - 1] when norms != nullptr, and the mean over pairs of their sums to *loss when loss != nullptr.
+// inv_norms[p * K + k - 1] = inverse_or_zero(norm) when inv_norms != nullptr, and the mean over pairs of the sums
+// of the norms to *loss when loss != nullptr.
 template <typename acc_t, typename out_t>
 __global__ void pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, int64_t K, int64_t D,
-                                  acc_t* __restrict__ norms, out_t* __restrict__ loss) {
+                                  acc_t* __restrict__ inv_norms, out_t* __restrict__ loss) {
   __shared__ acc_t smem[kReduceThreads];
   const int64_t stride_m = (K + 1) * D;
   acc_t total = acc_t(0);
@@ -120,7 +121,7 @@ __global__ void pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, in
         }
         if (threadIdx.x == 0) {
           const acc_t norm = sqrt(smem[0]);
-          if (norms != nullptr) norms[pair_index(i, j, M) * K + (k - 1)] = norm;
+          if (inv_norms != nullptr) inv_norms[pair_index(i, j, M) * K + (k - 1)] = inverse_or_zero(norm);
           total += norm;
         }
         __syncthreads();
@@ -132,7 +133,7 @@ __global__ void pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, in
 
 // coef[i, :, d] for every input i and column d (one thread each); *grad is the upstream gradient of the loss.
 template <typename acc_t>
-__global__ void pairwise_coefficients_kernel(const acc_t* __restrict__ stats, const acc_t* __restrict__ norms,
+__global__ void pairwise_coefficients_kernel(const acc_t* __restrict__ stats, const acc_t* __restrict__ inv_norms,
                                              const acc_t* __restrict__ grad, int64_t M, int64_t K, int64_t D,
                                              acc_t* __restrict__ coef) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -141,7 +142,7 @@ __global__ void pairwise_coefficients_kernel(const acc_t* __restrict__ stats, co
   const int64_t stride_m = (K + 1) * D;
   const acc_t scale = *grad / acc_t(M * (M - 1) / 2);
   acc_t* g = coef + i * K * D + d;
-  for (int64_t k = 1; k <= K; ++k) g[(k - 1) * D] = scale * pairwise_stat_grad(stats + d, stride_m, M, i, k, D, norms, K);
+  for (int64_t k = 1; k <= K; ++k) g[(k - 1) * D] = scale * pairwise_stat_grad(stats + d, stride_m, M, i, k, D, inv_norms, K);
   grad_coefficients_inplace(g, stats + i * stride_m + D + d, D, K);
 }
 
@@ -232,17 +233,17 @@ at::Tensor pairwise_coefficients_cuda(const at::Tensor& grad, const at::Tensor& 
   const at::cuda::OptionalCUDAGuard guard(stats.device());
   const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
   auto coef = at::empty({M, K, D}, stats.options());
-  auto norms = at::empty({M * (M - 1) / 2, K}, stats.options());
+  auto inv_norms = at::empty({M * (M - 1) / 2, K}, stats.options());
   auto g = grad.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_coefficients_cuda", [&] {
     pair_norms_kernel<scalar_t, scalar_t><<<1, kReduceThreads, 0, stream>>>(
-        stats.const_data_ptr<scalar_t>(), M, K, D, norms.mutable_data_ptr<scalar_t>(), nullptr);
+        stats.const_data_ptr<scalar_t>(), M, K, D, inv_norms.mutable_data_ptr<scalar_t>(), nullptr);
     mmer_ext::cuda::launch_check("pair_norms_kernel");
     if (M * D > 0) {
       const auto blocks = static_cast<unsigned>(mmer_ext::cuda::ceil_div(M * D, kPolyThreads));
       pairwise_coefficients_kernel<scalar_t><<<blocks, kPolyThreads, 0, stream>>>(
-          stats.const_data_ptr<scalar_t>(), norms.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), M, K, D,
+          stats.const_data_ptr<scalar_t>(), inv_norms.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), M, K, D,
           coef.mutable_data_ptr<scalar_t>());
       mmer_ext::cuda::launch_check("pairwise_coefficients_kernel");
     }

@@ -33,21 +33,16 @@ MMER_HD inline void accumulate_powers(T y, int p_lo, T* acc) {
   }
 }
 
-// In place, at one column: r[(p-1) * stride] = mean of (x - shift)^p for p = 1..K becomes the statistics rows 1..K
-// (offset = r_1, then c_k = sum_j C(k, j) r_j (-offset)^(k-j), with r_0 = 1). Descending k leaves the r_j that
-// c_k needs (j < k) untouched until they are used.
+// In place, at one column: r[(p-1) * stride] = m_p, the mean of (x - shift)^p for p = 1..K, becomes the statistics
+// rows 1..K: offset = m_1, then c_k = E[(y - offset)^k] for k >= 2 (y = x - shift). Pass i (p from K down to i)
+// turns E[y^(p-i+1) (y - offset)^(i-1)] into E[y^(p-i) (y - offset)^i]; after pass p, slot p holds c_p and later
+// passes leave it alone. Multiply-adds only: no binomial coefficients, no divisions.
 template <typename T>
 MMER_HD inline void raw_to_central(T* r, int64_t stride, int64_t K) {
-  const T neg_offset = -r[0];
-  for (int64_t k = K; k >= 2; --k) {
-    T sum = T(0), power = T(1), binom = T(1);  // (-offset)^(k-j) and C(k, j), for j = k, k-1, ..., 0
-    for (int64_t j = k; j >= 0; --j) {
-      sum += binom * (j == 0 ? T(1) : r[(j - 1) * stride]) * power;
-      power *= neg_offset;
-      binom = binom * T(j) / T(k - j + 1);
-    }
-    r[(k - 1) * stride] = sum;
-  }
+  const T offset = r[0];
+  for (int64_t i = 1; i <= K; ++i)
+    for (int64_t p = K; p >= i; --p) r[(p - 1) * stride] -= offset * (p == 1 ? T(1) : r[(p - 2) * stride]);
+  r[0] = offset;
 }
 
 // sum_{j<n} coef[j * stride] * y^j (Horner).
@@ -70,22 +65,25 @@ MMER_HD inline T stat_diff(const T* a, const T* b, int64_t k, int64_t D) {
 MMER_HD inline int64_t pair_index(int64_t i, int64_t j, int64_t M) { return i * (2 * M - i - 1) / 2 + (j - i - 1); }
 
 // d(sum over pairs of ||stat_k(a) - stat_k(b)||) / d stat_k(i) at one column: sum over j != i of +-diff / norm.
-// A pair whose statistic k coincides (norm 0) contributes 0, the subgradient we define for ||0||.
-// stats points at input 0, column d; inputs are stride_m apart; norms is [P, K].
+// inv_norms[p * K + k - 1] is 1 / ||stat_k(a) - stat_k(b)|| for pair p = (a, b), or 0 where the statistics coincide:
+// 0 is the subgradient we define for ||0||. stats points at input 0, column d; inputs are stride_m apart.
 template <typename T>
 MMER_HD inline T pairwise_stat_grad(const T* stats, int64_t stride_m, int64_t M, int64_t i, int64_t k, int64_t D,
-                                    const T* norms, int64_t K) {
+                                    const T* inv_norms, int64_t K) {
   T g = T(0);
   for (int64_t j = 0; j < M; ++j) {
     if (j == i) continue;
     const int64_t a = i < j ? i : j, b = i < j ? j : i;
-    const T n = norms[pair_index(a, b, M) * K + (k - 1)];
-    if (n > T(0)) {
-      const T diff = stat_diff(stats + a * stride_m, stats + b * stride_m, k, D);
-      g += (i == a ? diff : -diff) / n;
-    }
+    const T diff = stat_diff(stats + a * stride_m, stats + b * stride_m, k, D);
+    g += (i == a ? diff : -diff) * inv_norms[pair_index(a, b, M) * K + (k - 1)];
   }
   return g;
+}
+
+// 1 / norm, or 0 for a zero norm (see pairwise_stat_grad).
+template <typename T>
+MMER_HD inline T inverse_or_zero(T norm) {
+  return norm > T(0) ? T(1) / norm : T(0);
 }
 
 // In place, at one column: g[(k-1) * stride] = dL/d(statistic k) (k = 1: the mean) becomes the coefficients
