@@ -10,7 +10,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-
 #include "common/checks.h"
 
 namespace mmer_ext::cmd {
@@ -174,7 +173,7 @@ TORCH_LIBRARY_FRAGMENT(mmer_ext, m) {
   m.def("_central_moments_backward(Tensor grad, Tensor x, Tensor stats) -> Tensor");
   m.def("cmd(Tensor x1, Tensor x2, int n_moments=5) -> Tensor");
   m.def("cmd_pairwise(Tensor[] xs, int n_moments=5) -> Tensor");
-  // Returns (loss, stats): stats[i] is [n_moments + 1, D] as laid out in cmd_math.h (xs[i][0], mean - xs[i][0],
+  // Returns (loss, stats): stats[i] is [n_moments + 1, D] as laid out in cmd_math.h (shift, mean - shift,
   // c_2..c_K) in float32 (float64 for float64 inputs). Saved for the backward; not differentiable.
   m.def("_cmd_pairwise_forward(Tensor[] xs, int n_moments) -> (Tensor, Tensor)");
   m.def("_cmd_pairwise_backward(Tensor grad, Tensor[] xs, Tensor stats) -> Tensor[]");
