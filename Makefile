@@ -29,7 +29,7 @@ $(DEPS_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH)"
 	# The build requirements from pyproject.toml (torch is already in place: builds use --no-build-isolation).
-	$(PY) -m pip install --quiet $$($(PY) -c "import tomllib; reqs = tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']; print(' '.join(repr(r) for r in reqs if not r.startswith('torch')))") ninja
+	$(PY) -m pip install --quiet $$($(PY) -c "import tomllib; reqs = tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']; print(' '.join(r for r in reqs if not r.startswith('torch')))") ninja
 	touch $@
 
 build: $(DEPS_STAMP)
