@@ -7,7 +7,8 @@
 #   make wheel     a wheel for this torch in dist/
 #   make test-cpu  the same tests in a second environment with the CPU-only torch 2.13.0
 #
-# Variables: VENV (.venv), TORCH (torch==2.14.1), MMER_EXT_CUDA (AUTO | ON | OFF), PYTHON (python3).
+# Variables: VENV (.venv), TORCH (torch==2.14.1), MMER_EXT_CUDA (AUTO | ON | OFF), PYTHON (python3),
+# RATIOS_JSON (make bench also writes the ratio table there, e.g. benchmarks/results/<device>-<date>.json).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -44,7 +45,7 @@ demo: build
 	$(PYTEST) benchmarks --quick -q
 
 bench: build
-	$(PYTEST) benchmarks
+	$(PYTEST) benchmarks $(if $(RATIOS_JSON),--ratios-json $(RATIOS_JSON))
 
 wheel: $(DEPS_STAMP)
 	$(PY) -m pip wheel --no-build-isolation --no-deps -C build-dir=$(BUILD_DIR) -w dist .
