@@ -857,6 +857,9 @@ def test_backward_ops_check_their_arguments():
     _, stats = ops._cmd_pairwise_forward([x, x], 3)
     with pytest.raises(RuntimeError, match=r"_cmd_pairwise_backward: stats must be \[3, "):
         ops._cmd_pairwise_backward(torch.ones(()), [x, x, x], stats)
+    # Statistics of inputs with another feature dimension would make the kernels read past their rows.
+    with pytest.raises(RuntimeError, match=r"_cmd_pairwise_backward: stats must be \[2, "):
+        ops._cmd_pairwise_backward(torch.ones(()), [_t(5, 4), _t(5, 4)], stats)
 
 
 @pytest.mark.cuda

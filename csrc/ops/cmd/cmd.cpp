@@ -76,9 +76,9 @@ at::Tensor central_moments_backward(const DeviceKernels& k, const at::Tensor& gr
               op, ": grad ", grad.sizes(), " must be [n_moments, ", x.size(1), "] and stats ", stats.sizes(),
               " [n_moments + 1, ", x.size(1), "] as returned by _central_moments_forward");
   const auto acc = opmath_type(x.scalar_type());
-  auto s = stats.to(acc).contiguous();
+  auto s = stats.to(x.device(), acc).contiguous();
   // moment_coefficients reads c_k (k >= 2) from rows 1.. of its second argument, i.e. stats rows 2..K.
-  auto coef = k.moment_coefficients(grad.to(acc).contiguous(), s.narrow(0, 1, s.size(0) - 1));
+  auto coef = k.moment_coefficients(grad.to(x.device(), acc).contiguous(), s.narrow(0, 1, s.size(0) - 1));
   return k.poly_grad(x.contiguous(), s, coef, 1.0 / static_cast<double>(x.size(0)));
 }
 
@@ -97,12 +97,15 @@ std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward(const DeviceKernels& k, 
 std::vector<at::Tensor> cmd_pairwise_backward(const DeviceKernels& k, const at::Tensor& grad, at::TensorList xs,
                                               const at::Tensor& stats) {
   constexpr const char* op = "mmer_ext._cmd_pairwise_backward";
-  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == static_cast<int64_t>(xs.size()) && stats.size(1) >= 2, op,
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == static_cast<int64_t>(xs.size()) && stats.size(1) >= 2 &&
+                  (xs.empty() || (xs[0].dim() == 2 && stats.size(2) == xs[0].size(1))),
+              op,
               ": stats must be [", xs.size(), ", n_moments + 1, D] as returned by _cmd_pairwise_forward, got ",
               stats.sizes());
   check_pairwise_inputs(xs, stats.size(1) - 1, op);
   TORCH_CHECK(grad.numel() == 1, op, ": grad must hold one value (the loss is a scalar), got shape ", grad.sizes());
-  auto coef = k.pairwise_coefficients(grad.to(stats.scalar_type()).reshape({}), stats.contiguous());
+  // On the statistics' device: a CUDA kernel reads the upstream gradient from device memory.
+  auto coef = k.pairwise_coefficients(grad.to(stats.device(), stats.scalar_type()).reshape({}), stats.contiguous());
   std::vector<at::Tensor> grads;
   grads.reserve(xs.size());
   for (size_t i = 0; i < xs.size(); ++i) {

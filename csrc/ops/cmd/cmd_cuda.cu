@@ -23,6 +23,7 @@ namespace {
 constexpr int kColsPerBlock = 32;
 constexpr int kRowLanes = 8;
 constexpr int kMaxPowersPerLaunch = 8;
+constexpr int kFlushRows = 64;
 constexpr int kPolyThreads = 256;
 constexpr int kReduceThreads = 256;  // a power of two: the tree reduction halves it
 
@@ -37,31 +38,40 @@ __global__ void shift_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t 
   shift[d] = static_cast<acc_t>(s / static_cast<double>(rows));
 }
 
-// partial[s, q, d] = sum over the rows of split s of (x - shift)^(p_lo + q), q < P.
+// partial[s, q, d] = sum over the rows of split s of (x - shift)^(p_lo + q), q < P. As on the CPU, float runs are
+// short: each thread flushes its float32 sums into float64 every kFlushRows of its rows.
 template <int P, typename scalar_t, typename acc_t>
 __global__ void power_sums_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, int64_t rows_per_split,
-                                  const acc_t* __restrict__ shift, int p_lo, acc_t* __restrict__ partial,
+                                  const acc_t* __restrict__ shift, int p_lo, double* __restrict__ partial,
                                   int64_t partial_stride_s, int64_t partial_stride_q) {
-  __shared__ acc_t smem[kRowLanes][P][kColsPerBlock];
+  __shared__ double smem[kRowLanes][P][kColsPerBlock];
   const int64_t d = int64_t(blockIdx.x) * kColsPerBlock + threadIdx.x;
   const int64_t r_begin = int64_t(blockIdx.y) * rows_per_split;
   const int64_t r_end = min(B, r_begin + rows_per_split);
-  acc_t acc[P];
+  double total[P];
   MMER_UNROLL
-  for (int q = 0; q < P; ++q) acc[q] = acc_t(0);
+  for (int q = 0; q < P; ++q) total[q] = 0.0;
   if (d < D) {
     const acc_t s = shift[d];
-    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += kRowLanes) {
-      accumulate_powers<P>(centered<acc_t>(x[r * D + d], s, acc_t(0)), p_lo, acc);
+    int64_t r = r_begin + threadIdx.y;
+    while (r < r_end) {
+      acc_t acc[P];
+      MMER_UNROLL
+      for (int q = 0; q < P; ++q) acc[q] = acc_t(0);
+      for (int n = 0; n < kFlushRows && r < r_end; ++n, r += kRowLanes) {
+        accumulate_powers<P>(centered<acc_t>(x[r * D + d], s, acc_t(0)), p_lo, acc);
+      }
+      MMER_UNROLL
+      for (int q = 0; q < P; ++q) total[q] += static_cast<double>(acc[q]);
     }
   }
   MMER_UNROLL
-  for (int q = 0; q < P; ++q) smem[threadIdx.y][q][threadIdx.x] = acc[q];
+  for (int q = 0; q < P; ++q) smem[threadIdx.y][q][threadIdx.x] = total[q];
   __syncthreads();
   if (threadIdx.y == 0 && d < D) {
     MMER_UNROLL
     for (int q = 0; q < P; ++q) {
-      acc_t sum = acc_t(0);
+      double sum = 0.0;
       MMER_UNROLL
       for (int lane = 0; lane < kRowLanes; ++lane) sum += smem[lane][q][threadIdx.x];
       partial[blockIdx.y * partial_stride_s + q * partial_stride_q + d] = sum;
@@ -72,13 +82,13 @@ __global__ void power_sums_kernel(const scalar_t* __restrict__ x, int64_t B, int
 // stats rows 1..K from the per-split power sums, one thread per column: the splits are added in order, then the
 // raw moments about the shift become central ones (in float64, in the raw scratch [K, D]).
 template <typename acc_t>
-__global__ void finalize_stats_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t B, int64_t K,
+__global__ void finalize_stats_kernel(const double* __restrict__ partial, int64_t splits, int64_t B, int64_t K,
                                       int64_t D, double* __restrict__ raw, acc_t* __restrict__ stats) {
   const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (d >= D) return;
   for (int64_t q = 0; q < K; ++q) {
     double s = 0;
-    for (int64_t i = 0; i < splits; ++i) s += static_cast<double>(partial[(i * K + q) * D + d]);
+    for (int64_t i = 0; i < splits; ++i) s += partial[(i * K + q) * D + d];
     raw[q * D + d] = s / static_cast<double>(B);
   }
   raw_to_central(raw + d, D, K);
@@ -102,15 +112,15 @@ __global__ void poly_grad_kernel(const scalar_t* __restrict__ x, scalar_t* __res
 template <typename acc_t, typename out_t>
 __global__ void pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, int64_t K, int64_t D,
                                   acc_t* __restrict__ inv_norms, out_t* __restrict__ loss) {
-  __shared__ acc_t smem[kReduceThreads];
+  __shared__ double smem[kReduceThreads];  // float64 sums, as on the CPU
   const int64_t stride_m = (K + 1) * D;
-  acc_t total = acc_t(0);
+  double total = 0.0;
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = i + 1; j < M; ++j) {
       for (int64_t k = 1; k <= K; ++k) {
-        acc_t sq = acc_t(0);
+        double sq = 0.0;
         for (int64_t d = threadIdx.x; d < D; d += kReduceThreads) {
-          const acc_t diff = stat_diff(stats + i * stride_m + d, stats + j * stride_m + d, k, D);
+          const double diff = stat_diff(stats + i * stride_m + d, stats + j * stride_m + d, k, D);
           sq += diff * diff;
         }
         smem[threadIdx.x] = sq;
@@ -120,15 +130,17 @@ __global__ void pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, in
           __syncthreads();
         }
         if (threadIdx.x == 0) {
-          const acc_t norm = sqrt(smem[0]);
-          if (inv_norms != nullptr) inv_norms[pair_index(i, j, M) * K + (k - 1)] = inverse_or_zero(norm);
+          const double norm = sqrt(smem[0]);
+          if (inv_norms != nullptr) {
+            inv_norms[pair_index(i, j, M) * K + (k - 1)] = inverse_or_zero(static_cast<acc_t>(norm));
+          }
           total += norm;
         }
         __syncthreads();
       }
     }
   }
-  if (threadIdx.x == 0 && loss != nullptr) *loss = static_cast<out_t>(total / acc_t(M * (M - 1) / 2));
+  if (threadIdx.x == 0 && loss != nullptr) *loss = static_cast<out_t>(total / static_cast<double>(M * (M - 1) / 2));
 }
 
 // coef[i, :, d] for every input i and column d (one thread each); *grad is the upstream gradient of the loss.
@@ -163,7 +175,7 @@ int64_t row_splits(int64_t B, int64_t D) {
 
 template <typename scalar_t, typename acc_t>
 void launch_power_sums(int64_t n_powers, const scalar_t* x, int64_t B, int64_t D, int64_t rows_per_split,
-                       const acc_t* shift, int p_lo, acc_t* partial, int64_t partial_stride_s, int64_t splits,
+                       const acc_t* shift, int p_lo, double* partial, int64_t partial_stride_s, int64_t splits,
                        cudaStream_t stream) {
   const dim3 block(kColsPerBlock, kRowLanes);
   const dim3 grid(static_cast<unsigned>(mmer_ext::cuda::ceil_div(D, kColsPerBlock)), static_cast<unsigned>(splits));
@@ -192,7 +204,7 @@ void column_stats_cuda(const at::Tensor& x, at::Tensor& stats) {
   if (D == 0) return;
   const int64_t splits = row_splits(B, D);
   const int64_t rows_per_split = mmer_ext::cuda::ceil_div(B, splits);
-  auto partial = at::empty({splits, K, D}, stats.options());
+  auto partial = at::empty({splits, K, D}, stats.options().dtype(at::kDouble));
   auto raw = at::empty({K, D}, stats.options().dtype(at::kDouble));
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto column_blocks = static_cast<unsigned>(mmer_ext::cuda::ceil_div(D, kPolyThreads));
@@ -205,11 +217,11 @@ void column_stats_cuda(const at::Tensor& x, at::Tensor& stats) {
     // Powers 1..K of x - shift in one read of x when K <= kMaxPowersPerLaunch.
     for (int64_t q0 = 0; q0 < K; q0 += kMaxPowersPerLaunch) {
       launch_power_sums<scalar_t, acc_t>(std::min<int64_t>(kMaxPowersPerLaunch, K - q0), xp, B, D, rows_per_split,
-                                         sp, static_cast<int>(q0) + 1, partial.mutable_data_ptr<acc_t>() + q0 * D,
+                                         sp, static_cast<int>(q0) + 1, partial.mutable_data_ptr<double>() + q0 * D,
                                          K * D, splits, stream);
     }
     finalize_stats_kernel<acc_t><<<column_blocks, kPolyThreads, 0, stream>>>(
-        partial.const_data_ptr<acc_t>(), splits, B, K, D, raw.mutable_data_ptr<double>(), sp);
+        partial.const_data_ptr<double>(), splits, B, K, D, raw.mutable_data_ptr<double>(), sp);
     mmer_ext::cuda::launch_check("finalize_stats_kernel");
   });
 }
