@@ -532,11 +532,7 @@ def _all_ops(a, b, c, weights):
     return (central_moments(a, 3) * weights).sum() + 2 * cmd(a, b, 4) + 3 * cmd_pairwise([a, b, c], 5)
 
 
-def _compile_check(compiled, sizes, D):
-    xs = sample_inputs("cpu", torch.float32, sizes, D, requires_grad=True)
-    weights = torch.randn(3, D)
-    out = compiled(*xs, weights)
-    grads = torch.autograd.grad(out, xs)
+def _assert_matches_eager(out, grads, xs, weights):
     eager_xs = [x.detach().clone().requires_grad_() for x in xs]
     expected = _all_ops(*eager_xs, weights)
     expected_grads = torch.autograd.grad(expected, eager_xs)
@@ -544,6 +540,13 @@ def _compile_check(compiled, sizes, D):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def _compile_check(compiled, sizes, D):
+    xs = sample_inputs("cpu", torch.float32, sizes, D, requires_grad=True)
+    weights = torch.randn(3, D)
+    out = compiled(*xs, weights)
+    _assert_matches_eager(out, torch.autograd.grad(out, xs), xs, weights)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
@@ -941,9 +944,4 @@ def test_compile_reduce_overhead_cuda():
         out = compiled(*xs, weights)
         grads = [g.clone() for g in torch.autograd.grad(out, xs)]
         out = out.detach().clone()  # cudagraph outputs are overwritten by the next replay
-        eager_xs = [x.detach().clone().requires_grad_() for x in xs]
-        expected = _all_ops(*eager_xs, weights)
-        expected_grads = torch.autograd.grad(expected, eager_xs)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-        for g, e in zip(grads, expected_grads):
-            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        _assert_matches_eager(out, grads, xs, weights)
