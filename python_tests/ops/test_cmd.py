@@ -128,20 +128,28 @@ def batch_sizes_for(op: str, B: int) -> list[int]:
     return {"central_moments": [B], "cmd": [B, B + 3], "cmd_pairwise": [B, B + 3, B + 5]}[op]
 
 
-def run_op(op: str, xs, n_moments: int):
+# op name -> (ours, reference); both take the inputs the same way.
+_IMPLS = {
+    "central_moments": (central_moments, central_moments_ref),
+    "cmd": (cmd, cmd_ref),
+    "cmd_pairwise": (cmd_pairwise, cmd_pairwise_ref),
+}
+
+
+def _call(op: str, fn, xs, n_moments: int):
     if op == "central_moments":
-        return central_moments(xs[0], n_moments)
+        return fn(xs[0], n_moments)
     if op == "cmd":
-        return cmd(xs[0], xs[1], n_moments)
-    return cmd_pairwise(xs, n_moments)
+        return fn(xs[0], xs[1], n_moments)
+    return fn(xs, n_moments)
+
+
+def run_op(op: str, xs, n_moments: int):
+    return _call(op, _IMPLS[op][0], xs, n_moments)
 
 
 def run_ref(op: str, xs, n_moments: int):
-    if op == "central_moments":
-        return central_moments_ref(xs[0], n_moments)
-    if op == "cmd":
-        return cmd_ref(xs[0], xs[1], n_moments)
-    return cmd_pairwise_ref(xs, n_moments)
+    return _call(op, _IMPLS[op][1], xs, n_moments)
 
 
 def grad_output_for(op: str, out: torch.Tensor) -> torch.Tensor:
