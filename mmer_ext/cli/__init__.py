@@ -1,0 +1,38 @@
+"""The ``mmer-ext`` command line (also ``python -m mmer_ext``, and ``torchrun ... -m mmer_ext train`` for DDP).
+
+    mmer-ext train --model {baseline,augmented,mmin,ifmmin,nmer} --data synthetic|iemocap:PATH [--fold N] ...
+    mmer-ext evaluate CHECKPOINT [--data ...] [--corruption zero|gaussian|impulse]
+    mmer-ext demo [--out runs/demo] [--quick]
+    mmer-ext info [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmer_ext.cli import demo, evaluate, info, train
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmer-ext", description="Multimodal emotion recognition with missing or "
+                                     "noisy modalities: train, evaluate, the demo, and the build report.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (train, evaluate, demo, info):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmer_ext.cli._errors import USER_ERRORS
+
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        # A bad config, data file or checkpoint is the user's to fix: one clear line, no traceback.
+        print(f"mmer-ext {args.command}: error: {e}", file=sys.stderr)
+        return 2

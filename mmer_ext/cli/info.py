@@ -1,0 +1,20 @@
+"""``mmer-ext info``: how mmer_ext was built and what this machine can run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="how mmer_ext was built and which GPUs it can use here")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmer_ext.info import build_info, format_build_info
+
+    report = build_info()
+    print(json.dumps(report, indent=2) if args.json else format_build_info(report))
+    return 0

@@ -1,0 +1,280 @@
+"""Missing-modality protocols: the six MMIN conditions, the dataset wrapper that assigns them, and batch corruption.
+
+Conditions
+----------
+A condition is an availability mask over the modalities ``(A, V, L)`` (1 = present). MMIN, IF-MMIN and NMER use the
+six non-empty, non-full masks, in this order (row index = condition id)::
+
+    0 azz [1,0,0]   1 zvz [0,1,0]   2 zzl [0,0,1]   3 avz [1,1,0]   4 azl [1,0,1]   5 zvl [0,1,1]
+
+and id 6 (``FULL_CONDITION``) is the full mask ``[1,1,1]``.
+
+Protocols (:class:`MissingConditionDataset`)
+--------------------------------------------
+* ``"train"``: every utterance gets one of the six conditions, uniformly at random, redrawn each epoch and never full
+  (MMIN's training protocol). The authors draw the condition for each sample with the global RNG inside
+  ``__getitem__`` (and, MMIN#9, draw an unrelated ``miss_type`` independently); here the draw for an epoch is one
+  vectorised call of a ``torch.Generator`` seeded by ``(seed, epoch)``, so a run is reproducible whatever the
+  number of DataLoader workers, and the mask and the condition id always agree.
+* ``"train+full"``: one of the seven (six + full), the "augmented" baseline.
+* ``"expand"``: the test/validation expansion: item ``k`` is utterance ``k % N`` under condition ``k // N``, so the
+  set has ``6 N`` items in blocks azz, zvz, zzl, avz, azl, zvl.
+* ``"full"``: every modality present.
+
+Corruption (:func:`corrupt_batch`)
+----------------------------------
+Batches carry clean features; :func:`corrupt_batch` turns them into model input in one vectorised step per modality:
+``"zero"`` multiplies each modality by its availability bit (MMIN); ``"gaussian"`` / ``"impulse"`` apply NMER's
+forward-diffusion step to the missing modalities only,
+
+.. math:: x \\leftarrow \\sqrt{\\bar\\alpha_t}\\,x + \\sqrt{1-\\bar\\alpha_t}\\,\\epsilon,
+
+with :math:`\\epsilon \\sim N(0, I)` or the impulse noise :math:`\\mathrm{sign}(N(0,I))\\,1[U > 0.7]` and one
+:math:`t \\sim U\\{0..T-1\\}` per modality per batch (as the authors; ``per="sample"`` draws one per sample).
+Padding frames (beyond each sequence's length) stay exactly zero so max-pooling encoders see the same padding as in
+the clean batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+MODALITIES = ("A", "V", "L")
+MISSING_CONDITIONS = torch.tensor(
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=torch.int64
+)
+FULL_CONDITION = 6
+ALL_CONDITIONS = torch.cat([MISSING_CONDITIONS, torch.ones(1, 3, dtype=torch.int64)])
+CONDITION_NAMES = ("azz", "zvz", "zzl", "avz", "azl", "zvl", "avl")
+CONDITION_LABELS = ("{a}", "{v}", "{l}", "{a,v}", "{a,l}", "{v,l}", "{a,v,l}")
+PROTOCOL_MODES = ("train", "train+full", "expand", "full")
+CORRUPTION_MODES = ("zero", "gaussian", "impulse")
+
+# Code of a mask row read as the binary number A*4 + V*2 + L -> condition id (-1: the empty mask, never used).
+_CODE_TO_CONDITION = torch.tensor([-1, 2, 1, 5, 0, 4, 3, 6], dtype=torch.int64)
+
+
+def condition_index(missing_index: torch.Tensor) -> torch.Tensor:
+    """Condition id (0..5, 6 = full) of each availability row of ``missing_index`` ``[..., 3]``.
+
+    Raises ``ValueError`` for an all-missing row, which no protocol produces.
+    """
+    m = torch.as_tensor(missing_index).to(torch.int64)
+    code = m[..., 0] * 4 + m[..., 1] * 2 + m[..., 2]
+    out = _CODE_TO_CONDITION.to(code.device)[code]
+    if (out < 0).any():
+        raise ValueError("missing_index has a row with every modality missing")
+    return out
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """Mix (seed, epoch) into one 63-bit seed (splitmix64 finaliser), so nearby pairs give unrelated streams."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 64)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+class MissingConditionDataset(Dataset):
+    """Wrap a dataset so that each item carries an availability mask (``"missing_index"``) and ``"condition"`` id.
+
+    Parameters
+    ----------
+    base : Dataset
+        Usually an :class:`~mmer_ext.data.UtteranceDataset`; items must be dicts.
+    mode : {"train", "train+full", "expand", "full"}
+        Protocol (see the module docstring).
+    seed : int
+        Seed of the per-epoch condition draws (``train`` modes); the draw of epoch ``e`` depends only on
+        ``(seed, e)``.
+
+    Notes
+    -----
+    Features are returned clean; :func:`corrupt_batch` applies the mask. ``"index"`` stays the base utterance index
+    (for ``expand``, item ``k`` has index ``k % N`` and condition ``k // N``). Call :meth:`set_epoch` before building
+    the epoch's DataLoader iterator (with ``persistent_workers`` the workers keep the draw they were started with).
+    """
+
+    def __init__(self, base: Dataset, mode: str = "train", seed: int = 0) -> None:
+        if mode not in PROTOCOL_MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {PROTOCOL_MODES}")
+        self.base = base
+        self.mode = mode
+        self.seed = int(seed)
+        self.epoch = 0
+        self._n = len(base)
+        self._conditions: torch.Tensor | None = None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Redraw the training conditions for ``epoch`` (deterministic in ``(seed, epoch)``)."""
+        self.epoch = int(epoch)
+        if self.mode in ("train", "train+full"):
+            g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            high = 6 if self.mode == "train" else 7
+            self._conditions = torch.randint(0, high, (self._n,), generator=g, dtype=torch.int64)
+        elif self.mode == "expand":
+            self._conditions = torch.arange(6, dtype=torch.int64).repeat_interleave(self._n)
+        else:
+            self._conditions = torch.full((self._n,), FULL_CONDITION, dtype=torch.int64)
+
+    @property
+    def conditions(self) -> torch.Tensor:
+        """int64 ``[len(self)]``: the condition id of every item for the current epoch."""
+        return self._conditions
+
+    @property
+    def missing_index(self) -> torch.Tensor:
+        """int64 ``[len(self), 3]``: the availability mask of every item for the current epoch."""
+        return ALL_CONDITIONS[self._conditions]
+
+    def __len__(self) -> int:
+        return 6 * self._n if self.mode == "expand" else self._n
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        k = int(k)
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        item = dict(self.base[k % self._n] if self._n else {})
+        cond = int(self._conditions[k])
+        item["condition"] = cond
+        item["missing_index"] = ALL_CONDITIONS[cond].clone()
+        return item
+
+
+class NoiseScheduler:
+    """NMER's noise scheduler: a DDPM forward process whose step ``t`` sets how strongly a missing modality is noised.
+
+    Parameters
+    ----------
+    num_steps : int
+        ``T``; NMER's intensity knob (20..100 in its plots, 100 in its scripts).
+    beta_start, beta_end : float
+        ``0.01`` and ``0.5`` as NMER.
+    schedule : {"scaled_linear", "linear"}
+        ``scaled_linear``: ``betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2`` (NMER's choice);
+        ``linear``: ``linspace(beta_start, beta_end, T)``.
+
+    Attributes
+    ----------
+    betas, alphas_cumprod : Tensor
+        float64 ``[T]``; ``alphas_cumprod[t] = prod_{s<=t} (1 - betas[s])`` (computed in float64 so the tiny values at
+        large ``t`` are exact).
+    """
+
+    def __init__(self, num_steps: int = 100, beta_start: float = 0.01, beta_end: float = 0.5,
+                 schedule: str = "scaled_linear") -> None:
+        if num_steps < 1:
+            raise ValueError("num_steps must be >= 1")
+        self.num_steps = int(num_steps)
+        self.schedule = schedule
+        if schedule == "scaled_linear":
+            betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_steps, dtype=torch.float64) ** 2
+        elif schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}")
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+
+    def sample_t(self, batch_size: int, generator: torch.Generator | None = None, per: str = "batch") -> torch.Tensor:
+        """Draw steps ``t ~ U{0..T-1}`` as int64 ``[batch_size]``: one shared value (``per="batch"``, as the authors)
+        or one per sample (``per="sample"``)."""
+        dev = generator.device if generator is not None else torch.device("cpu")
+        if per == "batch":
+            t = torch.randint(0, self.num_steps, (1,), generator=generator, device=dev)
+            return t.expand(batch_size).cpu().clone()
+        if per == "sample":
+            return torch.randint(0, self.num_steps, (batch_size,), generator=generator, device=dev).cpu()
+        raise ValueError(f"per must be 'batch' or 'sample', got {per!r}")
+
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``sqrt(abar_t) x + sqrt(1 - abar_t) noise`` with ``t`` int64 ``[B]`` broadcast over the other dims."""
+        abar = self.alphas_cumprod[t.cpu()].to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return abar.sqrt() * x + (1.0 - abar).sqrt() * noise
+
+    def __repr__(self) -> str:
+        return f"NoiseScheduler(num_steps={self.num_steps}, schedule={self.schedule!r})"
+
+
+def _noise_like(x: torch.Tensor, kind: str, generator: torch.Generator | None, occur_freq: float) -> torch.Tensor:
+    dev = generator.device if generator is not None else x.device
+    eps = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
+    if kind == "impulse":
+        u = torch.rand(x.shape, generator=generator, device=dev, dtype=x.dtype)
+        eps = torch.sign(eps) * (u > occur_freq).to(x.dtype)
+    return eps.to(x.device)
+
+
+def corrupt_batch(
+    batch: dict[str, Any],
+    mode: str = "zero",
+    scheduler: NoiseScheduler | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    per: str = "batch",
+    occur_freq: float = 0.7,
+) -> dict[str, Any]:
+    """Turn a clean batch into model input according to its ``missing_index``.
+
+    Parameters
+    ----------
+    batch : dict
+        From :func:`~mmer_ext.data.collate_utterances`; reads ``"A"``, ``"V"``, ``"L"`` ``[B, T_m, D_m]``,
+        ``"missing_index"`` ``[B, 3]`` (all present when absent) and ``"lengths"`` ``[B, 3]`` (all frames valid when
+        absent).
+    mode : {"zero", "gaussian", "impulse"}
+        ``zero``: missing modalities multiplied by 0 (MMIN / IF-MMIN). ``gaussian`` / ``impulse``: NMER's noising of
+        the missing modalities, ``sqrt(abar_t) x + sqrt(1-abar_t) eps``; present modalities are untouched.
+    scheduler : NoiseScheduler, optional
+        Needed by the noise modes; defaults to ``NoiseScheduler()`` (T = 100 as NMER's scripts).
+    generator : torch.Generator, optional
+        Source of every random draw (``t`` and ``eps``); the global RNG when omitted. Its device may differ from the
+        batch's (noise is drawn on the generator's device and moved).
+    per : {"batch", "sample"}
+        One ``t`` per modality per batch (authors) or per sample.
+    occur_freq : float
+        Impulse noise is nonzero where ``U > occur_freq`` (0.7 -> about 30 % of entries are +-1).
+
+    Returns
+    -------
+    dict
+        A new dict: ``"A"``, ``"V"``, ``"L"`` corrupted; ``"A_clean"``, ``"V_clean"``, ``"L_clean"`` the inputs;
+        ``"noise_t"`` int64 ``[B, 3]`` (noise modes only); every other key passed through. Frames beyond each
+        sequence's length stay zero.
+    """
+    if mode not in CORRUPTION_MODES:
+        raise ValueError(f"unknown corruption mode {mode!r}; expected one of {CORRUPTION_MODES}")
+    out = dict(batch)
+    b = batch["A"].shape[0]
+    mi = batch.get("missing_index")
+    if mi is None:
+        mi = torch.ones(b, 3, dtype=torch.int64)
+    lengths = batch.get("lengths")
+    if mode != "zero" and scheduler is None:
+        scheduler = NoiseScheduler()
+    noise_t = torch.zeros(b, 3, dtype=torch.int64)
+    for j, m in enumerate(MODALITIES):
+        x = batch[m]
+        out[f"{m}_clean"] = x
+        present = mi[:, j].to(device=x.device, dtype=torch.bool)
+        if mode == "zero":
+            out[m] = x * present.to(x.dtype).view(-1, 1, 1)
+            continue
+        t = scheduler.sample_t(b, generator, per=per)
+        noise_t[:, j] = t
+        noisy = scheduler.add_noise(x, _noise_like(x, mode, generator, occur_freq), t)
+        if lengths is not None:
+            valid = torch.arange(x.shape[1], device=x.device) < lengths[:, j].to(x.device).view(-1, 1)
+            noisy = noisy * valid.unsqueeze(-1).to(x.dtype)
+        out[m] = torch.where(present.view(-1, 1, 1), x, noisy)
+    if mode != "zero":
+        out["noise_t"] = noise_t
+    return out

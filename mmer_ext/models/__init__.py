@@ -1,0 +1,50 @@
+"""Models of the MMIN family (MMIN, IF-MMIN, NMER) and their baselines.
+
+Every model follows one interface: ``Model(dims, num_classes, *, teacher=None, **hparams)``, ``forward(batch) ->
+logits``, ``training_loss(batch) -> (loss, parts)``, ``trainable_parameters()``, ``clip_grad_norm``; the
+imagination models also have ``embeddings(batch)``. :data:`RECIPES` holds the training stages of each system.
+"""
+
+from mmer_ext.models.base import MERModel, freeze_, trainable_copy
+from mmer_ext.models.baselines import UttFusion
+from mmer_ext.models.encoders import (
+    FUSION_ORDER,
+    FcClassifier,
+    LSTMEncoder,
+    ModalityEncoders,
+    ResidualAE,
+    ResidualXE,
+    SharedEncoder,
+    TextCNN,
+    fuse,
+    kaiming_init_,
+)
+from mmer_ext.models.ifmmin import IFMMIN, UttShared
+from mmer_ext.models.mmin import MMIN
+from mmer_ext.models.nmer import NMER, NMERTeacher
+from mmer_ext.models.recipes import RECIPES, Stage, get_recipe
+
+__all__ = [
+    "FUSION_ORDER",
+    "IFMMIN",
+    "MMIN",
+    "NMER",
+    "NMERTeacher",
+    "RECIPES",
+    "FcClassifier",
+    "LSTMEncoder",
+    "MERModel",
+    "ModalityEncoders",
+    "ResidualAE",
+    "ResidualXE",
+    "SharedEncoder",
+    "Stage",
+    "TextCNN",
+    "UttFusion",
+    "UttShared",
+    "freeze_",
+    "fuse",
+    "get_recipe",
+    "kaiming_init_",
+    "trainable_copy",
+]

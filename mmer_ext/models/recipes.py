@@ -1,0 +1,123 @@
+"""Training recipes: the paper / official-script hyper-parameters of every system, one :class:`Stage` per training
+stage (teacher then student for the two-stage systems).
+
+Values (SPEC 1.3-1.5; Adam, ``weight_decay`` 0 because the authors pass the flag to an optimizer call that ignores
+it, linear LR decay to 0 over ``epochs_decay`` extra epochs, model selected by validation UA):
+
+==========  =======  ============  ==============  ==========  ==========  =====  ====  ======  ===========
+recipe      stage    model         data            corruption  epochs      batch  lr    beta1   grad clip
+==========  =======  ============  ==============  ==========  ==========  =====  ====  ======  ===========
+baseline    main     UttFusion     full            zero        10 + 10     128    2e-4  0.9     0.5
+augmented   main     UttFusion     missing+full    zero        10 + 10     128    2e-4  0.9     0.5
+mmin        teacher  UttFusion     full            zero        10 + 10     128    2e-4  0.9     0.5
+mmin        student  MMIN          missing         zero        30 + 30     128    2e-4  0.5     1.0
+ifmmin      teacher  UttShared     full            zero        10 + 10     64     2e-4  0.9     0.5
+ifmmin      student  IFMMIN        missing         zero        20 + 20     128    2e-4  0.5     1.0
+nmer        teacher  NMERTeacher   full            gaussian    10 + 10     64     2e-4  0.9     (model)
+nmer        student  NMER          missing         gaussian    40 + 40     128    2e-4  0.5     (model)
+==========  =======  ============  ==============  ==========  ==========  =====  ====  ======  ===========
+
+Sources and assumptions: ``utt_fusion`` (10+10, batch 128, beta1 0.9 from its script) and ``mmin`` (30+30, beta1
+0.5 = the option default, which the official scripts do not override) are SPEC 1.3. IF-MMIN's ``utt_shared`` uses
+batch 64, 10+10 (SPEC 1.4); its beta1 is not given and we take ``utt_fusion``'s script value 0.9. The IF-MMIN
+student is 20+20, batch 128, beta1 0.5 (the default) with ``invariant_weight`` 100 (the fixed script; see
+:class:`~mmer_ext.models.ifmmin.IFMMIN`). NMER's teacher script ``fix/CAP_utt_shared_002.sh``: batch 64, beta1 0.9,
+10+10, dropout 0.2; student 40+40, batch 128 (SPEC 1.5). The "augmented" baseline is not a system of the papers but
+the usual missing-augmented reference (UttFusion trained on the six missing conditions plus full input, one drawn per
+sample and epoch); it reuses the baseline's schedule. The NMER teacher trains on full data, so its corruption is
+moot; it is "gaussian" so that the whole NMER pipeline evaluates under the same noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmer_ext.models.baselines import UttFusion
+from mmer_ext.models.ifmmin import IFMMIN, UttShared
+from mmer_ext.models.mmin import MMIN
+from mmer_ext.models.nmer import NMER, NMERTeacher
+
+__all__ = ["RECIPES", "Stage", "get_recipe"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage.
+
+    Attributes
+    ----------
+    name : {"teacher", "student", "main"}
+    model : type
+        Model class, built as ``model(dims, num_classes, teacher=previous_stage_model, **hparams)``.
+    data : {"full", "missing", "missing+full"}
+        Training view: all modalities; one of the six missing conditions per sample (MMIN protocol); one of the
+        seven (six + full).
+    corruption : {"zero", "gaussian", "impulse"}
+        How the missing modalities are corrupted (``mmer_ext.data.corrupt_batch``).
+    epochs, epochs_decay : int
+        Constant-LR epochs, then linear decay to 0 over ``epochs_decay`` more.
+    batch_size : int
+    lr : float
+    betas : tuple of float
+        Adam betas.
+    weight_decay : float
+    select_metric : str
+        Validation metric that picks the best epoch ("UA").
+    hparams : dict
+        Constructor keyword arguments.
+    """
+
+    name: str
+    model: type
+    data: str
+    corruption: str
+    epochs: int
+    epochs_decay: int
+    batch_size: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float = 0.0
+    select_metric: str = "UA"
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.epochs_decay
+
+
+_TEACHER_BETAS = (0.9, 0.999)
+_STUDENT_BETAS = (0.5, 0.999)
+
+_UTT_FUSION = dict(data="full", corruption="zero", epochs=10, epochs_decay=10, batch_size=128, lr=2e-4,
+                   betas=_TEACHER_BETAS)
+
+RECIPES: dict[str, tuple[Stage, ...]] = {
+    "baseline": (Stage("main", UttFusion, **_UTT_FUSION),),
+    "augmented": (Stage("main", UttFusion, **{**_UTT_FUSION, "data": "missing+full"}),),
+    "mmin": (
+        Stage("teacher", UttFusion, **_UTT_FUSION),
+        Stage("student", MMIN, data="missing", corruption="zero", epochs=30, epochs_decay=30, batch_size=128,
+              lr=2e-4, betas=_STUDENT_BETAS, hparams={"mse_weight": 4.0, "cycle_weight": 2.0}),
+    ),
+    "ifmmin": (
+        Stage("teacher", UttShared, data="full", corruption="zero", epochs=10, epochs_decay=10, batch_size=64,
+              lr=2e-4, betas=_TEACHER_BETAS),
+        Stage("student", IFMMIN, data="missing", corruption="zero", epochs=20, epochs_decay=20, batch_size=128,
+              lr=2e-4, betas=_STUDENT_BETAS, hparams={"mse_weight": 1.0, "invariant_weight": 100.0}),
+    ),
+    "nmer": (
+        Stage("teacher", NMERTeacher, data="full", corruption="gaussian", epochs=10, epochs_decay=10, batch_size=64,
+              lr=2e-4, betas=_TEACHER_BETAS),
+        Stage("student", NMER, data="missing", corruption="gaussian", epochs=40, epochs_decay=40, batch_size=128,
+              lr=2e-4, betas=_STUDENT_BETAS),
+    ),
+}
+
+
+def get_recipe(name: str) -> tuple[Stage, ...]:
+    """``RECIPES[name]`` with a readable error."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}") from None

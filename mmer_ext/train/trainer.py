@@ -1,0 +1,384 @@
+"""The trainer: runs a model's recipe stage by stage (teacher, then student), with validation-based selection,
+atomic per-epoch checkpoints, exact resumption and optional DistributedDataParallel.
+
+Determinism is what makes resumption exact: every epoch re-seeds the global RNG (dropout, VAE sampling), the
+corruption noise and the data order from ``(seed, stage, epoch)``, so an epoch is a pure function of the weights and
+optimizer state it starts from. A run killed mid-epoch restarts that epoch from the last end-of-epoch checkpoint and
+ends with the same weights as a run that was never interrupted.
+
+Layout of ``out_dir``::
+
+    run.json                     the resolved config, the recipe and the data description
+    <stage>/latest.json          points at the newest complete (weights, state) pair of that stage
+    <stage>/epoch-NNN.safetensors, epoch-NNN.state.pt
+    <stage>/best.safetensors     the weights with the best validation metric so far
+    <stage>/done.json            the stage finished: best epoch and its validation metrics
+    model.safetensors            the final model (last stage, best epoch), self-describing
+    test_metrics.json            the final model on the test split, six conditions and full
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from mmer_ext.data import MissingConditionDataset, NoiseScheduler, collate_utterances, corrupt_batch
+from mmer_ext.models.recipes import RECIPES, Stage
+from mmer_ext.train.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_state,
+    load_weights,
+    read_weights_metadata,
+    save_state,
+    save_weights,
+)
+from mmer_ext.train.config import TrainConfig, config_to_dict
+from mmer_ext.train.distributed import DistContext, init_distributed, resolve_device
+from mmer_ext.train.evaluation import evaluate_model, to_device
+
+__all__ = ["fit", "FitResult", "resolve_stages", "build_models", "load_model", "train_stage"]
+
+FORMAT_VERSION = 1
+_DATA_MODES = {"full": "full", "missing": "train", "missing+full": "train+full"}
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+
+
+def _derive_seed(*parts: int) -> int:
+    # A fixed mixing of the parts: Python's hash() of a tuple is salted per process for str, not for int, but be explicit.
+    value = 0x9E3779B1
+    for p in parts:
+        value = (value * 1_000_003 + int(p) + 1) % (2**63 - 1)
+    return value
+
+
+def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
+    """The recipe's stages with the config's overrides applied.
+
+    ``epochs`` is the total number of epochs of a stage; the recipe's split between constant-LR epochs and
+    linearly decaying ones is kept unless ``epochs_decay`` is given too.
+    """
+    stages = []
+    for stage in RECIPES[cfg.model]:
+        total = stage.epochs + stage.epochs_decay
+        epochs, decay = stage.epochs, stage.epochs_decay
+        if cfg.epochs is not None:
+            if cfg.epochs_decay is not None:
+                decay = min(cfg.epochs_decay, cfg.epochs - 1)
+            else:
+                decay = math.floor(cfg.epochs * stage.epochs_decay / total)
+            epochs = cfg.epochs - decay
+        elif cfg.epochs_decay is not None:
+            decay = cfg.epochs_decay
+        hparams = {**stage.hparams, **cfg.hparams.get(stage.name, {})}
+        stages.append(replace(
+            stage,
+            epochs=epochs,
+            epochs_decay=decay,
+            batch_size=cfg.batch_size or stage.batch_size,
+            lr=cfg.lr or stage.lr,
+            corruption=cfg.corruption or stage.corruption,
+            hparams=hparams,
+        ))
+    return tuple(stages)
+
+
+def build_models(stages: tuple[Stage, ...], dims, num_classes: int) -> list[torch.nn.Module]:
+    models: list[torch.nn.Module] = []
+    for stage in stages:
+        teacher = models[-1] if models else None
+        kwargs = dict(stage.hparams)
+        if teacher is not None:
+            kwargs["teacher"] = teacher
+        models.append(stage.model(dims, num_classes, **kwargs))
+    return models
+
+
+def _lr_lambda(epochs: int, epochs_decay: int) -> Callable[[int], float]:
+    # Constant for `epochs`, then linear towards 0 over `epochs_decay` (MMIN's "linear" policy).
+    def factor(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
+
+    return factor
+
+
+class _LossModule(torch.nn.Module):
+    """DDP hooks ``forward``; the models' training entry point is ``training_loss``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]):
+        return self.model.training_loss(batch)
+
+
+@dataclass
+class StageResult:
+    name: str
+    best_epoch: int
+    best_metric: float
+    val_metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    model: torch.nn.Module
+    stages: list[StageResult]
+    test_metrics: dict[str, Any] | None
+    metadata: dict[str, Any]
+
+
+def _model_metadata(cfg: TrainConfig, stages: tuple[Stage, ...], upto: int, dims, num_classes: int,
+                    class_names, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "recipe": cfg.model,
+        "stages": [s.name for s in stages[: upto + 1]],
+        "hparams": [s.hparams for s in stages[: upto + 1]],
+        "corruption": stages[upto].corruption,
+        "noise_steps": cfg.noise_steps,
+        "dims": list(dims),
+        "num_classes": num_classes,
+        "class_names": list(class_names),
+        "config": config_to_dict(cfg),
+        **(extra or {}),
+    }
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained model (its teachers included) from a ``model.safetensors`` written by :func:`fit`."""
+    from mmer_ext.data import ModalityDims
+
+    meta = read_weights_metadata(path)
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}; this mmer_ext reads {FORMAT_VERSION}")
+    recipe = RECIPES.get(meta["recipe"])
+    if recipe is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} names an unknown recipe {meta['recipe']!r}")
+    stages = tuple(replace(s, hparams=h) for s, h in zip(recipe, meta["hparams"]))
+    models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"])
+    model = models[-1]
+    load_weights(path, model)
+    model.to(map_location).eval()
+    return model, meta
+
+
+def _stage_done(stage_dir: Path) -> dict[str, Any] | None:
+    done = stage_dir / "done.json"
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def train_stage(
+    stage: Stage,
+    stage_index: int,
+    model: torch.nn.Module,
+    splits: dict[str, Any],
+    cfg: TrainConfig,
+    stage_dir: Path,
+    *,
+    device: torch.device,
+    ctx: DistContext,
+    num_classes: int,
+    metadata: dict[str, Any],
+    log: Callable[[str], None],
+) -> StageResult:
+    start_time = time.perf_counter()
+    total_epochs = stage.epochs + stage.epochs_decay
+    train_view = MissingConditionDataset(splits["train"], _DATA_MODES[stage.data], seed=cfg.seed)
+    val_conditions = "full" if stage.data == "full" else "six"
+    if stage.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {stage.batch_size} must be divisible by the number of processes {ctx.world_size}")
+    sampler = DistributedSampler(train_view, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=_derive_seed(cfg.seed, stage_index), drop_last=False)
+    loader = DataLoader(train_view, batch_size=stage.batch_size // ctx.world_size, sampler=sampler,
+                        collate_fn=collate_utterances, num_workers=cfg.num_workers)
+    noise = NoiseScheduler(num_steps=cfg.noise_steps) if stage.corruption != "zero" else None
+
+    model.to(device)
+    params = [p for p in model.trainable_parameters()]
+    optimizer = torch.optim.Adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage.epochs, stage.epochs_decay))
+    step_module: torch.nn.Module = _LossModule(model)
+    if ctx.enabled:
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    first_epoch, best_metric, best_epoch, history, best_val = 0, -math.inf, -1, [], {}
+    latest = stage_dir / "latest.json"
+    if cfg.resume and latest.is_file():
+        pointer = json.loads(latest.read_text())
+        load_weights(stage_dir / pointer["weights"], model)
+        state = load_state(stage_dir / pointer["state"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        first_epoch = int(state["epoch"]) + 1
+        best_metric, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+        history, best_val = json.loads(state["history"]), json.loads(state["best_val"])
+        log(f"[{stage.name}] resuming after epoch {first_epoch} from {stage_dir}")
+
+    clip = getattr(model, "clip_grad_norm", None)
+    for epoch in range(first_epoch, total_epochs):
+        torch.manual_seed(_derive_seed(cfg.seed, stage_index, epoch))
+        corruption_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, epoch, 1))
+        train_view.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        bar = tqdm(loader, desc=f"{cfg.model}/{stage.name} {epoch + 1}/{total_epochs}", leave=False,
+                   disable=(not cfg.progress) or (not ctx.is_main) or None, dynamic_ncols=True)
+        for batch in bar:
+            batch = corrupt_batch(batch, mode=stage.corruption, scheduler=noise, generator=corruption_gen)
+            batch = to_device(batch, device)
+            loss, parts = step_module(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{stage.name}] loss became {loss.item()} at epoch {epoch + 1}; parts: "
+                                         + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            count += 1
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        lr_scheduler.step()
+        train_losses = {k: v / max(count, 1) for k, v in sums.items()}
+
+        record: dict[str, Any] = {"epoch": epoch + 1, "train": train_losses, "lr": optimizer.param_groups[0]["lr"]}
+        if ctx.is_main:
+            val = evaluate_model(model, splits["val"], num_classes=num_classes, conditions=val_conditions,
+                                 batch_size=max(stage.batch_size, 256), device=device, corruption=stage.corruption,
+                                 noise_steps=cfg.noise_steps, seed=cfg.seed)
+            metric = val["overall"][stage.select_metric]
+            record["val"] = val["overall"]
+            history.append(record)
+            if metric > best_metric:
+                best_metric, best_epoch, best_val = metric, epoch + 1, val
+                save_weights(stage_dir / "best.safetensors", model, {**metadata, "epoch": epoch + 1, "val": val})
+            name = f"epoch-{epoch + 1:03d}"
+            save_weights(stage_dir / f"{name}.safetensors", model, {**metadata, "epoch": epoch + 1})
+            save_state(stage_dir / f"{name}.state.pt", {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "epoch": epoch,
+                "best_metric": best_metric,
+                "best_epoch": best_epoch,
+                "history": json.dumps(history),
+                "best_val": json.dumps(best_val),
+            })
+            previous = json.loads(latest.read_text()) if latest.is_file() else None
+            _write_json(latest, {"weights": f"{name}.safetensors", "state": f"{name}.state.pt", "epoch": epoch + 1})
+            if previous is not None and previous["weights"] != f"{name}.safetensors":
+                for key in ("weights", "state"):
+                    (stage_dir / previous[key]).unlink(missing_ok=True)
+            parts_text = " ".join(f"{k}={v:.4f}" for k, v in train_losses.items())
+            log(f"[{cfg.model}/{stage.name}] epoch {epoch + 1}/{total_epochs} {parts_text} "
+                f"val {stage.select_metric}={metric:.4f} (best {best_metric:.4f} @ {best_epoch})")
+        ctx.barrier()
+
+    if ctx.is_main and total_epochs > 0:
+        _write_json(stage_dir / "done.json", {"best_epoch": best_epoch, "best_metric": best_metric, "val": best_val,
+                                              "history": history})
+    ctx.barrier()
+    # The next stage (and the final model) start from the selected epoch, not the last one.
+    load_weights(stage_dir / "best.safetensors", model)
+    return StageResult(stage.name, best_epoch, best_metric, best_val, history, time.perf_counter() - start_time)
+
+
+def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_checkpoint: str | Path | None = None,
+        log: Callable[[str], None] | None = None) -> FitResult:
+    """Train ``cfg.model`` on ``cfg.data`` (or the given ``splits``), evaluate on the test split, write ``out_dir``.
+
+    ``teacher_checkpoint``: a ``model.safetensors`` of the first stage's model, trained before (the full-modality
+    baseline for MMIN, say): the first stage is then loaded instead of trained.
+    """
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = init_distributed(device)
+    out_dir = Path(cfg.out_dir)
+    say = log or (lambda msg: tqdm.write(msg))
+    log_fn = say if ctx.is_main else (lambda msg: None)
+
+    if splits is None:
+        from mmer_ext.data import load_dataset
+
+        splits = load_dataset(cfg.data, fold=cfg.fold, seed=cfg.seed, **cfg.data_options)
+    for key in ("train", "val", "test"):
+        if key not in splits or len(splits[key]) == 0:
+            raise ValueError(f"data {cfg.data!r} has no (or an empty) {key!r} split")
+    train = splits["train"]
+    dims, num_classes, class_names = train.dims, train.num_classes, train.class_names
+
+    stages = resolve_stages(cfg)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(out_dir / "run.json", {
+            "config": config_to_dict(cfg),
+            "stages": [{**asdict(s), "model": s.model.__name__} for s in stages],
+            "dims": list(dims), "num_classes": num_classes, "class_names": list(class_names),
+            "sizes": {k: len(v) for k, v in splits.items()}, "world_size": ctx.world_size,
+        })
+    ctx.barrier()
+
+    results: list[StageResult] = []
+    models: list[torch.nn.Module] = []
+    for index, stage in enumerate(stages):
+        # Each stage is built only once its teacher is trained: a student freezes the teacher it is given and copies
+        # its encoders at construction.
+        torch.manual_seed(_derive_seed(cfg.seed, index))
+        kwargs = dict(stage.hparams)
+        if models:
+            kwargs["teacher"] = models[-1]
+        model = stage.model(dims, num_classes, **kwargs)
+        models.append(model)
+        stage_dir = out_dir / stage.name
+        metadata = _model_metadata(cfg, stages, index, dims, num_classes, class_names)
+        if index == 0 and teacher_checkpoint is not None and len(stages) > 1:
+            source, _ = load_model(teacher_checkpoint)
+            if type(source) is not type(model):
+                raise CheckpointError(f"teacher checkpoint {str(teacher_checkpoint)!r} holds a {type(source).__name__}, "
+                                      f"stage {stage.name!r} of {cfg.model} needs a {type(model).__name__}")
+            model.load_state_dict(source.state_dict())
+            log_fn(f"[{cfg.model}/{stage.name}] loaded from {teacher_checkpoint}")
+            results.append(StageResult(stage.name, -1, math.nan, {}))
+            continue
+        done = _stage_done(stage_dir) if cfg.resume else None
+        if done is not None:
+            load_weights(stage_dir / "best.safetensors", model)
+            log_fn(f"[{cfg.model}/{stage.name}] already trained (best epoch {done['best_epoch']}); loaded")
+            results.append(StageResult(stage.name, done["best_epoch"], done["best_metric"], done["val"], done["history"]))
+        else:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            results.append(train_stage(stage, index, model, splits, cfg, stage_dir, device=device, ctx=ctx,
+                                       num_classes=num_classes, metadata=metadata, log=log_fn))
+
+    final = models[-1]
+    metadata = _model_metadata(cfg, stages, len(stages) - 1, dims, num_classes, class_names,
+                               {"val": results[-1].val_metrics, "best_epoch": results[-1].best_epoch})
+    test_metrics = None
+    if ctx.is_main:
+        save_weights(out_dir / "model.safetensors", final, metadata)
+        test_metrics = evaluate_model(final, splits["test"], num_classes=num_classes, conditions="six+full",
+                                      device=device, corruption=stages[-1].corruption, noise_steps=cfg.noise_steps,
+                                      seed=cfg.seed)
+        _write_json(out_dir / "test_metrics.json", {"corruption": stages[-1].corruption, "metrics": test_metrics,
+                                                    "stages": [asdict(r) for r in results]})
+    ctx.barrier()
+    return FitResult(out_dir, final, results, test_metrics, metadata)
+

@@ -1,0 +1,201 @@
+"""Real-feature loaders: tiny files written in exactly the MMIN / IF-MMIN / NMER layout, then loaded back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mmer_ext.data import DataFormatError, ModalityDims, load_dataset, load_iemocap, load_msp_improv
+
+h5py = pytest.importorskip("h5py")
+
+DIMS = ModalityDims(130, 342, 1024)
+NAMES = {
+    "trn": ["Ses02F_impro01_F000", "Ses02F_impro01_M001", "Ses03M_script01_1_F002", "Ses03M_script01_1_M003"],
+    "val": ["Ses01F_impro02_F000", "Ses01F_impro02_M001"],
+    "tst": ["Ses01M_script02_2_F010", "Ses01M_script02_2_M011"],
+}
+LABELS = {"trn": [0, 3, 1, 2], "val": [2, 0], "tst": [3, 1]}
+ALL = [n for s in NAMES.values() for n in s]
+
+
+def _features(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = {m: {} for m in "AVL"}
+    for i, name in enumerate(ALL):
+        out["A"][name] = (rng.normal(size=(6 + i, DIMS.A)) * 3 + 5).astype(np.float32)
+        out["V"][name] = rng.normal(size=(4 + i % 3, DIMS.V)).astype(np.float32)
+        out["L"][name] = rng.normal(size=(5 + i % 4, DIMS.L)).astype(np.float32)
+    return out
+
+
+def _write_h5(path, feats):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for name, x in feats.items():
+            f[name] = x
+
+
+def _write_layout(root, kind="iemocap", folds=(1, 2)):
+    """feature_root = root/features, target_root = root/targets, config at root/config.json (relative paths)."""
+    feats = _features()
+    froot, troot = root / "features", root / "targets"
+    a_name = "comparE.h5" if kind == "iemocap" else "comparE_raw.h5"
+    _write_h5(froot / "A" / a_name, feats["A"])
+    _write_h5(froot / "V" / "denseface.h5", feats["V"])
+    _write_h5(froot / "L" / "bert_large.h5", feats["L"])
+    stats = {}
+    if kind == "iemocap":
+        with h5py.File(froot / "A" / "comparE_mean_std.h5", "w") as f:
+            for cv in folds:
+                mean = np.full(DIMS.A, 5.0 + cv, dtype=np.float32)
+                std = np.full(DIMS.A, 2.0 * cv, dtype=np.float32)
+                std[7] = 0.0  # a constant feature: the loader must divide by 1, not 0
+                f[f"{cv}/mean"] = mean
+                f[f"{cv}/std"] = std
+                stats[cv] = (mean, std)
+    for cv in folds:
+        d = troot / str(cv)
+        d.mkdir(parents=True)
+        for split, names in NAMES.items():
+            lab = np.array(LABELS[split])
+            if kind == "iemocap":
+                np.save(d / f"{split}_label.npy", np.eye(4, dtype=np.float32)[lab])
+                np.save(d / f"{split}_int2name.npy", np.array([[n.encode()] for n in names]))  # (N, 1) bytes
+            else:
+                np.save(d / f"{split}_label.npy", lab.astype(np.int64))
+                np.save(d / f"{split}_int2name.npy", np.array(names))  # plain str
+    total_cv = 10 if kind == "iemocap" else 12
+    (root / "config.json").write_text(json.dumps(
+        {"feature_root": "features", "target_root": "targets", "total_cv": total_cv}))
+    return feats, stats
+
+
+@pytest.fixture
+def iemocap(tmp_path):
+    feats, stats = _write_layout(tmp_path)
+    return tmp_path, feats, stats
+
+
+def test_load_iemocap_layout_and_trn_norm(iemocap):
+    root, feats, stats = iemocap
+    splits = load_iemocap(root / "config.json", cv=2)
+    assert set(splits) == {"train", "val", "test"}
+    mean, std = stats[2]
+    std = np.where(std == 0, 1.0, std)
+    for key, split in (("train", "trn"), ("val", "val"), ("test", "tst")):
+        ds = splits[key]
+        assert ds.names == NAMES[split]  # bytes decoded, order kept
+        assert ds.labels.tolist() == LABELS[split]  # one-hot -> argmax
+        assert ds.dims == DIMS and ds.class_names == ("happy", "angry", "sad", "neutral")
+        for i, name in enumerate(ds.names):
+            expected_a = (feats["A"][name] - mean) / std
+            np.testing.assert_allclose(ds.A[i].numpy(), expected_a, rtol=1e-6, atol=1e-6)
+            assert torch.equal(ds.V[i], torch.from_numpy(feats["V"][name]))  # V and L raw
+            assert torch.equal(ds.L[i], torch.from_numpy(feats["L"][name]))
+    # Column 7 has std 0 -> divided by 1.
+    name = NAMES["trn"][0]
+    np.testing.assert_allclose(splits["train"].A[0][:, 7].numpy(), feats["A"][name][:, 7] - mean[7], rtol=1e-6)
+
+
+def test_path_forms_and_fold_stats(iemocap, tmp_path_factory):
+    root, feats, stats = iemocap
+    by_dir = load_iemocap(root, cv=1, splits=("tst",))  # directory holding config.json
+    assert set(by_dir) == {"test"}
+    name = NAMES["tst"][0]
+    mean, std = stats[1]
+    np.testing.assert_allclose(by_dir["test"].A[0][:, 0].numpy(), (feats["A"][name][:, 0] - mean[0]) / std[0],
+                               rtol=1e-6)
+    # A feature root with A/ V/ L/ and target/.
+    other = tmp_path_factory.mktemp("flat")
+    shutil.copytree(root / "features", other, dirs_exist_ok=True)
+    shutil.copytree(root / "targets", other / "target")
+    flat = load_iemocap(other, cv=1, splits=("trn", "val"))
+    assert flat["train"].names == NAMES["trn"] and len(flat["val"]) == 2
+    via_spec = load_dataset(f"iemocap:{root / 'config.json'}", cv=1)
+    assert set(via_spec) == {"train", "val", "test"} and via_spec["test"].names == NAMES["tst"]
+
+
+def test_utt_norm(iemocap):
+    root, feats, _ = iemocap
+    ds = load_iemocap(root, cv=1, splits=("trn",), norm_method="utt")["train"]
+    a = ds.A[1]
+    assert torch.allclose(a.mean(0), torch.zeros(DIMS.A), atol=1e-5)
+    assert torch.allclose(a.std(0), torch.ones(DIMS.A), atol=1e-4)
+
+
+def test_msp_improv(tmp_path):
+    feats, _ = _write_layout(tmp_path, kind="msp", folds=(12,))
+    splits = load_msp_improv(tmp_path, cv=12)
+    assert splits["val"].names == NAMES["val"] and splits["val"].labels.tolist() == LABELS["val"]
+    # Normalised with mean/std over all frames of all utterances: pooled frames are standardised.
+    pooled = torch.cat([x for ds in splits.values() for x in ds.A])
+    assert torch.allclose(pooled.mean(0), torch.zeros(DIMS.A), atol=1e-4)
+    assert torch.allclose(pooled.std(0, unbiased=False), torch.ones(DIMS.A), atol=1e-4)
+    assert load_dataset(f"msp:{tmp_path}", cv=12, splits=("val",))["val"].names == NAMES["val"]
+    with pytest.raises(DataFormatError, match="out of range"):
+        load_msp_improv(tmp_path, cv=13)
+
+
+def test_error_missing_file(iemocap):
+    root, _, _ = iemocap
+    (root / "features" / "V" / "denseface.h5").unlink()
+    with pytest.raises(DataFormatError, match="denseface.h5"):
+        load_iemocap(root)
+    with pytest.raises(DataFormatError, match="no such file"):
+        load_iemocap(root / "nope.json")
+
+
+def test_error_missing_utterance(iemocap):
+    root, _, _ = iemocap
+    np.save(root / "targets" / "1" / "val_int2name.npy", np.array([[b"Ses01F_impro02_F000"], [b"Ses09X_ghost_M999"]]))
+    with pytest.raises(DataFormatError, match="Ses09X_ghost_M999") as exc:
+        load_iemocap(root, cv=1)
+    assert "comparE.h5" in str(exc.value)
+
+
+def test_error_wrong_dim(iemocap):
+    root, feats, _ = iemocap
+    bad = {n: x[:, :341] for n, x in feats["V"].items()}
+    (root / "features" / "V" / "denseface.h5").unlink()
+    _write_h5(root / "features" / "V" / "denseface.h5", bad)
+    with pytest.raises(DataFormatError, match=r"denseface\.h5.*342"):
+        load_iemocap(root)
+
+
+def test_error_fold_out_of_range(iemocap):
+    root, _, _ = iemocap
+    for cv in (0, 11):
+        with pytest.raises(DataFormatError, match="out of range"):
+            load_iemocap(root, cv=cv)
+    with pytest.raises(DataFormatError, match="no group '3'"):  # in range, but no statistics for that fold
+        load_iemocap(root, cv=3)
+
+
+def test_error_count_mismatch(iemocap):
+    root, _, _ = iemocap
+    np.save(root / "targets" / "1" / "tst_int2name.npy", np.array([[b"Ses01M_script02_2_F010"]]))
+    with pytest.raises(DataFormatError, match="1 names but .* 2 labels"):
+        load_iemocap(root, cv=1)
+
+
+def test_error_bad_label_shape(iemocap):
+    root, _, _ = iemocap
+    np.save(root / "targets" / "1" / "trn_label.npy", np.zeros((4, 3), dtype=np.float32))
+    with pytest.raises(DataFormatError, match=r"trn_label\.npy.*bad label shape"):
+        load_iemocap(root, cv=1)
+    np.save(root / "targets" / "1" / "trn_label.npy", np.array([0, 1, 2, 3]))  # ints where one-hot is expected
+    with pytest.raises(DataFormatError, match="one-hot"):
+        load_iemocap(root, cv=1)
+
+
+def test_error_bad_directory(tmp_path):
+    with pytest.raises(DataFormatError, match="config"):
+        load_iemocap(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"feature_root": "x"}))
+    with pytest.raises(DataFormatError, match="target_root"):
+        load_iemocap(tmp_path)

@@ -1,0 +1,63 @@
+"""Configs: defaults < file (YAML / TOML) < flags < key=value overrides, with errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmer_ext.train import ConfigError, TrainConfig, load_config
+
+
+def test_defaults():
+    assert load_config() == TrainConfig()
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_file_then_flags_then_overrides(tmp_path, suffix):
+    path = tmp_path / f"cfg{suffix}"
+    if suffix == ".yaml":
+        path.write_text("model: ifmmin\nepochs: 3\nlr: 0.001\ndata_options:\n  preset: small\n")
+    else:
+        path.write_text('model = "ifmmin"\nepochs = 3\nlr = 0.001\n[data_options]\npreset = "small"\n')
+    cfg = load_config(path)
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.data_options) == ("ifmmin", 3, 0.001, {"preset": "small"})
+    cfg = load_config(path, ["epochs=5", "data_options.n_train=64", "hparams.student.cycle_weight=1.5"], epochs=4)
+    assert cfg.epochs == 5  # an override beats a flag, a flag beats the file
+    assert cfg.data_options == {"preset": "small", "n_train": 64}
+    assert cfg.hparams == {"student": {"cycle_weight": 1.5}}
+    assert load_config(path, epochs=4).epochs == 4
+    assert load_config(path, epochs=None).epochs == 3  # an unset flag keeps the file's value
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["epoch=3"], "epoch"),
+        (["epochs=abc"], "epochs"),
+        (["epochs"], "key=value"),
+        (["model=mmgcnn"], "model 'mmgcnn'"),
+        (["epochs=0"], "epochs must be at least 1"),
+        (["corruption=blur"], "corruption 'blur'"),
+        (["device=tpu"], "device 'tpu'"),
+        (["lr=-1"], "lr must be positive"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listing)
+    other = tmp_path / "cfg.json"
+    other.write_text("{}")
+    with pytest.raises(ConfigError, match="unknown format"):
+        load_config(other)
