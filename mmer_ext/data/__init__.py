@@ -1,9 +1,33 @@
 """Data layer of mmer_ext: utterance datasets, the embedded synthetic dataset, real-feature loaders, and the
-missing-modality protocols (conditions, per-epoch condition draws, zero / noise corruption).
+missing-modality protocols (conditions, per-epoch condition draws, zero / noise corruption); dialogue datasets for
+the ERC graph model (MMGCN) in :mod:`mmer_ext.data.dialogue`.
 
 Modality order is always ``("A", "V", "L")`` (acoustic, visual, lexical).
 """
 
+from mmer_ext.data.dialogue import (
+    IEMOCAP_ERC_CLASS_FREQUENCIES,
+    IEMOCAP_ERC_CLASS_NAMES,
+    IEMOCAP_ERC_DIMS,
+    MELD_CLASS_NAMES,
+    MELD_DIMS,
+    VAL_PROTOCOLS,
+    DialogueConditionView,
+    DialogueDataset,
+    NonstandardSplitWarning,
+    UnsafePickleWarning,
+    collate_dialogues,
+    convert_pickle,
+    corrupt_dialogue_batch,
+    label_persistence,
+    load_dialogue_dataset,
+    load_dialogue_splits,
+    load_iemocap_erc,
+    load_meld,
+    make_synthetic_dialogues,
+    save_dialogue_splits,
+    split_dialogues,
+)
 from mmer_ext.data.iemocap import (
     IEMOCAP_CLASS_NAMES,
     IEMOCAP_DIMS,
@@ -37,6 +61,11 @@ from mmer_ext.data.utterance import (
 )
 
 __all__ = [
+    "DialogueConditionView", "DialogueDataset", "IEMOCAP_ERC_CLASS_FREQUENCIES", "IEMOCAP_ERC_CLASS_NAMES",
+    "IEMOCAP_ERC_DIMS", "MELD_CLASS_NAMES", "MELD_DIMS", "NonstandardSplitWarning", "UnsafePickleWarning",
+    "VAL_PROTOCOLS", "collate_dialogues", "convert_pickle", "corrupt_dialogue_batch", "label_persistence",
+    "load_dialogue_dataset", "load_dialogue_splits", "load_iemocap_erc", "load_meld", "make_synthetic_dialogues",
+    "save_dialogue_splits", "split_dialogues",
     "ALL_CONDITIONS", "CLASS_NAMES", "CONDITION_LABELS", "CONDITION_NAMES", "CORRUPTION_MODES", "DataFormatError",
     "FULL_CONDITION", "IEMOCAP_CLASS_NAMES", "IEMOCAP_DIMS", "MISSING_CONDITIONS", "MODALITIES", "ModalityDims",
     "MissingConditionDataset", "NoiseScheduler", "PROTOCOL_MODES", "UtteranceDataset", "calibration_report",

@@ -6,6 +6,7 @@ subgradient of CMD is 0 because ``torch.linalg.vector_norm`` defines it so).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import combinations
 
@@ -61,3 +62,171 @@ def cmd_pairwise_ifmmin_style(xs: Sequence[Tensor], n_moments: int = 5) -> Tenso
     for i, j in pairs:
         loss = loss + cmd_ifmmin_style(xs[i], xs[j], n_moments)
     return loss / len(pairs)
+
+
+# ---- dialogue graphs (MMGCN) --------------------------------------------------------------------------------------
+#
+# Node order of the graph over a batch of dialogues: ``features`` is ``[M, N, D]`` (M modalities of the same N
+# utterances, the dialogues concatenated in order, ``lengths[g]`` utterances each), and node ``m * N + k`` is
+# utterance ``k`` in modality ``m`` (modality-major, MMGCN's order). The padded block of dialogue ``g`` has
+# ``M * Lmax`` slots, slot ``m * Lmax + i`` holding utterance ``i`` of the dialogue in modality ``m``.
+
+
+def _dialogue_slots(lengths: Tensor, num_modalities: int, num_utterances: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Index maps between the global node order and the padded per-dialogue slots.
+
+    Returns ``(node_of_slot [G, M * Lmax], valid [G, M * Lmax], slot_of_node [M * N])``: ``node_of_slot`` is the
+    global node held by each slot (0 for padding, which ``valid`` marks False) and ``slot_of_node`` the flat
+    index ``g * M * Lmax + slot`` of each node.
+    """
+    M, N = num_modalities, num_utterances
+    lengths = lengths.to(torch.int64)
+    G = lengths.numel()
+    l_max = int(lengths.max()) if G > 0 else 0
+    offsets = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(l_max, device=lengths.device)
+    valid = (pos[None, :] < lengths[:, None]).unsqueeze(1).expand(G, M, l_max)  # [G, M, Lmax]
+    utterance = offsets[:, None] + pos[None, :]  # [G, Lmax]
+    modality = torch.arange(M, device=lengths.device)
+    node = modality[None, :, None] * N + utterance[:, None, :]  # [G, M, Lmax]
+    node = torch.where(valid, node, 0)
+    slot = torch.arange(G * M * l_max, device=lengths.device).reshape(G, M, l_max)
+    slot_of_node = torch.empty(M * N, dtype=torch.int64, device=lengths.device)
+    slot_of_node[node[valid]] = slot[valid]
+    return node.reshape(G, M * l_max), valid.reshape(G, M * l_max), slot_of_node
+
+
+def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x / ||x||, ||x|| > 0)`` over the last dim, with zero rows mapped to zero (gradient 0 there, no NaN)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    nonzero = norm > 0
+    unit = torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
+    return unit, nonzero.squeeze(-1)
+
+
+def _angular_weight(cos: Tensor, scale: float) -> Tensor:
+    """MMGCN's edge weight ``1 - arccos(scale * cos) / pi`` (the clamp only absorbs rounding when scale = 1)."""
+    return 1.0 - torch.acos((scale * cos).clamp(-1.0, 1.0)) / math.pi
+
+
+def angular_adjacency_ref(
+    features: Tensor,
+    lengths: Tensor,
+    *,
+    scale: float = 0.99999,
+    normalize: bool = True,
+    window: int | None = None,
+    layout: str = "dense",
+) -> Tensor:
+    """Pure-PyTorch definition of :func:`mmer_ext.ops.angular_adjacency` (vectorised over padded dialogues).
+
+    Edge weight ``1 - arccos(scale * cos(u, v)) / pi``; intra-modality edges join every pair of utterances of a
+    dialogue (only ``|i - j| <= window`` when ``window`` is given; self-loops always), inter-modality edges the same
+    utterance across modalities; then ``D^-1/2 A D^-1/2`` over the whole graph when ``normalize``. A zero feature
+    vector has cosine 0 with everything, itself included (weight 0.5), and gets a zero gradient. A self-loop's
+    cosine is the constant 1 (0 for a zero vector), so self-loops carry no gradient.
+
+    ``layout="dense"`` returns ``[M * N, M * N]`` in the global node order, ``layout="blocks"``
+    ``[G, M * Lmax, M * Lmax]`` (one padded block per dialogue, modality-major inside, zeros in the padding).
+    """
+    if layout not in ("dense", "blocks"):
+        raise ValueError(f"angular_adjacency_ref: layout must be 'dense' or 'blocks', got {layout!r}")
+    M, N, _ = features.shape
+    lengths = lengths.to(device=features.device, dtype=torch.int64)
+    G = lengths.numel()
+    node, valid, _ = _dialogue_slots(lengths, M, N)
+    l_max = node.shape[1] // M
+    unit, nonzero = _unit_rows(features)
+    slots_valid = valid.reshape(G, M, l_max)
+    # [G, M, Lmax, D] (padding = zero rows) and the per-slot "is a nonzero vector" flag.
+    u = unit.reshape(M * N, -1)[node].reshape(G, M, l_max, -1) * slots_valid[..., None]
+    nz = nonzero.reshape(M * N)[node].reshape(G, M, l_max) & slots_valid
+    eye_l = torch.eye(l_max, dtype=torch.bool, device=features.device)
+    # Intra-modality cosines; the diagonal is replaced by its exact value (1, or 0 for a zero vector).
+    cos = u @ u.transpose(-1, -2)
+    cos = torch.where(eye_l, torch.diag_embed(nz.to(cos.dtype)), cos)
+    pos = torch.arange(l_max, device=features.device)
+    intra_mask = slots_valid[..., :, None] & slots_valid[..., None, :]
+    if window is not None:
+        intra_mask = intra_mask & ((pos[:, None] - pos[None, :]).abs() <= window)
+    intra = _angular_weight(cos, scale) * intra_mask  # [G, M, Lmax, Lmax]
+    # Inter-modality cosines of the same utterance: [G, M, M, Lmax].
+    cross_cos = torch.einsum("gmid,gnid->gmni", u, u)
+    eye_m = torch.eye(M, dtype=torch.bool, device=features.device)
+    cross_mask = ~eye_m[None, :, :, None] & slots_valid[:, :, None, :] & slots_valid[:, None, :, :]
+    cross = _angular_weight(cross_cos, scale) * cross_mask
+    eye_mf = eye_m.to(intra.dtype)
+    blocks = torch.einsum("gmij,mn->gminj", intra, eye_mf) + torch.einsum(
+        "gmni,ij->gminj", cross, eye_l.to(intra.dtype)
+    )
+    blocks = blocks.reshape(G, M * l_max, M * l_max)
+    if normalize:
+        degree = blocks.sum(-1)
+        inv_sqrt = torch.where(valid, torch.where(valid, degree, torch.ones_like(degree)).rsqrt(), 0.0)
+        blocks = blocks * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
+    if layout == "blocks":
+        return blocks
+    # Scatter the blocks into the dense matrix; padding slots go to a dummy row/column that is cut off.
+    target = torch.where(valid, node, M * N)
+    dense = blocks.new_zeros(M * N + 1, M * N + 1)
+    dense = dense.index_put((target[:, :, None], target[:, None, :]), blocks)
+    return dense[: M * N, : M * N]
+
+
+def angular_adjacency_mmgcn_loop(
+    features: Tensor,
+    lengths: Tensor | Sequence[int],
+    *,
+    scale: float = 0.99999,
+    normalize: bool = True,
+    window: int | None = None,
+) -> Tensor:
+    """The dense graph built the way MMGCN's code builds it: Python loops over dialogues, modalities, utterances
+    and modality pairs, filling a dense ``[M * N, M * N]`` matrix, then ``D^-1/2 A D^-1/2`` by diagonal matrix
+    products. The benchmark baseline of what users run today. A zero feature vector gives NaN here (0 / 0), as in
+    the original; ``window`` is an mmer_ext extension, applied as a mask on the intra-modality block."""
+    M, N, _ = features.shape
+    lengths = [int(v) for v in (lengths.tolist() if isinstance(lengths, Tensor) else lengths)]
+    adj = features.new_zeros(M * N, M * N)
+    start = 0
+    for length in lengths:
+        # Intra-modality block of this dialogue, one modality at a time.
+        for m in range(M):
+            block = features[m, start : start + length]
+            norms = torch.sqrt(torch.sum(block * block, dim=1))
+            unit = block / norms[:, None]
+            sim = torch.matmul(unit, unit.t()) * scale
+            weights = 1.0 - torch.acos(sim.clamp(-1.0, 1.0)) / math.pi
+            if window is not None:
+                offsets = torch.arange(length, device=features.device)
+                weights = weights * ((offsets[:, None] - offsets[None, :]).abs() <= window)
+            first = m * N + start
+            adj[first : first + length, first : first + length] = weights
+        # Inter-modality edges: every utterance, every pair of modalities, one cosine at a time.
+        for k in range(start, start + length):
+            for m in range(M):
+                for n in range(m + 1, M):
+                    a, b = features[m, k], features[n, k]
+                    cos = torch.sum(a * b) / (torch.sqrt(torch.sum(a * a)) * torch.sqrt(torch.sum(b * b)))
+                    weight = 1.0 - torch.acos((cos * scale).clamp(-1.0, 1.0)) / math.pi
+                    adj[m * N + k, n * N + k] = weight
+                    adj[n * N + k, m * N + k] = weight
+        start += length
+    if normalize:
+        degree = adj.sum(1)
+        d_inv_sqrt = torch.diag(torch.pow(degree, -0.5))
+        adj = d_inv_sqrt.mm(adj).mm(d_inv_sqrt)
+    return adj
+
+
+def block_graph_propagate_ref(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
+    """``A @ x`` for node features ``x`` ``[M * N, F]`` in the global node order, with ``A`` given as the padded
+    per-dialogue blocks ``[G, M * Lmax, M * Lmax]`` of :func:`angular_adjacency_ref` (``layout="blocks"``):
+    gather the nodes into ``[G, M * Lmax, F]``, batched matmul, gather the results back."""
+    G, slots, _ = blocks.shape
+    num_nodes = x.shape[0]
+    M = slots // max(int(lengths.max()), 1) if G > 0 else 1
+    node, valid, slot_of_node = _dialogue_slots(lengths.to(device=x.device), M, num_nodes // M)
+    gathered = x[node] * valid[..., None].to(x.dtype)  # [G, M * Lmax, F]
+    out = torch.bmm(blocks, gathered)
+    return out.reshape(G * slots, -1)[slot_of_node]

@@ -38,6 +38,8 @@ class TrainConfig:
     # None keeps the recipe's value; for a two-stage model they apply to every stage.
     epochs: int | None = None
     epochs_decay: int | None = None
+    # Total epochs per stage name ("teacher", "student", "main"); beats `epochs` for the stages it names.
+    stage_epochs: dict[str, int] = field(default_factory=dict)
     batch_size: int | None = None
     lr: float | None = None
     # The NMER noise scheduler's intensity T (the number of diffusion steps the noise level is drawn from).
@@ -107,6 +109,9 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
+    for stage, value in cfg.stage_epochs.items():
+        if value < 1:
+            raise ConfigError(f"stage_epochs.{stage} must be at least 1, got {value}")
     if cfg.epochs_decay is not None and cfg.epochs_decay < 0:
         raise ConfigError(f"epochs_decay must be >= 0, got {cfg.epochs_decay}")
     if cfg.lr is not None and not cfg.lr > 0:

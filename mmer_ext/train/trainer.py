@@ -43,7 +43,7 @@ from mmer_ext.train.checkpoint import (
     save_state,
     save_weights,
 )
-from mmer_ext.train.config import TrainConfig, config_to_dict
+from mmer_ext.train.config import ConfigError, TrainConfig, config_to_dict
 from mmer_ext.train.distributed import DistContext, init_distributed, resolve_device
 from mmer_ext.train.evaluation import evaluate_model, to_device
 
@@ -68,19 +68,25 @@ def _derive_seed(*parts: int) -> int:
 def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
     """The recipe's stages with the config's overrides applied.
 
-    ``epochs`` is the total number of epochs of a stage; the recipe's split between constant-LR epochs and
-    linearly decaying ones is kept unless ``epochs_decay`` is given too.
+    ``epochs`` (or ``stage_epochs[stage.name]``) is the total number of epochs of a stage; the recipe's split
+    between constant-LR epochs and linearly decaying ones is kept unless ``epochs_decay`` is given too.
     """
+    names = [s.name for s in RECIPES[cfg.model]]
+    for field_name in ("hparams", "stage_epochs"):
+        unknown = sorted(set(getattr(cfg, field_name)) - set(names))
+        if unknown:
+            raise ConfigError(f"{field_name} names stage(s) {unknown} that {cfg.model} does not have; its stages: {names}")
     stages = []
     for stage in RECIPES[cfg.model]:
         total = stage.epochs + stage.epochs_decay
         epochs, decay = stage.epochs, stage.epochs_decay
-        if cfg.epochs is not None:
+        wanted = cfg.stage_epochs.get(stage.name, cfg.epochs)
+        if wanted is not None:
             if cfg.epochs_decay is not None:
-                decay = min(cfg.epochs_decay, cfg.epochs - 1)
+                decay = min(cfg.epochs_decay, wanted - 1)
             else:
-                decay = math.floor(cfg.epochs * stage.epochs_decay / total)
-            epochs = cfg.epochs - decay
+                decay = math.floor(wanted * stage.epochs_decay / total)
+            epochs = wanted - decay
         elif cfg.epochs_decay is not None:
             decay = cfg.epochs_decay
         hparams = {**stage.hparams, **cfg.hparams.get(stage.name, {})}
@@ -180,6 +186,37 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     return model, meta
 
 
+def _stage_fingerprint(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
+    """What a stage's checkpoints depend on: resuming under anything else would silently mix two runs."""
+    fields = {k: v for k, v in asdict(stage).items() if k != "model"}
+    return json.loads(json.dumps({
+        "recipe": cfg.model, "model": stage.model.__name__, **fields,
+        "data": cfg.data, "data_options": cfg.data_options, "fold": cfg.fold, "seed": cfg.seed,
+        "noise_steps": cfg.noise_steps,
+    }, default=str))
+
+
+def _claim_stage_dir(stage_dir: Path, fingerprint: dict[str, Any], resume: bool, ctx: DistContext) -> None:
+    """Refuse to resume a stage trained under another configuration; forget old progress when not resuming."""
+    path = stage_dir / "stage.json"
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if changed:
+            raise ConfigError(
+                f"{stage_dir} holds a stage trained with other settings ({', '.join(changed)}); "
+                "train into another --out, or pass --no-resume to start this stage afresh"
+            )
+    if ctx.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            # The pointers go; the files they name are overwritten as the new run reaches them.
+            for name in ("latest.json", "done.json"):
+                (stage_dir / name).unlink(missing_ok=True)
+        _write_json(path, fingerprint)
+    ctx.barrier()
+
+
 def _stage_done(stage_dir: Path) -> dict[str, Any] | None:
     done = stage_dir / "done.json"
     return json.loads(done.read_text()) if done.is_file() else None
@@ -253,7 +290,11 @@ def train_stage(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
+                # Per network (A, V, L encoders, AE, classifier ...) like the authors, where the model knows its nets.
+                if hasattr(model, "clip_gradients_"):
+                    model.clip_gradients_()
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
             count += 1
             for k, v in {"loss": loss.detach(), **parts}.items():
@@ -345,7 +386,10 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
         kwargs = dict(stage.hparams)
         if models:
             kwargs["teacher"] = models[-1]
-        model = stage.model(dims, num_classes, **kwargs)
+        try:
+            model = stage.model(dims, num_classes, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"hparams.{stage.name}: {stage.model.__name__} rejects them: {e}") from e
         models.append(model)
         stage_dir = out_dir / stage.name
         metadata = _model_metadata(cfg, stages, index, dims, num_classes, class_names)
@@ -358,13 +402,13 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
             log_fn(f"[{cfg.model}/{stage.name}] loaded from {teacher_checkpoint}")
             results.append(StageResult(stage.name, -1, math.nan, {}))
             continue
+        _claim_stage_dir(stage_dir, _stage_fingerprint(cfg, stage), cfg.resume, ctx)
         done = _stage_done(stage_dir) if cfg.resume else None
         if done is not None:
             load_weights(stage_dir / "best.safetensors", model)
             log_fn(f"[{cfg.model}/{stage.name}] already trained (best epoch {done['best_epoch']}); loaded")
             results.append(StageResult(stage.name, done["best_epoch"], done["best_metric"], done["val"], done["history"]))
         else:
-            stage_dir.mkdir(parents=True, exist_ok=True)
             results.append(train_stage(stage, index, model, splits, cfg, stage_dir, device=device, ctx=ctx,
                                        num_classes=num_classes, metadata=metadata, log=log_fn))
 

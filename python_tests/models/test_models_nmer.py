@@ -125,7 +125,7 @@ def test_teacher_loss_matches_hand_computation():
 
 
 def test_student_loss_matches_hand_computation():
-    model = make_student(kl_weight=0.5, invariant_weight=2.0).eval()  # eval: z = mu, no dropout
+    model = make_student(kl_weight=0.5, invariant_weight=2.0, kl_reduction="sum").eval()  # eval: z = mu, no dropout
     batch = make_batch()
     loss, parts = model.training_loss(batch)
     assert set(parts) == {"ce", "invariant", "recon", "kl"}
@@ -154,6 +154,7 @@ def test_student_loss_matches_hand_computation():
 
 
 def test_kl_reduction_mean_and_training_mode_finite():
+    assert make_student().kl_reduction == "mean"  # the paper's per-sample ELBO; "sum" is the authors' code
     model = make_student(kl_reduction="mean")
     batch = make_batch()
     model.train()

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-TINY = {"preset": "small", "n_train": 96, "n_val": 24, "n_test": 24}
+from tiny_data import TINY
 
 
 @pytest.fixture(scope="session")

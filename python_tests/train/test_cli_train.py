@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY  # noqa: E402  (python_tests/train/conftest.py)
+from tiny_data import TINY
 from mmer_ext.cli import main
 
 DATA_FLAGS = [arg for k, v in TINY.items() for arg in ("--set", f"data_options.{k}={v}")]

@@ -61,3 +61,27 @@ def test_bad_files(tmp_path):
     other.write_text("{}")
     with pytest.raises(ConfigError, match="unknown format"):
         load_config(other)
+
+
+def test_stage_epochs_and_recipe_split():
+    from mmer_ext.train import resolve_stages
+
+    stages = resolve_stages(load_config(None, ["model=mmin", "epochs=4", "stage_epochs.student=10"]))
+    # teacher: 4 total, recipe 10+10 -> 2+2; student: 10 total, recipe 30+30 -> 5+5
+    assert [(s.name, s.epochs, s.epochs_decay) for s in stages] == [("teacher", 2, 2), ("student", 5, 5)]
+    stages = resolve_stages(load_config(None, ["model=baseline"]))
+    assert [(s.epochs, s.epochs_decay) for s in stages] == [(10, 10)]
+    stages = resolve_stages(load_config(None, ["model=baseline", "epochs=3", "epochs_decay=0"]))
+    assert [(s.epochs, s.epochs_decay) for s in stages] == [(3, 0)]
+
+
+def test_unknown_stage_or_hparam_is_named(tiny_splits, tmp_path):
+    from mmer_ext.train import fit, resolve_stages
+
+    with pytest.raises(ConfigError, match=r"stage\(s\) \['student'\]"):
+        resolve_stages(load_config(None, ["model=baseline", "stage_epochs.student=3"]))
+    with pytest.raises(ConfigError, match=r"stage\(s\) \['main'\]"):
+        resolve_stages(load_config(None, ["model=mmin", "hparams.main.dropout=0.1"]))
+    cfg = load_config(None, ["model=baseline", "hparams.main.dropuot=0.1", f"out_dir={tmp_path}", "epochs=1"])
+    with pytest.raises(ConfigError, match="hparams.main: UttFusion rejects"):
+        fit(cfg, splits=tiny_splits, log=lambda m: None)

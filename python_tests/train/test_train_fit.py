@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY  # noqa: E402  (python_tests/train/conftest.py)
+from tiny_data import TINY
 from mmer_ext.data import CONDITION_LABELS
 from mmer_ext.train import evaluate_model, fit, load_config, load_model, resolve_stages
 
@@ -162,3 +162,18 @@ def test_two_ddp_processes_match_one(tmp_path):
     for cond in ma:
         for metric in ma[cond]:
             assert abs(ma[cond][metric] - mb[cond][metric]) <= 0.05, (cond, metric)
+
+
+def test_resume_refuses_a_changed_config(tiny_splits, tmp_path):
+    from mmer_ext.train import ConfigError
+
+    fit(_cfg(tmp_path, "baseline"), splits=tiny_splits, log=QUIET)
+    with pytest.raises(ConfigError, match="lr"):
+        fit(_cfg(tmp_path, "baseline", lr=1e-3), splits=tiny_splits, log=QUIET)
+    # --no-resume retrains the stage from scratch under the new settings, and later runs resume that one.
+    logs = []
+    fit(_cfg(tmp_path, "baseline", lr=1e-3, resume=False), splits=tiny_splits, log=logs.append)
+    assert not any("already trained" in line for line in logs)
+    logs = []
+    fit(_cfg(tmp_path, "baseline", lr=1e-3), splits=tiny_splits, log=logs.append)
+    assert any("already trained" in line for line in logs)
