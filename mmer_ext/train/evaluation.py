@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmer_ext.data import MissingConditionDataset, NoiseScheduler, collate_utterances, corrupt_batch
-from mmer_ext.metrics import condition_metrics
+from mmer_ext.data import NoiseScheduler
+from mmer_ext.metrics import condition_metrics, per_class_f1
+from mmer_ext.train.views import views_for
 
 __all__ = ["protocol_view", "iterate_batches", "predict", "evaluate_model", "collect_embeddings", "to_device"]
 
@@ -18,23 +19,23 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def protocol_view(dataset: Dataset, conditions: str, seed: int = 0) -> MissingConditionDataset:
+def protocol_view(dataset: Dataset, conditions: str, seed: int = 0) -> Dataset:
     """``"six"``: every utterance under the six missing conditions (MMIN's test expansion); ``"full"``: all present;
     ``"six+full"``: both, so one pass gives the paper's whole table."""
+    make = views_for(dataset).make
     if conditions == "six":
-        return MissingConditionDataset(dataset, "expand", seed=seed)
+        return make(dataset, "expand", seed)
     if conditions == "full":
-        return MissingConditionDataset(dataset, "full", seed=seed)
+        return make(dataset, "full", seed)
     if conditions == "six+full":
-        return torch.utils.data.ConcatDataset(
-            [MissingConditionDataset(dataset, "expand", seed=seed), MissingConditionDataset(dataset, "full", seed=seed)]
-        )
+        return torch.utils.data.ConcatDataset([make(dataset, "expand", seed), make(dataset, "full", seed)])
     raise ValueError(f"conditions must be 'six', 'full' or 'six+full', got {conditions!r}")
 
 
 def iterate_batches(
     dataset: Dataset,
     *,
+    views,
     batch_size: int,
     device: torch.device,
     corruption: str,
@@ -44,11 +45,11 @@ def iterate_batches(
 ) -> Iterator[dict[str, Any]]:
     """Batches in dataset order with the missing modalities corrupted; the noise is drawn from a generator seeded
     by ``seed``, so an evaluation is repeatable."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_utterances,
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=views.collate,
                         num_workers=num_workers)
     generator = torch.Generator().manual_seed(seed)
     for batch in loader:
-        batch = corrupt_batch(batch, mode=corruption, scheduler=scheduler, generator=generator)
+        batch = views.corrupt(batch, mode=corruption, scheduler=scheduler, generator=generator)
         yield to_device(batch, device)
 
 
@@ -76,17 +77,29 @@ def evaluate_model(
     *,
     num_classes: int,
     conditions: str = "six+full",
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: torch.device | str = "cpu",
     corruption: str = "zero",
     noise_steps: int = 100,
     seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Metrics (WA, UA, F1, WF1) per condition label, their ``average`` over the six and the pooled ``overall``."""
+    with_per_class: bool = False,
+) -> dict[str, Any]:
+    """Metrics (WA, UA, F1, WF1) per condition label, their ``average`` over the six and the pooled ``overall``;
+    with ``with_per_class``, also ``"per_class_F1"``: the F1 of each class on the full-modality condition (or on all
+    items when full is not evaluated). ``batch_size`` counts utterances, or dialogues for dialogue data."""
+    views = views_for(dataset)
+    if batch_size is None:
+        batch_size = 16 if views.kind == "dialogues" else 256
     scheduler = NoiseScheduler(num_steps=noise_steps) if corruption != "zero" else None
-    out = predict(model, protocol_view(dataset, conditions, seed), batch_size=batch_size,
+    out = predict(model, protocol_view(dataset, conditions, seed), views=views, batch_size=batch_size,
                   device=torch.device(device), corruption=corruption, scheduler=scheduler, seed=seed)
-    return condition_metrics(out["label"], out["pred"], out["condition"], num_classes=num_classes)
+    metrics: dict[str, Any] = condition_metrics(out["label"], out["pred"], out["condition"], num_classes=num_classes)
+    if with_per_class:
+        full = out["condition"] == 6
+        keep = full if bool(full.any()) else torch.ones_like(full)
+        metrics["per_class_F1"] = [float(v) for v in per_class_f1(out["label"][keep], out["pred"][keep],
+                                                                   num_classes=num_classes)]
+    return metrics
 
 
 @torch.no_grad()
@@ -108,7 +121,7 @@ def collect_embeddings(
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"imagined": [], "target": [], "label": [], "condition": []}
     try:
-        for batch in iterate_batches(protocol_view(dataset, "six", seed), batch_size=batch_size,
+        for batch in iterate_batches(protocol_view(dataset, "six", seed), views=views_for(dataset), batch_size=batch_size,
                                      device=torch.device(device), corruption=corruption, scheduler=scheduler, seed=seed):
             emb = model.embeddings(batch)
             parts["imagined"].append(emb["imagined"].cpu())

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from mmer_ext.data import MissingConditionDataset, NoiseScheduler, collate_utterances, corrupt_batch
+from mmer_ext.data import NoiseScheduler
 from mmer_ext.models.recipes import RECIPES, Stage
 from mmer_ext.train.checkpoint import (
     CheckpointError,
@@ -46,11 +46,11 @@ from mmer_ext.train.checkpoint import (
 from mmer_ext.train.config import ConfigError, TrainConfig, config_to_dict
 from mmer_ext.train.distributed import DistContext, init_distributed, resolve_device
 from mmer_ext.train.evaluation import evaluate_model, to_device
+from mmer_ext.train.views import STAGE_DATA_MODES, views_for
 
 __all__ = ["fit", "FitResult", "resolve_stages", "build_models", "load_model", "train_stage"]
 
 FORMAT_VERSION = 1
-_DATA_MODES = {"full": "full", "missing": "train", "missing+full": "train+full"}
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -238,14 +238,15 @@ def train_stage(
 ) -> StageResult:
     start_time = time.perf_counter()
     total_epochs = stage.epochs + stage.epochs_decay
-    train_view = MissingConditionDataset(splits["train"], _DATA_MODES[stage.data], seed=cfg.seed)
-    val_conditions = "full" if stage.data == "full" else "six"
+    views = views_for(splits["train"])
+    train_view = views.make(splits["train"], STAGE_DATA_MODES[stage.data], cfg.seed)
+    val_conditions = "full" if STAGE_DATA_MODES[stage.data] == "full" else "six"
     if stage.batch_size % ctx.world_size:
         raise ValueError(f"batch_size {stage.batch_size} must be divisible by the number of processes {ctx.world_size}")
     sampler = DistributedSampler(train_view, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                  seed=_derive_seed(cfg.seed, stage_index), drop_last=False)
     loader = DataLoader(train_view, batch_size=stage.batch_size // ctx.world_size, sampler=sampler,
-                        collate_fn=collate_utterances, num_workers=cfg.num_workers)
+                        collate_fn=views.collate, num_workers=cfg.num_workers)
     noise = NoiseScheduler(num_steps=cfg.noise_steps) if stage.corruption != "zero" else None
 
     model.to(device)
@@ -281,7 +282,7 @@ def train_stage(
         bar = tqdm(loader, desc=f"{cfg.model}/{stage.name} {epoch + 1}/{total_epochs}", leave=False,
                    disable=(not cfg.progress) or (not ctx.is_main) or None, dynamic_ncols=True)
         for batch in bar:
-            batch = corrupt_batch(batch, mode=stage.corruption, scheduler=noise, generator=corruption_gen)
+            batch = views.corrupt(batch, mode=stage.corruption, scheduler=noise, generator=corruption_gen)
             batch = to_device(batch, device)
             loss, parts = step_module(batch)
             if not torch.isfinite(loss):
@@ -305,7 +306,7 @@ def train_stage(
         record: dict[str, Any] = {"epoch": epoch + 1, "train": train_losses, "lr": optimizer.param_groups[0]["lr"]}
         if ctx.is_main:
             val = evaluate_model(model, splits["val"], num_classes=num_classes, conditions=val_conditions,
-                                 batch_size=max(stage.batch_size, 256), device=device, corruption=stage.corruption,
+                                 device=device, corruption=stage.corruption,
                                  noise_steps=cfg.noise_steps, seed=cfg.seed)
             metric = val["overall"][stage.select_metric]
             record["val"] = val["overall"]
@@ -420,7 +421,7 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
         save_weights(out_dir / "model.safetensors", final, metadata)
         test_metrics = evaluate_model(final, splits["test"], num_classes=num_classes, conditions="six+full",
                                       device=device, corruption=stages[-1].corruption, noise_steps=cfg.noise_steps,
-                                      seed=cfg.seed)
+                                      seed=cfg.seed, with_per_class=True)
         _write_json(out_dir / "test_metrics.json", {"corruption": stages[-1].corruption, "metrics": test_metrics,
                                                     "stages": [asdict(r) for r in results]})
     ctx.barrier()

@@ -24,10 +24,6 @@ from mmer_ext.models.encoders import (
 B = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine's cores are shared; two intra-op threads on tiny matrices only contend (conftest restores it).
-    torch.set_num_threads(1)
 
 
 def _linears(module: nn.Module) -> list[tuple[int, int]]:

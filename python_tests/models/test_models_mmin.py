@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -12,40 +10,8 @@ from mmer_ext.models.baselines import UttFusion
 from mmer_ext.models.encoders import fuse
 from mmer_ext.models.mmin import MMIN
 
-SIX = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]])
-C = 4
-
-
-class Dims(NamedTuple):
-    A: int
-    V: int
-    L: int
-
-
-DIMS = Dims(12, 10, 16)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine's cores are shared; two intra-op threads on tiny matrices only contend (conftest restores it).
-    torch.set_num_threads(1)
-
-
-def make_batch(dims=DIMS, b: int = 8, steps=(7, 5, 6), missing=None, seed: int = 0) -> dict:
-    """A collated, zero-corrupted batch built by hand (the data layer's format)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.stack([torch.randint(1, t + 1, (b,), generator=g) for t in steps], 1)
-    lengths[0] = torch.tensor(steps)
-    if missing is None:
-        missing = SIX[torch.arange(b) % 6]
-    batch = {"label": torch.randint(0, C, (b,), generator=g), "index": torch.arange(b), "lengths": lengths,
-             "missing_index": missing}
-    for j, (m, d, t) in enumerate(zip("AVL", dims, steps)):
-        x = torch.randn(b, t, d, generator=g)
-        x = x * (torch.arange(t).unsqueeze(0) < lengths[:, j : j + 1]).unsqueeze(-1)
-        batch[f"{m}_clean"] = x
-        batch[m] = x * missing[:, j].view(-1, 1, 1)
-    return batch
+from mmer_ext.data import ModalityDims
+from model_batches import C, DIMS, SIX, make_batch  # noqa: E402
 
 
 def trained_teacher(dims=DIMS) -> UttFusion:
@@ -56,10 +22,10 @@ def trained_teacher(dims=DIMS) -> UttFusion:
 
 
 def test_uttfusion_shapes_and_real_dims():
-    model = UttFusion(Dims(130, 342, 1024), C).eval()
+    model = UttFusion(ModalityDims(130, 342, 1024), C).eval()
     assert model.classifier.input_dim == 384
     assert [m.out_features for m in model.classifier.modules() if isinstance(m, torch.nn.Linear)] == [128, 128, C]
-    batch = make_batch(Dims(130, 342, 1024), b=2, steps=(4, 3, 6))
+    batch = make_batch(ModalityDims(130, 342, 1024), b=2, steps=(4, 3, 6))
     assert model(batch).shape == (2, C)
     assert model.clip_grad_norm == 0.5
 
@@ -94,7 +60,7 @@ def test_uttfusion_steps_reduce_loss():
 
 
 def test_mmin_shapes_spec_anchors_real_dims():
-    dims = Dims(130, 342, 1024)
+    dims = ModalityDims(130, 342, 1024)
     model = MMIN(dims, C, teacher=UttFusion(dims, C)).eval()
     assert model.ae.input_dim == 384 and model.ae.latent_dim == 320
     assert model.classifier.input_dim == 320 and model.teacher.classifier.input_dim == 384

@@ -17,10 +17,6 @@ B = 8
 T = 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread avoids the cost of waking a second one (conftest restores the count).
-    torch.set_num_threads(1)
 
 
 def make_batch(b: int = B, dims: ModalityDims = DIMS, t: int = T, seed: int = 1) -> dict[str, torch.Tensor]:

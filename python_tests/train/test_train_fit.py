@@ -37,11 +37,13 @@ def test_fit_writes_a_reloadable_model(model, tiny_splits, tmp_path):
     for stage in stages:
         done = json.loads((tmp_path / stage.name / "done.json").read_text())
         assert done["best_epoch"] == 1
+    per_class = result.test_metrics.pop("per_class_F1")
+    assert len(per_class) == tiny_splits["test"].num_classes and all(0.0 <= v <= 1.0 for v in per_class)
     assert set(result.test_metrics) == set(CONDITION_LABELS) | {"average", "overall"}
     for values in result.test_metrics.values():
         assert set(values) == {"WA", "UA", "F1", "WF1"} and all(0.0 <= v <= 1.0 for v in values.values())
     saved = json.loads((tmp_path / "test_metrics.json").read_text())
-    assert saved["metrics"] == result.test_metrics
+    assert saved["metrics"] == {**result.test_metrics, "per_class_F1": per_class}
 
     reloaded, meta = load_model(tmp_path / "model.safetensors")
     assert type(reloaded) is type(result.model)
