@@ -1,8 +1,10 @@
 """The ``mmer-ext`` command line (also ``python -m mmer_ext``, and ``torchrun ... -m mmer_ext train`` for DDP).
 
-    mmer-ext train --model {baseline,augmented,mmin,ifmmin,nmer} --data synthetic|iemocap:PATH [--fold N] ...
+    mmer-ext train --model {baseline,augmented,mmin,ifmmin,nmer} --data synthetic|iemocap:PATH|msp:PATH [--fold N]
+    mmer-ext train --model mmgcn --data synthetic-dialogue|iemocap-erc:PATH|meld:PATH|dialogues:DIR
     mmer-ext evaluate CHECKPOINT [--data ...] [--corruption zero|gaussian|impulse]
     mmer-ext demo [--out runs/demo] [--quick]
+    mmer-ext convert IEMOCAP_features.pkl DIR
     mmer-ext info [--json]
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmer_ext.cli import demo, evaluate, info, train
+from mmer_ext.cli import convert, demo, evaluate, info, train
 
 __all__ = ["build_parser", "main"]
 
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmer-ext", description="Multimodal emotion recognition with missing or "
                                      "noisy modalities: train, evaluate, the demo, and the build report.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, evaluate, demo, info):
+    for module in (train, evaluate, demo, convert, info):
         module.add_parser(sub)
     return parser
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from mmer_ext.train.config import MODELS
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (both stages of a two-stage recipe) and evaluate it on the test split",
                        description="Flags override the config file; --set KEY=VALUE overrides both "
                                    "(e.g. --set data_options.preset=small --set hparams.student.cycle_weight=1).")
-    p.add_argument("--model", choices=("baseline", "augmented", "mmin", "ifmmin", "nmer"))
-    p.add_argument("--data", help="synthetic (default), synthetic:small, iemocap:PATH or msp:PATH")
+    p.add_argument("--model", choices=MODELS)
+    p.add_argument("--data", help="synthetic (default), synthetic:small, iemocap:PATH or msp:PATH; for mmgcn "
+                   "synthetic-dialogue, iemocap-erc:PATH, meld:PATH or dialogues:DIR")
     p.add_argument("--fold", type=int, help="cross-validation fold of the real data (1-based)")
     p.add_argument("--config", help="a YAML or TOML file with TrainConfig fields")
     p.add_argument("--out", dest="out_dir", help="run directory (default runs/train)")

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "config_to_dict"]
 
-MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer")
+MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn")
 CORRUPTIONS = ("zero", "gaussian", "impulse")
 
 
@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     model: str = "mmin"
-    # "synthetic", "synthetic:small", "iemocap:PATH" or "msp:PATH" (see mmer_ext.data.load_dataset).
+    # "synthetic", "synthetic:small", "iemocap:PATH", "msp:PATH"; for mmgcn "synthetic-dialogue",
+    # "iemocap-erc:PATH", "meld:PATH" or "dialogues:DIR" (see mmer_ext.data.load_dataset).
     data: str = "synthetic"
     # Extra keyword arguments of the data source (sizes of the synthetic set, norm_method of the real one, ...).
     data_options: dict[str, Any] = field(default_factory=dict)

@@ -19,6 +19,7 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -102,11 +103,22 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-def build_models(stages: tuple[Stage, ...], dims, num_classes: int) -> list[torch.nn.Module]:
+# Constructor arguments that come from the data, not the recipe (MMGCN's speaker embedding table, say).
+_DATA_KWARGS = ("num_speakers",)
+
+
+def data_kwargs(model_cls: type, dataset: Any) -> dict[str, Any]:
+    params = inspect.signature(model_cls).parameters
+    return {k: getattr(dataset, k) for k in _DATA_KWARGS if k in params and hasattr(dataset, k)}
+
+
+def build_models(stages: tuple[Stage, ...], dims, num_classes: int,
+                 extra: dict[str, Any] | None = None) -> list[torch.nn.Module]:
     models: list[torch.nn.Module] = []
     for stage in stages:
         teacher = models[-1] if models else None
-        kwargs = dict(stage.hparams)
+        params = inspect.signature(stage.model).parameters
+        kwargs = {**{k: v for k, v in (extra or {}).items() if k in params}, **stage.hparams}
         if teacher is not None:
             kwargs["teacher"] = teacher
         models.append(stage.model(dims, num_classes, **kwargs))
@@ -152,7 +164,8 @@ class FitResult:
 
 
 def _model_metadata(cfg: TrainConfig, stages: tuple[Stage, ...], upto: int, dims, num_classes: int,
-                    class_names, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                    class_names, extra: dict[str, Any] | None = None, data_kw: dict[str, Any] | None = None,
+                    ) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "recipe": cfg.model,
@@ -162,6 +175,7 @@ def _model_metadata(cfg: TrainConfig, stages: tuple[Stage, ...], upto: int, dims
         "noise_steps": cfg.noise_steps,
         "dims": list(dims),
         "num_classes": num_classes,
+        "data_kwargs": data_kw,
         "class_names": list(class_names),
         "config": config_to_dict(cfg),
         **(extra or {}),
@@ -179,7 +193,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     if recipe is None:
         raise CheckpointError(f"checkpoint {str(path)!r} names an unknown recipe {meta['recipe']!r}")
     stages = tuple(replace(s, hparams=h) for s, h in zip(recipe, meta["hparams"]))
-    models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"])
+    models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"], meta.get("data_kwargs"))
     model = models[-1]
     load_weights(path, model)
     model.to(map_location).eval()
@@ -384,7 +398,7 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
         # Each stage is built only once its teacher is trained: a student freezes the teacher it is given and copies
         # its encoders at construction.
         torch.manual_seed(_derive_seed(cfg.seed, index))
-        kwargs = dict(stage.hparams)
+        kwargs = {**data_kwargs(stage.model, train), **stage.hparams}
         if models:
             kwargs["teacher"] = models[-1]
         try:
@@ -393,7 +407,8 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
             raise ConfigError(f"hparams.{stage.name}: {stage.model.__name__} rejects them: {e}") from e
         models.append(model)
         stage_dir = out_dir / stage.name
-        metadata = _model_metadata(cfg, stages, index, dims, num_classes, class_names)
+        metadata = _model_metadata(cfg, stages, index, dims, num_classes, class_names,
+                                   data_kw=data_kwargs(stage.model, train))
         if index == 0 and teacher_checkpoint is not None and len(stages) > 1:
             source, _ = load_model(teacher_checkpoint)
             if type(source) is not type(model):
@@ -415,7 +430,8 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
 
     final = models[-1]
     metadata = _model_metadata(cfg, stages, len(stages) - 1, dims, num_classes, class_names,
-                               {"val": results[-1].val_metrics, "best_epoch": results[-1].best_epoch})
+                               {"val": results[-1].val_metrics, "best_epoch": results[-1].best_epoch},
+                               data_kw=data_kwargs(stages[-1].model, train))
     test_metrics = None
     if ctx.is_main:
         save_weights(out_dir / "model.safetensors", final, metadata)

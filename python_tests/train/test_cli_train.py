@@ -61,7 +61,7 @@ def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys, monkeypatc
     assert err.startswith(f"mmer-ext {argv[0]}: error:")
 
 
-@pytest.mark.parametrize("argv", [["train", "--model", "mmgcn"], ["train", "--epochs", "two"], ["frobnicate"]])
+@pytest.mark.parametrize("argv", [["train", "--model", "gcn"], ["train", "--epochs", "two"], ["frobnicate"]])
 def test_argparse_rejects_bad_flags(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

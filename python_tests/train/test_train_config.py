@@ -34,7 +34,7 @@ def test_file_then_flags_then_overrides(tmp_path, suffix):
         (["epoch=3"], "epoch"),
         (["epochs=abc"], "epochs"),
         (["epochs"], "key=value"),
-        (["model=mmgcnn"], "model 'mmgcnn'"),
+        (["model=gcn"], "model 'gcn'"),
         (["epochs=0"], "epochs must be at least 1"),
         (["corruption=blur"], "corruption 'blur'"),
         (["device=tpu"], "device 'tpu'"),
