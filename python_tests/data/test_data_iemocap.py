@@ -199,3 +199,29 @@ def test_error_bad_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"feature_root": "x"}))
     with pytest.raises(DataFormatError, match="target_root"):
         load_iemocap(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["mmin", "nmer"])
+def test_cli_trains_and_evaluates_on_the_real_layout(tmp_path, capsys, monkeypatch, model):
+    """The whole path a user with the real features takes: train on fold 2 from the config JSON, then evaluate."""
+    from mmer_ext.cli import main
+
+    _write_layout(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    config = tmp_path / "data" / "config.json"
+    argv = ["train", "--model", model, "--data", f"iemocap:{config}", "--fold", "2", "--epochs", "1",
+            "--batch-size", "2", "--out", "run", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["sizes"] == {"train": 4, "val": 2, "test": 2} and run["dims"] == list(DIMS)
+    assert saved["metrics"]["{a,v,l}"]["WA"] in (0.0, 0.5, 1.0)
+    capsys.readouterr()
+    assert main(["evaluate", "run/model.safetensors", "--json", "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    saved["metrics"].pop("per_class_F1")
+    assert again == saved["metrics"]
+    # Another fold's split files are used when asked for; a fold that is not there is a clear error.
+    assert main(["evaluate", "run/model.safetensors", "--fold", "7", "--device", "cpu"]) == 2
+    assert "7" in capsys.readouterr().err
