@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--corruption", choices=("zero", "gaussian", "impulse"),
                    help="how missing modalities are presented (default: the recipe's)")
     p.add_argument("--noise-steps", type=int, help="NMER noise scheduler intensity T (default 100)")
+    p.add_argument("--select-on-test", action="store_true",
+                   help="dialogue data: the MMGCN authors' protocol, no validation split, epochs selected on the "
+                        "test set (optimistic; the default carves a validation split from train)")
     p.add_argument("--teacher", help="model.safetensors of an already trained first stage (skips training it)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
     p.add_argument("--no-resume", dest="resume", action="store_const", const=False,
@@ -39,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
 
     fields = {k: getattr(args, k) for k in ("model", "data", "fold", "out_dir", "seed", "device", "epochs",
                                             "batch_size", "lr", "corruption", "noise_steps", "progress", "resume")}
-    cfg = load_config(args.config, args.overrides, **fields)
+    overrides = list(args.overrides)
+    if args.select_on_test:
+        overrides.insert(0, "data_options.val_from=test")
+    cfg = load_config(args.config, overrides, **fields)
     result = fit(cfg, teacher_checkpoint=args.teacher)
     if result.test_metrics is not None:
         print(format_table({cfg.model: result.test_metrics}))

@@ -956,7 +956,7 @@ def make_synthetic_dialogues(
     label_inertia: float = 0.7,
     latent_dim: int = 8,
     context_dim: int = 4,
-    class_sep: float = 1.0,
+    class_sep: float = 0.85,
     other_sep: float = 0.6,
     shared_noise: float = 0.6,
     context_weight: float = 1.5,
@@ -985,7 +985,14 @@ def make_synthetic_dialogues(
     * labels with inertia: each dialogue's labels are a Markov chain that keeps the previous emotion with probability
       ``label_inertia`` (0.7) and otherwise draws from the class prior, so neighbouring utterances tend to share the
       emotion and a context model (the BiLSTM, the graph) beats an utterance-level one
-      (:func:`label_persistence`: P(same as previous) ~ 0.75 against ~ 0.18 by chance).
+      (:func:`label_persistence`: P(same as previous) ~ 0.76 against ~ 0.19 by chance).
+
+    Calibration (``class_sep`` 0.85 was chosen for it). Logistic regression (C = 0.1, standardised features) fit on
+    120 training dialogues and scored on 31 test dialogues, dims 60 / 50 / 40, seeds 0 / 1: one utterance alone -
+    A 0.38 / 0.39, V 0.28 / 0.30, L 0.48 / 0.48, all three 0.54 / 0.55 accuracy; with the mean features of the
+    utterances within +-3 positions appended - all three 0.65 / 0.66 (weighted F1 within 0.01 of accuracy). That is
+    the IEMOCAP-ERC regime: utterance-level models in the mid 50s, MMGCN's published weighted F1 66.2. A 16-layer
+    MMGCN trained 20 epochs (SPEC hyper-parameters) on the same data reaches a test weighted F1 of 0.62.
 
     Parameters
     ----------

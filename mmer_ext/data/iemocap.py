@@ -327,12 +327,19 @@ def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[
     :func:`load_msp_improv`; ``"cache:DIR"`` -> the ``{train,val,test}.safetensors`` written by
     :func:`~mmer_ext.data.utterance.save_splits`. ``seed`` goes to the generator, ``fold`` (1-based) to the real
     loaders; other keyword arguments go to the loader.
+
+    Dialogue sources (:class:`~mmer_ext.data.dialogue.DialogueDataset` splits, for MMGCN) go to
+    :func:`~mmer_ext.data.dialogue.load_dialogue_dataset`: ``"synthetic-dialogue[:preset]"``, ``"iemocap-erc:PATH"``,
+    ``"meld:PATH"``, ``"dialogues:DIR"`` (``fold`` is ignored: these datasets have one fixed split).
     """
+    from mmer_ext.data.dialogue import DIALOGUE_SOURCES, load_dialogue_dataset
     from mmer_ext.data.synthetic import make_synthetic_utterances
     from mmer_ext.data.utterance import load_splits
 
     source, _, arg = spec.partition(":")
     source = source.strip().lower()
+    if source in DIALOGUE_SOURCES or source in ("synthetic-dialogues", "iemocap_erc"):
+        return load_dialogue_dataset(spec, seed=seed, **kw)
     if source == "synthetic":
         if arg:
             kw = {**kw, "preset": arg}
@@ -345,4 +352,5 @@ def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[
         return load_msp_improv(arg, **{"cv": fold, **kw})
     if source == "cache":
         return load_splits(arg, **kw)
-    raise DataFormatError(f"unknown dataset source {source!r} in {spec!r}; expected synthetic, iemocap, msp or cache")
+    raise DataFormatError(f"unknown dataset source {source!r} in {spec!r}; expected synthetic, iemocap, msp, cache, "
+                          "or a dialogue source (synthetic-dialogue, iemocap-erc, meld, dialogues)")

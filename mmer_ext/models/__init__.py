@@ -1,4 +1,4 @@
-"""Models of the MMIN family (MMIN, IF-MMIN, NMER) and their baselines.
+"""Models of the MMIN family (MMIN, IF-MMIN, NMER) and their baselines, and the dialogue-graph model MMGCN.
 
 Every model follows one interface: ``Model(dims, num_classes, *, teacher=None, **hparams)``, ``forward(batch) ->
 logits``, ``training_loss(batch) -> (loss, parts)``, ``trainable_parameters()``, ``clip_grad_norm``; the
@@ -20,6 +20,7 @@ from mmer_ext.models.encoders import (
     kaiming_init_,
 )
 from mmer_ext.models.ifmmin import IFMMIN, UttShared
+from mmer_ext.models.mmgcn import MMGCN, GCNIILayer, gcnii_theta, mmgcn_focal_loss
 from mmer_ext.models.mmin import MMIN
 from mmer_ext.models.nmer import NMER, NMERTeacher
 from mmer_ext.models.recipes import RECIPES, Stage, get_recipe
@@ -27,11 +28,13 @@ from mmer_ext.models.recipes import RECIPES, Stage, get_recipe
 __all__ = [
     "FUSION_ORDER",
     "IFMMIN",
+    "MMGCN",
     "MMIN",
     "NMER",
     "NMERTeacher",
     "RECIPES",
     "FcClassifier",
+    "GCNIILayer",
     "LSTMEncoder",
     "MERModel",
     "ModalityEncoders",
@@ -44,7 +47,9 @@ __all__ = [
     "UttShared",
     "freeze_",
     "fuse",
+    "gcnii_theta",
     "get_recipe",
     "kaiming_init_",
+    "mmgcn_focal_loss",
     "trainable_copy",
 ]

@@ -26,6 +26,22 @@ student is 20+20, batch 128, beta1 0.5 (the default) with ``invariant_weight`` 1
 the usual missing-augmented reference (UttFusion trained on the six missing conditions plus full input, one drawn per
 sample and epoch); it reuses the baseline's schedule. The NMER teacher trains on full data, so its corruption is
 moot; it is "gaussian" so that the whole NMER pipeline evaluates under the same noise.
+
+MMGCN (SPEC 1.2, the authors' ``run.sh``) trains on dialogues (``data="dialogue"``: batches of whole dialogues from
+:func:`~mmer_ext.data.collate_dialogues`, full modalities), Adam with default betas and L2 ``weight_decay``, constant
+LR, batch 16 dialogues, selection on weighted F1:
+
+===========  =====  ====  ======  =====  =====  ===================================================
+recipe       model  lr    l2      batch  epoch  loss
+===========  =====  ====  ======  =====  =====  ===================================================
+mmgcn        MMGCN  3e-4  3e-5    16     20     NLL with IEMOCAP-ERC class weights, dropout 0.4
+mmgcn-meld   MMGCN  1e-3  0       16     60     the authors' focal loss (gamma 2.5, alpha 1)
+===========  =====  ====  ======  =====  =====  ===================================================
+
+The SPEC gives no MELD dropout; 0.4 is kept. MMGCN's constructor also needs ``num_speakers`` (from the data:
+``DialogueDataset.num_speakers``), which a recipe cannot know; the trainer passes it. The authors select on the test
+set (no validation split); here the recipes select on the validation split like every other system (the data
+layer's ``val_from="test"`` reproduces theirs).
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ from typing import Any
 
 from mmer_ext.models.baselines import UttFusion
 from mmer_ext.models.ifmmin import IFMMIN, UttShared
+from mmer_ext.models.mmgcn import MMGCN
 from mmer_ext.models.mmin import MMIN
 from mmer_ext.models.nmer import NMER, NMERTeacher
 
@@ -50,9 +67,10 @@ class Stage:
     name : {"teacher", "student", "main"}
     model : type
         Model class, built as ``model(dims, num_classes, teacher=previous_stage_model, **hparams)``.
-    data : {"full", "missing", "missing+full"}
+    data : {"full", "missing", "missing+full", "dialogue"}
         Training view: all modalities; one of the six missing conditions per sample (MMIN protocol); one of the
-        seven (six + full).
+        seven (six + full); whole dialogues with all modalities (dialogue-graph models: a
+        :class:`~mmer_ext.data.DialogueDataset`, :func:`~mmer_ext.data.collate_dialogues`).
     corruption : {"zero", "gaussian", "impulse"}
         How the missing modalities are corrupted (``mmer_ext.data.corrupt_batch``).
     epochs, epochs_decay : int
@@ -63,7 +81,7 @@ class Stage:
         Adam betas.
     weight_decay : float
     select_metric : str
-        Validation metric that picks the best epoch ("UA").
+        Validation metric that picks the best epoch ("UA"; "WF1" for MMGCN).
     hparams : dict
         Constructor keyword arguments.
     """
@@ -111,6 +129,16 @@ RECIPES: dict[str, tuple[Stage, ...]] = {
               lr=2e-4, betas=_TEACHER_BETAS),
         Stage("student", NMER, data="missing", corruption="gaussian", epochs=40, epochs_decay=40, batch_size=128,
               lr=2e-4, betas=_STUDENT_BETAS),
+    ),
+    "mmgcn": (
+        Stage("main", MMGCN, data="dialogue", corruption="zero", epochs=20, epochs_decay=0, batch_size=16, lr=3e-4,
+              betas=_TEACHER_BETAS, weight_decay=3e-5, select_metric="WF1",
+              hparams={"dropout": 0.4, "class_weights": "iemocap", "loss": "nll"}),
+    ),
+    "mmgcn-meld": (
+        Stage("main", MMGCN, data="dialogue", corruption="zero", epochs=60, epochs_decay=0, batch_size=16, lr=1e-3,
+              betas=_TEACHER_BETAS, weight_decay=0.0, select_metric="WF1",
+              hparams={"dropout": 0.4, "loss": "focal", "focal_gamma": 2.5}),
     ),
 }
 

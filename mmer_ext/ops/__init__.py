@@ -4,6 +4,7 @@ Each op family has its own module (schema and kernels under ``csrc/ops/<family>/
 of every op are in :mod:`mmer_ext.ops._reference`.
 """
 
+from mmer_ext.ops.angular_adjacency import angular_adjacency, block_graph_propagate
 from mmer_ext.ops.cmd import central_moments, cmd, cmd_pairwise
 
-__all__ = ["central_moments", "cmd", "cmd_pairwise"]
+__all__ = ["angular_adjacency", "block_graph_propagate", "central_moments", "cmd", "cmd_pairwise"]

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "config_to_dict"]
 
-MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn")
+MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld")
 CORRUPTIONS = ("zero", "gaussian", "impulse")
 
 

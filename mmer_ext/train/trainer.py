@@ -374,7 +374,10 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
     if splits is None:
         from mmer_ext.data import load_dataset
 
-        splits = load_dataset(cfg.data, fold=cfg.fold, seed=cfg.seed, **cfg.data_options)
+        try:
+            splits = load_dataset(cfg.data, fold=cfg.fold, seed=cfg.seed, **cfg.data_options)
+        except TypeError as e:
+            raise ConfigError(f"data_options {dict(cfg.data_options)} do not fit data {cfg.data!r}: {e}") from e
     for key in ("train", "val", "test"):
         if key not in splits or len(splits[key]) == 0:
             raise ValueError(f"data {cfg.data!r} has no (or an empty) {key!r} split")

@@ -1,0 +1,258 @@
+// Angular adjacency op family (MMGCN's dialogue graph): schemas, argument checks, the device-agnostic op bodies and
+// the CPU registration. The per-device passes live in angular_adjacency_cpu.cpp and angular_adjacency_cuda.cu.
+//
+// Definition (MMGCN, Hu et al. 2021): edge weight 1 - arccos(scale * cos(u, v)) / pi; intra-modality edges join every
+// pair of utterances of a dialogue (self-loops included; only |i - j| <= window when a window is given), and
+// inter-modality edges the same utterance across modalities; then D^-1/2 A D^-1/2 over the whole graph.
+#include "ops/angular_adjacency/angular_adjacency.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+
+namespace mmer_ext::angular_adjacency {
+namespace {
+
+const ArgName kFeatures{"features"};
+const ArgName kLengths{"lengths"};
+const ArgName kGrad{"grad"};
+
+// Shapes, dtypes, devices and scalar arguments: everything that can be checked without reading lengths.
+void check_arguments(const at::Tensor& features, const at::Tensor& lengths, double scale,
+                     std::optional<int64_t> window, c10::string_view layout, const char* op) {
+  check_defined(features, op, kFeatures);
+  TORCH_CHECK(features.dim() == 3, op, ": ", kFeatures,
+              " must be a 3-d tensor [modalities M, utterances N, feature dim D], got shape ", features.sym_sizes());
+  check_floating(features, op, kFeatures);
+  TORCH_SYM_CHECK(features.sym_size(0).sym_ge(1), op, ": ", kFeatures, " has no modality (shape ",
+                  features.sym_sizes(), "); M must be >= 1");
+  check_defined(lengths, op, kLengths);
+  TORCH_CHECK(lengths.dim() == 1, op, ": ", kLengths, " must be a 1-d tensor [dialogues G], got shape ",
+              lengths.sym_sizes());
+  TORCH_CHECK(lengths.scalar_type() == at::kLong, op, ": ", kLengths, " must be int64, got ", lengths.scalar_type());
+  TORCH_CHECK(lengths.device().is_cpu() || lengths.device() == features.device(), op, ": ", kLengths, " is on ",
+              lengths.device(), " but ", kFeatures, " is on ", features.device(),
+              "; pass lengths on the CPU (no device sync) or on the features' device");
+  TORCH_CHECK(scale > 0.0 && scale <= 1.0, op, ": scale must be in (0, 1] (MMGCN uses 0.99999), got ", scale);
+  TORCH_CHECK(!window.has_value() || *window >= 0, op, ": window must be None or >= 0 (0 keeps the self-loops only), got ",
+              window.value_or(0));
+  TORCH_CHECK(layout == "dense" || layout == "blocks", op, ": layout must be \"dense\" or \"blocks\", got \"", layout,
+              "\"");
+}
+
+// Reads lengths on the host (a device sync when they live on a GPU) and checks them against N.
+Dialogues read_dialogues(const at::Tensor& lengths, int64_t num_utterances, const char* op) {
+  auto host = lengths.to(at::kCPU).contiguous();
+  const int64_t* p = host.const_data_ptr<int64_t>();
+  const int64_t G = host.numel();
+  Dialogues d;
+  d.offsets.resize(static_cast<size_t>(G + 1));
+  d.offsets[0] = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(p[g] >= 1, op, ": ", kLengths, "[", g, "] is ", p[g], "; every dialogue needs at least one utterance");
+    d.offsets[g + 1] = d.offsets[g] + p[g];
+    d.max_length = std::max(d.max_length, p[g]);
+  }
+  TORCH_CHECK(d.offsets[G] == num_utterances, op, ": ", kLengths, " sum to ", d.offsets[G], " but ", kFeatures,
+              " holds N = ", num_utterances, " utterances; the dialogues must cover the utterance axis exactly");
+  return d;
+}
+
+Options make_options(double scale, bool normalize, std::optional<int64_t> window, c10::string_view layout) {
+  return Options{scale, normalize, window.value_or(-1), layout == "blocks"};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> angular_adjacency_forward(const DeviceKernels& k, const at::Tensor& features,
+                                                             const at::Tensor& lengths, double scale, bool normalize,
+                                                             std::optional<int64_t> window, c10::string_view layout) {
+  // Named after the public op: this is where its data-dependent checks (the lengths) happen.
+  constexpr const char* op = "mmer_ext.angular_adjacency";
+  check_arguments(features, lengths, scale, window, layout, op);
+  const auto dialogues = read_dialogues(lengths, features.size(1), op);
+  return k.forward(features.contiguous(), dialogues, make_options(scale, normalize, window, layout));
+}
+
+at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& features,
+                                      const at::Tensor& lengths, const at::Tensor& stats, double scale,
+                                      bool normalize, std::optional<int64_t> window, c10::string_view layout) {
+  constexpr const char* op = "mmer_ext._angular_adjacency_backward";
+  check_arguments(features, lengths, scale, window, layout, op);
+  const auto dialogues = read_dialogues(lengths, features.size(1), op);
+  const int64_t M = features.size(0), N = features.size(1);
+  const auto options = make_options(scale, normalize, window, layout);
+  check_defined(grad, op, kGrad);
+  check_floating(grad, op, kGrad);
+  check_same_device(grad, features, op, kGrad, kFeatures);
+  if (options.blocks) {
+    const int64_t S = M * dialogues.max_length;
+    TORCH_CHECK(grad.dim() == 3 && grad.size(0) == dialogues.count() && grad.size(1) == S && grad.size(2) == S, op,
+                ": grad must be [", dialogues.count(), ", ", S, ", ", S, "] like the blocks adjacency, got ",
+                grad.sizes());
+  } else {
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == M * N && grad.size(1) == M * N, op, ": grad must be [", M * N,
+                ", ", M * N, "] like the dense adjacency, got ", grad.sizes());
+  }
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == 2 && stats.size(1) == M && stats.size(2) == N &&
+                  stats.scalar_type() == opmath_type(features.scalar_type()),
+              op, ": stats must be [2, ", M, ", ", N, "] of dtype ", opmath_type(features.scalar_type()),
+              " as returned by _angular_adjacency_forward, got ", stats.sizes(), " ", stats.scalar_type());
+  check_same_device(stats, features, op, ArgName{"stats"}, kFeatures);
+  return k.backward(grad, features.contiguous(), stats.contiguous(), dialogues, options);
+}
+
+// ---- block_graph_propagate -------------------------------------------------------------------------------------
+
+namespace {
+
+// Row of the padded slots [G * S] of every node m * N + k (S = M * Lmax): (g * M + m) * Lmax + (k - offset_g).
+struct SlotMap {
+  at::Tensor slot_of_node;  // [M * N] int64 on the nodes' device
+  int64_t G, S;
+};
+
+SlotMap slot_map(const at::Tensor& lengths, int64_t nodes, int64_t slots, const at::Device& device, const char* op) {
+  check_defined(lengths, op, kLengths);
+  TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kLong, op, ": ", kLengths,
+              " must be a 1-d int64 tensor [dialogues G], got shape ", lengths.sizes(), " ", lengths.scalar_type());
+  TORCH_CHECK(lengths.device().is_cpu() || lengths.device() == device, op, ": ", kLengths, " is on ",
+              lengths.device(), " but the nodes are on ", device,
+              "; pass lengths on the CPU (no device sync) or on the nodes' device");
+  auto host = lengths.to(at::kCPU).contiguous();
+  const int64_t* len = host.const_data_ptr<int64_t>();
+  const int64_t G = host.numel();
+  int64_t N = 0, Lmax = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(len[g] >= 1, op, ": ", kLengths, "[", g, "] is ", len[g],
+                "; every dialogue needs at least one utterance");
+    N += len[g];
+    Lmax = std::max(Lmax, len[g]);
+  }
+  const int64_t M = N > 0 ? nodes / N : 0;
+  TORCH_CHECK(N > 0 ? M * N == nodes && M >= 1 : nodes == 0, op, ": x has ", nodes, " rows (nodes), not a multiple ",
+              "M * N of the N = ", N, " utterances in lengths");
+  TORCH_CHECK(M * Lmax == slots, op, ": blocks have ", slots, " slots per dialogue but M * Lmax = ", M, " * ", Lmax,
+              " = ", M * Lmax, " for these lengths and x");
+  auto map = at::empty({nodes}, host.options());
+  int64_t* p = map.mutable_data_ptr<int64_t>();
+  for (int64_t m = 0, k0 = 0; m < M; ++m, k0 = 0) {
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t i = 0; i < len[g]; ++i) p[m * N + k0 + i] = (g * M + m) * Lmax + i;
+      k0 += len[g];
+    }
+  }
+  return {map.to(device), G, slots};
+}
+
+// The nodes in the padded slots [G * S, F], zeros in the padding.
+at::Tensor to_slots(const at::Tensor& x, const SlotMap& map) {
+  auto padded = at::zeros({map.G * map.S, x.size(1)}, x.options());
+  return padded.index_copy_(0, map.slot_of_node, x);
+}
+
+void check_nodes(const at::Tensor& x, const at::Tensor& like, const char* op, const ArgName& name,
+                 const ArgName& like_name) {
+  check_defined(x, op, name);
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be a 2-d tensor [nodes M * N, features F], got shape ", x.sizes());
+  check_floating(x, op, name);
+  check_same_device(x, like, op, name, like_name);
+  check_same_dtype(x, like, op, name, like_name);
+}
+
+}  // namespace
+
+at::Tensor block_graph_propagate(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths) {
+  constexpr const char* op = "mmer_ext.block_graph_propagate";
+  const ArgName kBlocks{"blocks"}, kX{"x"};
+  check_defined(blocks, op, kBlocks);
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) == blocks.size(2), op, ": ", kBlocks,
+              " must be [G, M * Lmax, M * Lmax], got shape ", blocks.sizes());
+  check_floating(blocks, op, kBlocks);
+  check_nodes(x, blocks, op, kX, kBlocks);
+  const auto map = slot_map(lengths, x.size(0), blocks.size(1), x.device(), op);
+  TORCH_CHECK(blocks.size(0) == map.G, op, ": ", kBlocks, " hold ", blocks.size(0), " dialogues but lengths has ",
+              map.G);
+  auto padded = to_slots(x, map).view({map.G, map.S, x.size(1)});
+  return at::bmm(blocks, padded).view({map.G * map.S, x.size(1)}).index_select(0, map.slot_of_node);
+}
+
+at::Tensor block_graph_outer(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths, c10::SymInt slots) {
+  constexpr const char* op = "mmer_ext._block_graph_outer";
+  const ArgName kA{"a"}, kB{"b"};
+  check_nodes(a, a, op, kA, kA);
+  check_nodes(b, a, op, kB, kA);
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(1), op, ": ", kA, " ", a.sizes(), " and ", kB, " ",
+              b.sizes(), " must have the same shape");
+  const auto map = slot_map(lengths, a.size(0), slots.expect_int(), a.device(), op);
+  auto pa = to_slots(a, map).view({map.G, map.S, a.size(1)});
+  auto pb = to_slots(b, map).view({map.G, map.S, b.size(1)});
+  return at::bmm(pa, pb.transpose(1, 2));
+}
+
+namespace {
+
+// The public op is a thin composite over a private op that also returns the per-node statistics (1 / ||x|| and
+// d^-1/2), the ATen way (layer_norm over native_layer_norm): the backward reads them instead of recomputing the
+// degrees, which would take another arccos of every edge.
+at::Tensor angular_adjacency_composite(const at::Tensor& features, const at::Tensor& lengths, double scale,
+                                       bool normalize, std::optional<int64_t> window, c10::string_view layout) {
+  check_arguments(features, lengths, scale, window, layout, "mmer_ext.angular_adjacency");
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mmer_ext::_angular_adjacency_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, bool,
+                                                                 std::optional<int64_t>, c10::string_view)>();
+  return std::get<0>(op.call(features, lengths, scale, normalize, window, layout));
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& features, const at::Tensor& lengths, double scale,
+                                               bool normalize, std::optional<int64_t> window,
+                                               c10::string_view layout) {
+  return angular_adjacency_forward(kCpuKernels, features, lengths, scale, normalize, window, layout);
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& features, const at::Tensor& lengths,
+                        const at::Tensor& stats, double scale, bool normalize, std::optional<int64_t> window,
+                        c10::string_view layout) {
+  return angular_adjacency_backward(kCpuKernels, grad, features, lengths, stats, scale, normalize, window, layout);
+}
+
+}  // namespace
+}  // namespace mmer_ext::angular_adjacency
+
+TORCH_LIBRARY_FRAGMENT(mmer_ext, m) {
+  // Fake kernels and autograd formulas are registered from this Python module.
+  m.set_python_module("mmer_ext.ops.angular_adjacency");
+  // The kernels read the dialogue lengths on the host every call (the blocks layout's shape depends on them), so
+  // they cannot be replayed from a CUDA graph; the tag makes inductor's graph partition run them outside graphs.
+  const std::vector<at::Tag> host_reads{at::Tag::cudagraph_unsafe};
+  m.def(
+      "angular_adjacency(Tensor features, Tensor lengths, *, float scale=0.99999, bool normalize=True, "
+      "int? window=None, str layout=\"dense\") -> Tensor");
+  // Returns (adjacency, stats); stats is [2, M, N] in float32 (float64 for float64 features): 1 / ||x|| and
+  // d^-1/2 per node. Saved for the backward; not differentiable.
+  m.def(
+      "_angular_adjacency_forward(Tensor features, Tensor lengths, float scale, bool normalize, int? window, "
+      "str layout) -> (Tensor, Tensor)",
+      host_reads);
+  m.def(
+      "_angular_adjacency_backward(Tensor grad, Tensor features, Tensor lengths, Tensor stats, float scale, "
+      "bool normalize, int? window, str layout) -> Tensor",
+      host_reads);
+  m.def("block_graph_propagate(Tensor blocks, Tensor x, Tensor lengths) -> Tensor", host_reads);
+  // [G, slots, slots]: a_g b_g^T over each dialogue's padded slots; the gradient of block_graph_propagate w.r.t. blocks.
+  m.def("_block_graph_outer(Tensor a, Tensor b, Tensor lengths, SymInt slots) -> Tensor", host_reads);
+}
+
+TORCH_LIBRARY_IMPL(mmer_ext, CompositeImplicitAutograd, m) {
+  m.impl("angular_adjacency", &mmer_ext::angular_adjacency::angular_adjacency_composite);
+}
+
+TORCH_LIBRARY_IMPL(mmer_ext, CPU, m) {
+  m.impl("_angular_adjacency_forward", &mmer_ext::angular_adjacency::forward_cpu);
+  m.impl("_angular_adjacency_backward", &mmer_ext::angular_adjacency::backward_cpu);
+  m.impl("block_graph_propagate", &mmer_ext::angular_adjacency::block_graph_propagate);
+  m.impl("_block_graph_outer", &mmer_ext::angular_adjacency::block_graph_outer);
+}

@@ -1,0 +1,62 @@
+#pragma once
+// The angular adjacency op family (MMGCN's dialogue graph): declarations shared by angular_adjacency.cpp,
+// angular_adjacency_cpu.cpp and angular_adjacency_cuda.cu.
+//
+// Graph over a batch of G dialogues: features [M, N, D] hold M modalities of the same N utterances (dialogues
+// concatenated in order); node m * N + k is utterance k in modality m. Maths in angular_adjacency_math.h.
+//
+// The op bodies in angular_adjacency.cpp check arguments, read the dialogue lengths on the host and call the
+// per-device kernels below. The statistics tensor `stats` is [2, M, N] in opmath (float32, or float64 for float64
+// features): row 0 holds 1 / ||x|| (0 for a zero vector), row 1 d^-1/2 (1 without normalisation).
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace mmer_ext::angular_adjacency {
+
+// Where the dialogues lie along the utterance axis, read on the host once per call.
+struct Dialogues {
+  std::vector<int64_t> offsets;  // G + 1 entries: dialogue g holds utterances [offsets[g], offsets[g + 1])
+  int64_t max_length = 0;        // Lmax, 0 when G = 0
+
+  int64_t count() const { return static_cast<int64_t>(offsets.size()) - 1; }
+  int64_t offset(int64_t g) const { return offsets[g]; }
+  int64_t length(int64_t g) const { return offsets[g + 1] - offsets[g]; }
+};
+
+struct Options {
+  double scale;
+  bool normalize;
+  int64_t window;  // -1: every pair of a dialogue
+  bool blocks;     // layout "blocks" ([G, M * Lmax, M * Lmax]) instead of "dense" ([M * N, M * N])
+};
+
+struct DeviceKernels {
+  // x: contiguous [M, N, D]. Returns (adjacency in x's dtype, stats) as described above.
+  std::tuple<at::Tensor, at::Tensor> (*forward)(const at::Tensor& x, const Dialogues& dialogues,
+                                                const Options& options);
+  // grad: dL/d(adjacency), shaped like the forward's output, any strides and floating dtype. x: contiguous.
+  // Returns dL/dx, contiguous [M, N, D] in x's dtype.
+  at::Tensor (*backward)(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
+                         const Dialogues& dialogues, const Options& options);
+};
+
+// Op bodies, device-agnostic given the kernels.
+std::tuple<at::Tensor, at::Tensor> angular_adjacency_forward(const DeviceKernels& k, const at::Tensor& features,
+                                                             const at::Tensor& lengths, double scale, bool normalize,
+                                                             std::optional<int64_t> window, c10::string_view layout);
+at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& features,
+                                      const at::Tensor& lengths, const at::Tensor& stats, double scale,
+                                      bool normalize, std::optional<int64_t> window, c10::string_view layout);
+
+extern const DeviceKernels kCpuKernels;  // angular_adjacency_cpu.cpp
+
+// block_graph_propagate and its helper, for every device (ATen ops on the padded slots: one batched matmul).
+//   block_graph_propagate(blocks [G, S, S], x [M * N, F], lengths) = A @ x in the global node order, S = M * Lmax.
+//   block_graph_outer(a, b, lengths, S) [G, S, S] = a_g b_g^T per dialogue over its slots (zeros in the padding).
+at::Tensor block_graph_propagate(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths);
+at::Tensor block_graph_outer(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths, c10::SymInt slots);
+
+}  // namespace mmer_ext::angular_adjacency

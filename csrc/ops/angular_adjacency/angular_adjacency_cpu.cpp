@@ -1,0 +1,486 @@
+// CPU kernels of the angular adjacency (see angular_adjacency.h and angular_adjacency_math.h).
+//
+// Work is split by dialogue: edges never cross dialogues, so each dialogue's graph (and, in backward, its share of
+// the gradient) is computed by one thread from its own rows, with no reduction across threads: results do not
+// depend on the thread count. Dialogues are taken from a shared queue, longest first, so the threads stay busy
+// when lengths vary (10 to 110 utterances in IEMOCAP).
+//
+// Per dialogue g (L utterances) and modality m, the cosines of the intra-modality block are one GEMM of the unit
+// vectors (MKL through at::cpu::mm_out, into a thread-local L x L buffer); the arccos map, window, degrees and
+// scaling are fused passes over the upper triangle, mirrored so the adjacency is exactly symmetric. The output rows
+// of the dialogue (zeros outside it) are then written once, in order. Backward recomputes the cosines (one GEMM),
+// builds the symmetric matrix S of dL/dc per pair and gets dL/du with a second GEMM, S @ U.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "common/macros.h"
+#include "ops/angular_adjacency/angular_adjacency.h"
+#include "ops/angular_adjacency/angular_adjacency_math.h"
+
+namespace mmer_ext::angular_adjacency {
+namespace {
+
+constexpr int64_t kMinElementsPerTask = 1 << 14;
+
+// Index of the unordered modality pair (m, n), m < n, among the M(M-1)/2 pairs in row-major upper-triangle order.
+inline int64_t pair_index(int64_t m, int64_t n, int64_t M) { return m * (2 * M - m - 1) / 2 + (n - m - 1); }
+
+// A dense adjacency is mostly zeros, and writing a fresh 100 MB tensor costs more in first-touch page faults than
+// in stores. Transparent huge pages cut the faults 512-fold; this only advises the kernel (as torch does for every
+// allocation under THP_MEM_ALLOC_ENABLE=1) and is a no-op where THP is off or unsupported.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const auto first = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (first + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// Runs fn(g, scratch) for every dialogue g, longest first, on all threads; each thread owns one Scratch.
+template <typename Scratch, typename Fn>
+void for_each_dialogue(const Dialogues& dialogues, Fn&& fn) {
+  const int64_t G = dialogues.count();
+  if (G == 0) return;
+  std::vector<int64_t> order(static_cast<size_t>(G));
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return dialogues.length(a) > dialogues.length(b); });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), G));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch scratch(dialogues.max_length);
+    for (int64_t i = next.fetch_add(1); i < G; i = next.fetch_add(1)) fn(order[i], scratch);
+  });
+}
+
+// ---- SIMD leaves -----------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+MMER_EXT_CPU_MULTIVERSION acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// unit[r] = x[r] / ||x[r]|| (0 for a zero row) and inv_norm[r] for rows [begin, end) of a [rows, D] matrix.
+template <typename scalar_t, typename acc_t>
+MMER_EXT_CPU_MULTIVERSION void normalize_rows(const scalar_t* __restrict x, int64_t begin, int64_t end, int64_t D,
+                                              acc_t* __restrict unit, acc_t* __restrict inv_norm) {
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* xr = x + r * D;
+    acc_t* ur = unit + r * D;
+    acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t v = static_cast<acc_t>(xr[d]);
+      ss += v * v;
+    }
+    const acc_t inv = inverse_norm(ss);
+    inv_norm[r] = inv;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) ur[d] = static_cast<acc_t>(xr[d]) * inv;
+  }
+}
+
+// Forward, one row i of an intra block, in place: w[j] = weight(c[j]) for j in [begin, end); adds every weight to
+// col_sum[j] and returns their sum.
+template <typename acc_t>
+MMER_EXT_CPU_MULTIVERSION acc_t weight_row(acc_t* __restrict w, acc_t* __restrict col_sum, int64_t begin,
+                                           int64_t end, acc_t scale) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = begin; j < end; ++j) {
+    const acc_t a = angular_weight(w[j], scale);
+    w[j] = a;
+    col_sum[j] += a;
+    sum += a;
+  }
+  return sum;
+}
+
+// Backward pass 1, one row i: the degree-term sums over the pairs (i, j), j in [begin, end): h = g_ij + g_ji,
+// r_sum[i] += h A s_j (returned) and r_sum[j] += h A s_i.
+template <typename acc_t>
+MMER_EXT_CPU_MULTIVERSION acc_t degree_sum_row(const acc_t* __restrict c, const acc_t* __restrict h,
+                                               const acc_t* __restrict s, acc_t s_i, acc_t* __restrict r_sum,
+                                               int64_t begin, int64_t end, acc_t scale) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = begin; j < end; ++j) {
+    const acc_t ha = h[j] * angular_weight(c[j], scale);
+    sum += ha * s[j];
+    r_sum[j] += ha * s_i;
+  }
+  return sum;
+}
+
+// Backward pass 2, one row i, in place over h: h[j] becomes dL/dc of the pair (i, j), j in [begin, end).
+template <typename acc_t>
+MMER_EXT_CPU_MULTIVERSION void pair_grad_row(const acc_t* __restrict c, acc_t* __restrict h,
+                                             const acc_t* __restrict s, const acc_t* __restrict r, acc_t s_i,
+                                             acc_t r_i, int64_t begin, int64_t end, acc_t scale) {
+#pragma omp simd
+  for (int64_t j = begin; j < end; ++j)
+    h[j] = pair_grad(h[j], s_i, s[j], r_i, r[j], angular_weight_grad(c[j], scale));
+}
+
+// out[j] = a[j] * (s_i * s[j]) for j < n, rounded to the output dtype. The product of the two scalings is
+// commutative, so a symmetric A stays exactly symmetric.
+template <typename scalar_t, typename acc_t>
+MMER_EXT_CPU_MULTIVERSION void scaled_row(scalar_t* __restrict out, const acc_t* __restrict a,
+                                          const acc_t* __restrict s, acc_t s_i, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(a[j] * (s_i * s[j]));
+}
+
+// g_out = (g - (g . u) u) * inv_norm: the gradient through u = x / ||x||.
+template <typename scalar_t, typename acc_t>
+MMER_EXT_CPU_MULTIVERSION void project_row(scalar_t* __restrict out, const acc_t* __restrict g,
+                                           const acc_t* __restrict u, acc_t inv_norm, int64_t D) {
+  acc_t gu = 0;
+#pragma omp simd reduction(+ : gu)
+  for (int64_t d = 0; d < D; ++d) gu += g[d] * u[d];
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>((g[d] - gu * u[d]) * inv_norm);
+}
+
+template <typename acc_t>
+MMER_EXT_CPU_MULTIVERSION void axpy(acc_t* __restrict y, acc_t a, const acc_t* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+template <typename scalar_t>
+void fill_zero(scalar_t* p, int64_t n) {
+  if (n > 0) std::memset(static_cast<void*>(p), 0, static_cast<size_t>(n) * sizeof(scalar_t));
+}
+
+// ---- shared pieces of forward and backward -----------------------------------------------------------------------
+
+// unit [M, N, D] (opmath) and inv_norm (stats row 0) from x.
+template <typename scalar_t, typename acc_t>
+void unit_vectors(const at::Tensor& x, at::Tensor& unit, acc_t* inv_norm) {
+  const int64_t rows = x.size(0) * x.size(1), D = x.size(2);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  acc_t* up = unit.mutable_data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(D, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    normalize_rows<scalar_t, acc_t>(xp, begin, end, D, up, inv_norm);
+  });
+}
+
+// cos[i, j] = u_i . u_j over the L utterances of one modality of one dialogue (all of it; only the upper triangle
+// is used). unit_m: [L, D] rows of the unit vectors.
+template <typename acc_t>
+void gram(const at::Tensor& unit_m, acc_t* cos, int64_t L) {
+  auto out = at::from_blob(cos, {L, L}, unit_m.options());
+  at::cpu::mm_out(out, unit_m, unit_m.t());
+}
+
+// ---- forward ----------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const at::Tensor& x, const Dialogues& dialogues, const Options& opt, at::Tensor& out,
+                  at::Tensor& stats) {
+  const int64_t M = x.size(0), N = x.size(1), D = x.size(2);
+  const int64_t P = M * (M - 1) / 2;
+  const int64_t Lmax = dialogues.max_length;
+  const acc_t scale = static_cast<acc_t>(opt.scale);
+  const acc_t unit_weight = static_cast<acc_t>(unit_self_weight(opt.scale));
+  acc_t* inv_norm = stats.mutable_data_ptr<acc_t>();
+  acc_t* inv_sqrt_deg = inv_norm + M * N;
+  at::Tensor unit = at::empty({M, N, D}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  unit_vectors<scalar_t, acc_t>(x, unit, inv_norm);
+  const acc_t* up = unit.const_data_ptr<acc_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  // Row stride of the output and where dialogue g's node (m, i) sits along a row / down the columns.
+  const int64_t row_len = opt.blocks ? M * Lmax : M * N;
+
+  struct Buffers {  // per thread, reused across dialogues
+    std::vector<acc_t> block;  // [M, L, L] cosines, then weights
+    std::vector<acc_t> cross;  // [P, L] inter-modality weights
+    std::vector<acc_t> deg;    // [M, L] degrees, then d^-1/2
+    explicit Buffers(int64_t) {}
+  };
+  for_each_dialogue<Buffers>(dialogues, [&](int64_t g, Buffers& buf) {
+    const int64_t off = dialogues.offset(g), L = dialogues.length(g);
+    buf.block.resize(static_cast<size_t>(M * L * L));
+    buf.cross.resize(static_cast<size_t>(std::max<int64_t>(P, 1) * L));
+    buf.deg.assign(static_cast<size_t>(M * L), acc_t(0));
+    // Intra-modality weights, upper triangle within the window, then mirrored; degrees accumulate by row and column.
+    for (int64_t m = 0; m < M; ++m) {
+      acc_t* w = buf.block.data() + m * L * L;
+      acc_t* deg = buf.deg.data() + m * L;
+      gram(unit.select(0, m).narrow(0, off, L), w, L);
+      for (int64_t i = 0; i < L; ++i) {
+        acc_t* wi = w + i * L;
+        const int64_t hi = opt.window < 0 ? L : std::min(L, i + opt.window + 1);
+        const acc_t self = self_weight(inv_norm[m * N + off + i], unit_weight);
+        wi[i] = self;
+        deg[i] += self + weight_row(wi, deg, i + 1, hi, scale);
+        for (int64_t j = hi; j < L; ++j) wi[j] = acc_t(0);
+      }
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = 0; j < i; ++j) w[i * L + j] = w[j * L + i];
+    }
+    // Inter-modality weights: utterance i in modalities m < n.
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = m + 1; n < M; ++n) {
+        acc_t* cw = buf.cross.data() + pair_index(m, n, M) * L;
+        for (int64_t i = 0; i < L; ++i) {
+          const acc_t c = dot(up + (m * N + off + i) * D, up + (n * N + off + i) * D, D);
+          const acc_t a = angular_weight(c, scale);
+          cw[i] = a;
+          buf.deg[m * L + i] += a;
+          buf.deg[n * L + i] += a;
+        }
+      }
+    }
+    // d^-1/2 per node, kept in buf.deg for the row writer and in stats for the backward.
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = 0; i < L; ++i) {
+        acc_t& d = buf.deg[m * L + i];
+        d = opt.normalize ? inverse_sqrt_degree(d) : acc_t(1);
+        inv_sqrt_deg[m * N + off + i] = d;
+      }
+    }
+    // The dialogue's output rows, each written once from left to right (zeros outside the dialogue).
+    const int64_t seg_len = opt.blocks ? Lmax : N;  // columns per modality along a row
+    const int64_t seg_off = opt.blocks ? 0 : off;   // where the dialogue starts within a modality's columns
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t row = opt.blocks ? (g * M + m) * Lmax + i : m * N + off + i;
+        scalar_t* orow = op + row * row_len;
+        const acc_t s_i = buf.deg[m * L + i];
+        for (int64_t n = 0; n < M; ++n) {
+          scalar_t* seg = orow + n * seg_len;
+          fill_zero(seg, seg_off);
+          if (n == m) {
+            scaled_row<scalar_t, acc_t>(seg + seg_off, buf.block.data() + (m * L + i) * L, buf.deg.data() + n * L,
+                                        s_i, L);
+          } else {
+            fill_zero(seg + seg_off, L);
+            const acc_t a = buf.cross[pair_index(std::min(m, n), std::max(m, n), M) * L + i];
+            seg[seg_off + i] = static_cast<scalar_t>(a * (s_i * buf.deg[n * L + i]));
+          }
+          fill_zero(seg + seg_off + L, seg_len - seg_off - L);
+        }
+      }
+    }
+    if (opt.blocks) {
+      // Padding rows of every modality: all zeros.
+      for (int64_t m = 0; m < M; ++m)
+        fill_zero(op + ((g * M + m) * Lmax + L) * row_len, (Lmax - L) * row_len);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const Dialogues& dialogues,
+                                               const Options& opt) {
+  const int64_t M = x.size(0), N = x.size(1);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto stats = at::empty({2, M, N}, x.options().dtype(acc));
+  at::Tensor out;
+  if (opt.blocks) {
+    const int64_t S = M * dialogues.max_length;
+    out = at::empty({dialogues.count(), S, S}, x.options());
+  } else {
+    out = at::empty({M * N, M * N}, x.options());
+  }
+  advise_huge_pages(out.data_ptr(), static_cast<size_t>(out.nbytes()));
+  if (N == 0) return {out, stats};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.angular_adjacency_cpu", [&] {
+    forward_impl<scalar_t, at::opmath_type<scalar_t>>(x, dialogues, opt, out, stats);
+  });
+  return {out, stats};
+}
+
+// ---- backward ---------------------------------------------------------------------------------------------------
+
+// Reads dL/dÂ at (row, col) of the output whatever its dtype and strides (the upstream gradient may be an expanded
+// or transposed view; a contiguous copy of a dense one would cost 100 MB).
+template <typename grad_t, typename acc_t>
+struct GradReader {
+  const grad_t* data;
+  int64_t stride_g, stride_r, stride_c;
+  acc_t operator()(int64_t g, int64_t row, int64_t col) const {
+    return static_cast<acc_t>(data[g * stride_g + row * stride_r + col * stride_c]);
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename grad_t>
+void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats, const Dialogues& dialogues,
+                   const Options& opt, at::Tensor& grad_x) {
+  const int64_t M = x.size(0), N = x.size(1), D = x.size(2);
+  const int64_t P = M * (M - 1) / 2;
+  const int64_t Lmax = dialogues.max_length;
+  const acc_t scale = static_cast<acc_t>(opt.scale);
+  const acc_t unit_weight = static_cast<acc_t>(unit_self_weight(opt.scale));
+  const acc_t* inv_norm = stats.const_data_ptr<acc_t>();
+  const acc_t* inv_sqrt_deg = inv_norm + M * N;
+  // The unit vectors again (cheaper than keeping them: O(M N D) against the O(sum L^2 D) GEMMs).
+  at::Tensor unit = at::empty({M, N, D}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  {
+    std::vector<acc_t> norms(static_cast<size_t>(M * N));
+    unit_vectors<scalar_t, acc_t>(x, unit, norms.data());
+  }
+  const acc_t* up = unit.const_data_ptr<acc_t>();
+  scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+  const GradReader<grad_t, acc_t> read{grad.const_data_ptr<grad_t>(), opt.blocks ? grad.stride(0) : 0,
+                                       grad.stride(opt.blocks ? 1 : 0), grad.stride(opt.blocks ? 2 : 1)};
+
+  struct Buffers {  // per thread, reused across dialogues
+    std::vector<acc_t> block;    // [M, L, L] cosines
+    std::vector<acc_t> h;        // [M, L, L] g_ij + g_ji, then dL/dc
+    std::vector<acc_t> cross_c;  // [P, L] inter-modality cosines
+    std::vector<acc_t> cross_h;  // [P, L] g_pq + g_qp of the inter-modality edges
+    std::vector<acc_t> r;        // [M, L] degree terms
+    std::vector<acc_t> s;        // [M, L] d^-1/2
+    std::vector<acc_t> gu;       // [M, L, D] dL/du
+    explicit Buffers(int64_t) {}
+  };
+  for_each_dialogue<Buffers>(dialogues, [&](int64_t g, Buffers& buf) {
+    const int64_t off = dialogues.offset(g), L = dialogues.length(g);
+    // Position of node (m, i) of this dialogue along the output's rows / columns.
+    auto node = [&](int64_t m, int64_t i) { return opt.blocks ? m * Lmax + i : m * N + off + i; };
+    const int64_t gb = opt.blocks ? g : 0;
+    buf.block.resize(static_cast<size_t>(M * L * L));
+    buf.h.resize(static_cast<size_t>(M * L * L));
+    buf.cross_c.resize(static_cast<size_t>(std::max<int64_t>(P, 1) * L));
+    buf.cross_h.resize(static_cast<size_t>(std::max<int64_t>(P, 1) * L));
+    buf.r.assign(static_cast<size_t>(M * L), acc_t(0));
+    buf.gu.resize(static_cast<size_t>(M * L * D));
+    buf.s.resize(static_cast<size_t>(M * L));
+    acc_t* s_local = buf.s.data();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < L; ++i) s_local[m * L + i] = inv_sqrt_deg[m * N + off + i];
+
+    // Cosines and the symmetrised upstream gradient h = g_ij + g_ji of every edge (upper triangle; the diagonal
+    // holds 2 g_ii, which enters the degree term only).
+    for (int64_t m = 0; m < M; ++m) {
+      acc_t* c = buf.block.data() + m * L * L;
+      acc_t* h = buf.h.data() + m * L * L;
+      gram(unit.select(0, m).narrow(0, off, L), c, L);
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t hi = opt.window < 0 ? L : std::min(L, i + opt.window + 1);
+        const int64_t pi = node(m, i);
+        h[i * L + i] = acc_t(2) * read(gb, pi, pi);
+        for (int64_t j = i + 1; j < hi; ++j) {
+          const int64_t pj = node(m, j);
+          h[i * L + j] = read(gb, pi, pj) + read(gb, pj, pi);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = m + 1; n < M; ++n) {
+        const int64_t p = pair_index(m, n, M);
+        for (int64_t i = 0; i < L; ++i) {
+          buf.cross_c[p * L + i] = dot(up + (m * N + off + i) * D, up + (n * N + off + i) * D, D);
+          buf.cross_h[p * L + i] = read(gb, node(m, i), node(n, i)) + read(gb, node(n, i), node(m, i));
+        }
+      }
+    }
+    // Degree terms r_p = -1/2 s_p^3 sum_q (g_pq + g_qp) A_pq s_q.
+    if (opt.normalize) {
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t* c = buf.block.data() + m * L * L;
+        const acc_t* h = buf.h.data() + m * L * L;
+        const acc_t* sm = s_local + m * L;
+        acc_t* rm = buf.r.data() + m * L;
+        for (int64_t i = 0; i < L; ++i) {
+          const int64_t hi = opt.window < 0 ? L : std::min(L, i + opt.window + 1);
+          const acc_t self = self_weight(inv_norm[m * N + off + i], unit_weight);
+          rm[i] += h[i * L + i] * self * sm[i] +
+                   degree_sum_row(c + i * L, h + i * L, sm, sm[i], rm, i + 1, hi, scale);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = m + 1; n < M; ++n) {
+          const int64_t p = pair_index(m, n, M);
+          for (int64_t i = 0; i < L; ++i) {
+            const acc_t ha = buf.cross_h[p * L + i] * angular_weight(buf.cross_c[p * L + i], scale);
+            buf.r[m * L + i] += ha * s_local[n * L + i];
+            buf.r[n * L + i] += ha * s_local[m * L + i];
+          }
+        }
+      }
+      for (int64_t q = 0; q < M * L; ++q) buf.r[q] = degree_term(buf.r[q], s_local[q]);
+    }
+    // dL/dc per pair (symmetric, zero diagonal: self-loops are constant), then dL/du = S @ U per modality.
+    for (int64_t m = 0; m < M; ++m) {
+      const acc_t* c = buf.block.data() + m * L * L;
+      acc_t* h = buf.h.data() + m * L * L;
+      const acc_t* sm = s_local + m * L;
+      const acc_t* rm = buf.r.data() + m * L;
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t hi = opt.window < 0 ? L : std::min(L, i + opt.window + 1);
+        pair_grad_row(c + i * L, h + i * L, sm, rm, sm[i], rm[i], i + 1, hi, scale);
+        h[i * L + i] = acc_t(0);
+        for (int64_t j = hi; j < L; ++j) h[i * L + j] = acc_t(0);
+      }
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = 0; j < i; ++j) h[i * L + j] = h[j * L + i];
+      auto sm_t = at::from_blob(h, {L, L}, unit.options());
+      auto gu = at::from_blob(buf.gu.data() + m * L * D, {L, D}, unit.options());
+      at::cpu::mm_out(gu, sm_t, unit.select(0, m).narrow(0, off, L));
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = m + 1; n < M; ++n) {
+        const int64_t p = pair_index(m, n, M);
+        for (int64_t i = 0; i < L; ++i) {
+          const acc_t dc = pair_grad(buf.cross_h[p * L + i], s_local[m * L + i], s_local[n * L + i],
+                                     buf.r[m * L + i], buf.r[n * L + i],
+                                     angular_weight_grad(buf.cross_c[p * L + i], scale));
+          axpy(buf.gu.data() + (m * L + i) * D, dc, up + (n * N + off + i) * D, D);
+          axpy(buf.gu.data() + (n * L + i) * D, dc, up + (m * N + off + i) * D, D);
+        }
+      }
+    }
+    // Through the normalisation u = x / ||x||.
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t row = m * N + off + i;
+        project_row<scalar_t, acc_t>(gxp + row * D, buf.gu.data() + (m * L + i) * D, up + row * D, inv_norm[row], D);
+      }
+    }
+  });
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
+                        const Dialogues& dialogues, const Options& opt) {
+  auto grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return grad_x.zero_();
+  // Autograd hands over a gradient of the output's dtype; anything else is converted once (strides are kept).
+  const auto g = grad.scalar_type() == x.scalar_type() ? grad : grad.to(x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.angular_adjacency_backward_cpu",
+                                  [&] {
+    backward_impl<scalar_t, at::opmath_type<scalar_t>, scalar_t>(g, x, stats, dialogues, opt, grad_x);
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+const DeviceKernels kCpuKernels{&forward_cpu, &backward_cpu};
+
+}  // namespace mmer_ext::angular_adjacency

@@ -1,0 +1,206 @@
+"""MMGCN's dialogue graph: ``angular_adjacency`` and ``block_graph_propagate``.
+
+The kernels are C++/CUDA (``csrc/ops/angular_adjacency/``); this module holds the typed wrappers and registers the
+fake kernels (for ``torch.compile`` and meta tensors) and the autograd formulas of the ops.
+
+``torch.ops.mmer_ext.angular_adjacency`` is a CompositeImplicitAutograd op over ``_angular_adjacency_forward``,
+which also returns per-node statistics (``1 / ||x||`` and ``d^-1/2``, float32 or float64) that the fused backward op
+``_angular_adjacency_backward`` reads. ``block_graph_propagate`` is its own op (its backward is itself on the
+transposed blocks plus ``_block_graph_outer``), so both trace into ``torch.compile`` graphs as single nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["angular_adjacency", "block_graph_propagate"]
+
+_ops = torch.ops.mmer_ext
+
+
+def angular_adjacency(
+    features: Tensor,
+    lengths: Tensor,
+    *,
+    scale: float = 0.99999,
+    normalize: bool = True,
+    window: int | None = None,
+    layout: str = "dense",
+) -> Tensor:
+    """MMGCN's multimodal dialogue graph over a batch of dialogues (``MM_GCN.create_big_adj``), fused.
+
+    Nodes: utterance ``k`` in modality ``m`` is node ``m * N + k`` (modality-major, MMGCN's order). Edge weight
+    ``1 - arccos(scale * cos(u, v)) / pi``. Intra-modality edges join every pair of utterances of the same dialogue,
+    self-loops included (with ``window``, only pairs at most ``window`` positions apart); inter-modality edges join
+    the same utterance across modalities. With ``normalize``, the result is ``D^-1/2 A D^-1/2``, ``D`` the degrees
+    over the whole graph. Edges never cross dialogues.
+
+    Args:
+        features: ``[M, N, D]``: ``M >= 1`` modalities of the same ``N`` utterances, the dialogues concatenated in
+            order. float32 or float64; float16 and bfloat16 too (computed in float32). CPU or CUDA; any strides.
+        lengths: ``[G]`` int64, utterances per dialogue, each ``>= 1``, summing to ``N``. On the CPU (no device
+            sync) or on the features' device (read back once per call).
+        scale: in ``(0, 1]``. MMGCN's ``0.99999`` keeps ``|scale * cos| < 1``, where arccos has a finite derivative.
+            With ``scale = 1`` the weights of (anti)parallel pairs are exactly 1 (0), but the derivative of arccos is
+            unbounded there: the backward floors ``1 - (scale * cos)^2`` at ``1e-12``, so gradients stay finite but
+            reach ``~3e5`` per unit of upstream gradient at such pairs. Keep ``scale < 1`` for training.
+        normalize: apply the symmetric degree normalisation.
+        window: ``None`` (every pair of a dialogue, MMGCN) or ``>= 0`` (``0``: self-loops only).
+        layout: ``"dense"``: ``[M * N, M * N]``, the whole graph. ``"blocks"``: ``[G, M * Lmax, M * Lmax]``, one
+            zero-padded block per dialogue (``Lmax = max(lengths)``), modality-major inside the block:
+            ``blocks[g, m * Lmax + i, n * Lmax + j]`` is the edge between utterance ``i`` of dialogue ``g`` in modality
+            ``m`` and utterance ``j`` in modality ``n``; equal to the dialogue's rows and columns of the dense matrix,
+            without materialising it. Use :func:`block_graph_propagate` to multiply node features by it.
+
+    Returns:
+        The adjacency in ``features.dtype``, exactly symmetric. Differentiable (first order) with respect to
+        ``features``.
+
+    Conventions: a zero feature vector has cosine 0 with every vector, itself included (weight 0.5), and receives a
+    zero gradient (MMGCN's code gives NaN). A self-loop's cosine is the constant 1, so self-loops carry no gradient.
+    """
+    return _ops.angular_adjacency.default(
+        features, lengths, scale=scale, normalize=normalize, window=window, layout=layout
+    )
+
+
+def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
+    """``A @ x`` for node features ``x`` in the global node order, with ``A`` given as per-dialogue blocks.
+
+    Args:
+        blocks: ``[G, M * Lmax, M * Lmax]`` as returned by :func:`angular_adjacency` with ``layout="blocks"`` (any
+            block matrices of that layout work; entries in the padding are ignored).
+        x: ``[M * N, F]``: row ``m * N + k`` holds utterance ``k`` in modality ``m`` (MMGCN's node order). Same
+            dtype and device as ``blocks``.
+        lengths: ``[G]`` int64 as for :func:`angular_adjacency`.
+
+    Returns:
+        ``[M * N, F]``, equal to ``dense_adjacency @ x`` but costing ``O(G * (M * Lmax)^2 * F)`` instead of
+        ``O((M * N)^2 * F)``. Differentiable with respect to ``blocks`` and ``x`` (to any order: the backward is made of
+        this op on the transposed blocks and ``_block_graph_outer``, whose own backward is this op again).
+    """
+    return _ops.block_graph_propagate.default(blocks, x, lengths)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fake kernels --------------------------------------------------------------------------------------------------
+
+
+def _check_features(features: Tensor, lengths: Tensor, op: str) -> None:
+    torch._check(features.dim() == 3, lambda: f"{op}: features must be [M, N, D], got {tuple(features.shape)}")
+    torch._check(lengths.dim() == 1, lambda: f"{op}: lengths must be [G], got {tuple(lengths.shape)}")
+
+
+@torch.library.register_fake("mmer_ext::_angular_adjacency_forward")
+def _angular_adjacency_forward_fake(
+    features: Tensor, lengths: Tensor, scale: float, normalize: bool, window: int | None, layout: str
+) -> tuple[Tensor, Tensor]:
+    _check_features(features, lengths, "mmer_ext.angular_adjacency")
+    M, N, _ = features.shape
+    stats = features.new_empty((2, M, N), dtype=_opmath(features.dtype))
+    if layout == "blocks":
+        # Lmax = max(lengths) is data: an unbacked size under torch.compile.
+        max_length = torch.library.get_ctx().new_dynamic_size()
+        slots = M * max_length
+        return features.new_empty((lengths.shape[0], slots, slots)), stats
+    return features.new_empty((M * N, M * N)), stats
+
+
+@torch.library.register_fake("mmer_ext::_angular_adjacency_backward")
+def _angular_adjacency_backward_fake(
+    grad: Tensor,
+    features: Tensor,
+    lengths: Tensor,
+    stats: Tensor,
+    scale: float,
+    normalize: bool,
+    window: int | None,
+    layout: str,
+) -> Tensor:
+    return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("mmer_ext::block_graph_propagate")
+def _block_graph_propagate_fake(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
+    torch._check(blocks.dim() == 3, lambda: f"mmer_ext.block_graph_propagate: blocks must be 3-d, got {blocks.shape}")
+    torch._check(x.dim() == 2, lambda: f"mmer_ext.block_graph_propagate: x must be [nodes, F], got {x.shape}")
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("mmer_ext::_block_graph_outer")
+def _block_graph_outer_fake(a: Tensor, b: Tensor, lengths: Tensor, slots) -> Tensor:
+    return a.new_empty((lengths.shape[0], slots, slots))
+
+
+# ---- autograd ------------------------------------------------------------------------------------------------------
+
+
+def _angular_adjacency_setup(ctx, inputs, output):
+    features, lengths, scale, normalize, window, layout = inputs
+    _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(features, lengths, stats)
+    ctx.options = (scale, normalize, window, layout)
+
+
+def _angular_adjacency_backward(ctx, grad, _grad_stats):
+    features, lengths, stats = ctx.saved_tensors
+    grad_features = _ops._angular_adjacency_backward.default(grad, features, lengths, stats, *ctx.options)
+    return grad_features, None, None, None, None, None
+
+
+def _block_graph_propagate_setup(ctx, inputs, output):
+    blocks, x, lengths = inputs
+    ctx.save_for_backward(blocks if ctx.needs_input_grad[1] else None, x if ctx.needs_input_grad[0] else None, lengths)
+    ctx.slots = blocks.shape[1]
+
+
+def _block_graph_propagate_backward(ctx, grad):
+    blocks, x, lengths = ctx.saved_tensors
+    grad_blocks = grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_blocks = _ops._block_graph_outer.default(grad, x, lengths, ctx.slots)
+    if ctx.needs_input_grad[1]:
+        grad_x = _ops.block_graph_propagate.default(blocks.transpose(1, 2), grad, lengths)
+    return grad_blocks, grad_x, None
+
+
+def _block_graph_outer_setup(ctx, inputs, output):
+    a, b, lengths, _ = inputs
+    ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, lengths)
+
+
+def _block_graph_outer_backward(ctx, grad):
+    # out[g] = A_g B_g^T over the dialogue's slots, so dA = out_grad @ B and dB = out_grad^T @ A, both propagations.
+    a, b, lengths = ctx.saved_tensors
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = _ops.block_graph_propagate.default(grad, b, lengths)
+    if ctx.needs_input_grad[1]:
+        grad_b = _ops.block_graph_propagate.default(grad.transpose(1, 2), a, lengths)
+    return grad_a, grad_b, None, None
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "mmer_ext.angular_adjacency: second derivatives are not implemented (its backward is a fused kernel with a "
+        "first-order formula). Use angular_adjacency_ref in mmer_ext.ops._reference for gradient penalties."
+    )
+
+
+torch.library.register_autograd(
+    "mmer_ext::_angular_adjacency_forward", _angular_adjacency_backward, setup_context=_angular_adjacency_setup
+)
+# Differentiating the backward op would otherwise warn and treat its output as a constant: a silently wrong second
+# derivative. Refuse it instead.
+torch.library.register_autograd("mmer_ext::_angular_adjacency_backward", _refuse_double_backward)
+torch.library.register_autograd(
+    "mmer_ext::block_graph_propagate", _block_graph_propagate_backward, setup_context=_block_graph_propagate_setup
+)
+torch.library.register_autograd(
+    "mmer_ext::_block_graph_outer", _block_graph_outer_backward, setup_context=_block_graph_outer_setup
+)
