@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run of the whole pipeline (not a result)")
-    p.add_argument("--models", nargs="+", choices=("baseline", "augmented", "mmin", "ifmmin", "nmer"),
+    p.add_argument("--models", nargs="+", choices=("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn"),
                    help="a subset of the models (default all five)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)

@@ -83,12 +83,15 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     proc = _run(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress", "--device", "cpu"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "demo"
-    for name in ("report.md", "results.csv", "results.json", "ua_per_condition.png", "mmin_embeddings.png"):
+    for name in ("report.md", "results.csv", "results.json", "ua_per_condition.png", "mmin_embeddings.png",
+                 "mmgcn_results.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     for model in ("full-modality baseline", "augmented baseline", "MMIN", "IF-MMIN", "NMER"):
         assert model in report
+    assert "## MMGCN on synthetic dialogues" in report and "Per-class F1" in report
     assert "hypothesis" in report.lower()
     results = json.loads((out / "results.json").read_text())
     assert set(results["tables"]["zero"]) == {"full-modality baseline", "augmented baseline", "MMIN", "IF-MMIN", "NMER"}
     assert (out / "ua_per_condition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(results["dialogues"]["metrics"]) >= {"{a}", "average", "{a,v,l}"}
