@@ -5,12 +5,16 @@ Implementations, timed in the same run:
 * ``ours``: ``mmer_ext.ops.angular_adjacency`` (C++/CUDA kernels: one GEMM per dialogue and modality for the
   cosines, fused arccos / window / degree / scaling passes, a fused backward).
 * ``mmgcn-loop``: ``angular_adjacency_mmgcn_loop``, the dense graph built the way MMGCN's ``create_big_adj`` does it
-  (Python loops over dialogues, modalities, utterances and modality pairs). It takes seconds per call, so it runs
-  at the ``batch`` size only, for one timed round (plus the warm-up and the correctness check: three calls).
+  (Python loops over dialogues, modalities, utterances and modality pairs). It takes ~0.5 s (fwd) and ~18 s
+  (fwd+bwd) per call on the 2-core dev machine, so it runs at the ``batch`` size only, with one timed round (plus the
+  warm-up and the correctness check: three calls), and not at all under ``--benchmark-disable``.
 * ``eager``: :func:`vectorized_eager` below, the fastest vectorised PyTorch version we could write: the unit
   vectors gathered into padded ``[M, G, Lmax, D]`` dialogues, one batched matmul for every intra-modality block,
-  elementwise arccos, the blocks assembled by slice assignment, then scattered into the dense matrix for
-  ``layout="dense"``. Its index maps are computed once per batch outside the timed call (the best case for it).
+  elementwise arccos, the blocks assembled by concatenation (faster in backward than slice assignment, which we
+  also tried), then scattered into the dense matrix with one ``index_put`` for ``layout="dense"``. Its index maps
+  are computed once per batch outside the timed call (the best case for it). On a quiet machine it takes 12.8 ms
+  (fwd) and 37.5 ms (fwd+bwd) at the ``test`` size with the blocks layout, in line with the 11 / 39 ms quoted for a
+  good vectorised version in the issue.
 * ``compiled``: ``torch.compile`` of ``vectorized_eager``, default mode, ``dynamic=False`` (one graph per size).
 * ``compiled-max-autotune`` (CUDA only): the same with ``mode="max-autotune-no-cudagraphs"``.
 
@@ -100,20 +104,18 @@ def vectorized_eager(features: torch.Tensor, maps: dict, layout: str) -> torch.T
     G, l_max = maps["valid"].shape
     valid = maps["valid"]
     unit = F.normalize(features, dim=-1)[:, maps["utterance"]] * valid[None, :, :, None]  # [M, G, Lmax, D]
-    cos = unit @ unit.transpose(-1, -2)  # [M, G, Lmax, Lmax]
-    intra = 1 - torch.acos((SCALE * cos).clamp(-1, 1)) / math.pi
-    self_weight = 1 - math.acos(SCALE) / math.pi
+    cos = unit @ unit.transpose(-1, -2)  # [M, G, Lmax, Lmax]: every intra-modality block in one batched matmul
     eye = torch.eye(l_max, dtype=torch.bool, device=features.device)
-    intra = torch.where(eye, self_weight, intra) * maps["window"]
+    self_weight = 1 - math.acos(SCALE) / math.pi  # the diagonal's exact value (the Gram's is 1 +- rounding)
+    intra = torch.where(eye, self_weight, 1 - torch.acos((SCALE * cos).clamp(-1, 1)) / math.pi) * maps["window"]
     cross_cos = (unit[:, None] * unit[None]).sum(-1)  # [M, M, G, Lmax]
     cross = (1 - torch.acos((SCALE * cross_cos).clamp(-1, 1)) / math.pi) * valid
-    blocks = features.new_zeros(G, M, l_max, M, l_max)
-    for m in range(M):
-        for n in range(M):
-            blocks[:, m, :, n, :] = intra[m] if m == n else torch.diag_embed(cross[m, n])
-    blocks = blocks.reshape(G, M * l_max, M * l_max)
-    degree = blocks.sum(-1)
-    inv_sqrt = degree.clamp_min(1e-12).rsqrt() * (degree > 0)
+    # [G, M Lmax, M Lmax] by concatenation (no in-place writes for autograd to replay).
+    rows = [
+        torch.cat([intra[m] if n == m else torch.diag_embed(cross[m, n]) for n in range(M)], dim=-1) for m in range(M)
+    ]
+    blocks = torch.cat(rows, dim=-2)
+    inv_sqrt = blocks.sum(-1).clamp_min(1e-12).rsqrt()  # padding rows: 0 * 1e6
     blocks = blocks * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
     if layout == "blocks":
         return blocks
@@ -195,9 +197,10 @@ def _reference(size: str, device: str, layout: str, backward: bool):
 def _check(size: str, device: str, layout: str, mode: str, impl: str, result) -> dict[str, float]:
     """Raise unless ``result`` matches the float64 reference; return the errors for ``extra_info``.
 
-    The adjacency must agree to 1e-6 of its largest entry; the gradient (summed over N x 3N x 3-ish edges, with an
-    arccos derivative of up to 1/(pi sqrt(1 - scale^2)) ~ 71) to 1e-4 of its largest entry for ours and 1e-3 for
-    the baselines, whose cosines are not exact on the diagonal. Ours measures ~1e-6 on both.
+    The adjacency must agree to 1e-6 of its largest entry for ours (it measures ~3e-7), 1e-5 for the vectorised
+    baselines and 1e-4 for the MMGCN-style loop, whose float32 self-loops go through arccos at the Gram's 1 +- 1e-7,
+    where the slope is 224 (it measures ~2e-5). Gradients: 1e-4 of their largest entry for ours, 1e-3 for the
+    baselines (all measure ~3e-7).
     """
     backward = mode == "fwd+bwd"
     ref_adj, ref_grad = _reference(size, device, layout, backward)
@@ -206,7 +209,8 @@ def _check(size: str, device: str, layout: str, mode: str, impl: str, result) ->
     assert adjacency.shape == ref_adj.shape, f"{impl}: shape {tuple(adjacency.shape)} != {tuple(ref_adj.shape)}"
     scale = float(ref_adj.abs().max())
     adj_err = float((adjacency - ref_adj).abs().max()) / scale
-    assert adj_err < (1e-6 if impl == "ours" else 1e-5), f"{impl} {size} {layout}: adjacency off by {adj_err:.2e}"
+    adj_tol = {"ours": 1e-6, "mmgcn-loop": 1e-4}.get(impl, 1e-5)
+    assert adj_err < adj_tol, f"{impl} {size} {layout}: adjacency off by {adj_err:.2e}"
     errors = {"adjacency_err_rel_to_max": adj_err}
     if backward:
         grad = grad.cpu().double()
@@ -229,9 +233,13 @@ def one_round(request: pytest.FixtureRequest):
 
 
 @pytest.mark.parametrize(("device", "size", "layout", "mode", "impl"), list(_cases()))
-def test_angular_adjacency(one_round, run_benchmark, device: str, size: str, layout: str, mode: str, impl: str) -> None:
+def test_angular_adjacency(
+    request, one_round, run_benchmark, device: str, size: str, layout: str, mode: str, impl: str
+) -> None:
     if device == "cuda" and impl == "ours" and (reason := _ours_cuda_skip_reason()):
         pytest.skip(reason)
+    if impl == "mmgcn-loop" and request.config.getoption("benchmark_disable"):
+        pytest.skip("the MMGCN-style loop takes 0.5 s (fwd) to 20 s (fwd+bwd) per call; it runs only when timing")
     dev = torch.device(device)
     backward = mode == "fwd+bwd"
     features, lengths, _ = make_inputs(size, device)

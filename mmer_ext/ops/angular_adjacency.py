@@ -59,6 +59,13 @@ def angular_adjacency(
 
     Conventions: a zero feature vector has cosine 0 with every vector, itself included (weight 0.5), and receives a
     zero gradient (MMGCN's code gives NaN). A self-loop's cosine is the constant 1, so self-loops carry no gradient.
+
+    Implementation: per dialogue and modality, the cosines are one GEMM of the unit vectors (MKL on the CPU, one
+    cuBLAS batched GEMM over zero-padded dialogues on CUDA, which follows ``torch.backends.cuda.matmul.allow_tf32``);
+    the arccos, window, degrees and scaling are fused passes, and every output element is written once. The backward
+    recomputes the cosines and needs a second GEMM (``dL/du = S @ U``, ``S`` the symmetric matrix of ``dL/dcos``).
+    ``lengths`` are read on the host every call, so the op cannot be captured in a CUDA graph (it is tagged
+    ``cudagraph_unsafe``). Memory: the blocks layout holds ``G * (M * Lmax)^2`` values, never ``(M * N)^2``.
     """
     return _ops.angular_adjacency.default(
         features, lengths, scale=scale, normalize=normalize, window=window, layout=layout
@@ -69,8 +76,9 @@ def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
     """``A @ x`` for node features ``x`` in the global node order, with ``A`` given as per-dialogue blocks.
 
     Args:
-        blocks: ``[G, M * Lmax, M * Lmax]`` as returned by :func:`angular_adjacency` with ``layout="blocks"`` (any
-            block matrices of that layout work; entries in the padding are ignored).
+        blocks: ``[G, M * Lmax, M * Lmax]`` as returned by :func:`angular_adjacency` with ``layout="blocks"``. Any
+            block matrices of that layout work (the full blocks are used, not only the edges MMGCN's graph has);
+            entries in the padding do not contribute, but must be finite (on CUDA they are multiplied by zeros).
         x: ``[M * N, F]``: row ``m * N + k`` holds utterance ``k`` in modality ``m`` (MMGCN's node order). Same
             dtype and device as ``blocks``.
         lengths: ``[G]`` int64 as for :func:`angular_adjacency`.
@@ -79,6 +87,10 @@ def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
         ``[M * N, F]``, equal to ``dense_adjacency @ x`` but costing ``O(G * (M * Lmax)^2 * F)`` instead of
         ``O((M * N)^2 * F)``. Differentiable with respect to ``blocks`` and ``x`` (to any order: the backward is made of
         this op on the transposed blocks and ``_block_graph_outer``, whose own backward is this op again).
+
+    On the CPU each dialogue is ``M^2`` GEMMs of its ``L x L`` sub-blocks with strided views of ``x`` (no padding, no
+    gather); on CUDA the nodes are gathered into zero-padded slots for one batched GEMM. Like
+    :func:`angular_adjacency`, the op reads ``lengths`` on the host every call (not CUDA-graph capturable).
     """
     return _ops.block_graph_propagate.default(blocks, x, lengths)
 

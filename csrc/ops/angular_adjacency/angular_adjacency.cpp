@@ -36,8 +36,8 @@ void check_arguments(const at::Tensor& features, const at::Tensor& lengths, doub
               lengths.device(), " but ", kFeatures, " is on ", features.device(),
               "; pass lengths on the CPU (no device sync) or on the features' device");
   TORCH_CHECK(scale > 0.0 && scale <= 1.0, op, ": scale must be in (0, 1] (MMGCN uses 0.99999), got ", scale);
-  TORCH_CHECK(!window.has_value() || *window >= 0, op, ": window must be None or >= 0 (0 keeps the self-loops only), got ",
-              window.value_or(0));
+  TORCH_CHECK(!window.has_value() || *window >= 0, op,
+              ": window must be None or >= 0 (0 keeps the self-loops only), got ", window.value_or(0));
   TORCH_CHECK(layout == "dense" || layout == "blocks", op, ": layout must be \"dense\" or \"blocks\", got \"", layout,
               "\"");
 }
@@ -108,13 +108,8 @@ at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& 
 
 namespace {
 
-// Row of the padded slots [G * S] of every node m * N + k (S = M * Lmax): (g * M + m) * Lmax + (k - offset_g).
-struct SlotMap {
-  at::Tensor slot_of_node;  // [M * N] int64 on the nodes' device
-  int64_t G, S;
-};
-
-SlotMap slot_map(const at::Tensor& lengths, int64_t nodes, int64_t slots, const at::Device& device, const char* op) {
+NodeLayout node_layout(const at::Tensor& lengths, int64_t nodes, int64_t slots, const at::Device& device,
+                       const char* op) {
   check_defined(lengths, op, kLengths);
   TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kLong, op, ": ", kLengths,
               " must be a 1-d int64 tensor [dialogues G], got shape ", lengths.sizes(), " ", lengths.scalar_type());
@@ -124,33 +119,24 @@ SlotMap slot_map(const at::Tensor& lengths, int64_t nodes, int64_t slots, const 
   auto host = lengths.to(at::kCPU).contiguous();
   const int64_t* len = host.const_data_ptr<int64_t>();
   const int64_t G = host.numel();
-  int64_t N = 0, Lmax = 0;
+  NodeLayout layout{Dialogues{}, 0, 0};
+  auto& d = layout.dialogues;
+  d.offsets.assign(1, 0);
   for (int64_t g = 0; g < G; ++g) {
     TORCH_CHECK(len[g] >= 1, op, ": ", kLengths, "[", g, "] is ", len[g],
                 "; every dialogue needs at least one utterance");
-    N += len[g];
-    Lmax = std::max(Lmax, len[g]);
+    d.offsets.push_back(d.offsets.back() + len[g]);
+    d.max_length = std::max(d.max_length, len[g]);
   }
+  const int64_t N = d.offsets.back();
   const int64_t M = N > 0 ? nodes / N : 0;
   TORCH_CHECK(N > 0 ? M * N == nodes && M >= 1 : nodes == 0, op, ": x has ", nodes, " rows (nodes), not a multiple ",
               "M * N of the N = ", N, " utterances in lengths");
-  TORCH_CHECK(M * Lmax == slots, op, ": blocks have ", slots, " slots per dialogue but M * Lmax = ", M, " * ", Lmax,
-              " = ", M * Lmax, " for these lengths and x");
-  auto map = at::empty({nodes}, host.options());
-  int64_t* p = map.mutable_data_ptr<int64_t>();
-  for (int64_t m = 0, k0 = 0; m < M; ++m, k0 = 0) {
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t i = 0; i < len[g]; ++i) p[m * N + k0 + i] = (g * M + m) * Lmax + i;
-      k0 += len[g];
-    }
-  }
-  return {map.to(device), G, slots};
-}
-
-// The nodes in the padded slots [G * S, F], zeros in the padding.
-at::Tensor to_slots(const at::Tensor& x, const SlotMap& map) {
-  auto padded = at::zeros({map.G * map.S, x.size(1)}, x.options());
-  return padded.index_copy_(0, map.slot_of_node, x);
+  TORCH_CHECK(M * d.max_length == slots, op, ": blocks have ", slots, " slots per dialogue but M * Lmax = ", M, " * ",
+              d.max_length, " = ", M * d.max_length, " for these lengths and x");
+  layout.M = M;
+  layout.N = N;
+  return layout;
 }
 
 void check_nodes(const at::Tensor& x, const at::Tensor& like, const char* op, const ArgName& name,
@@ -162,9 +148,40 @@ void check_nodes(const at::Tensor& x, const at::Tensor& like, const char* op, co
   check_same_dtype(x, like, op, name, like_name);
 }
 
+// Row of the padded slots [G * S] of every node m * N + k: (g * M + m) * Lmax + (k - offset_g), on `device`.
+at::Tensor slot_of_node(const NodeLayout& layout, const at::Device& device) {
+  const auto& d = layout.dialogues;
+  auto map = at::empty({layout.M * layout.N}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = map.mutable_data_ptr<int64_t>();
+  for (int64_t m = 0; m < layout.M; ++m)
+    for (int64_t g = 0; g < d.count(); ++g)
+      for (int64_t i = 0; i < d.length(g); ++i)
+        p[m * layout.N + d.offset(g) + i] = (g * layout.M + m) * d.max_length + i;
+  return map.to(device);
+}
+
+// The nodes in the padded slots [G, S, F], zeros in the padding.
+at::Tensor to_slots(const at::Tensor& x, const NodeLayout& layout, const at::Tensor& map) {
+  const int64_t G = layout.dialogues.count(), S = layout.slots();
+  auto padded = at::zeros({G * S, x.size(1)}, x.options());
+  return padded.index_copy_(0, map, x).view({G, S, x.size(1)});
+}
+
 }  // namespace
 
-at::Tensor block_graph_propagate(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths) {
+at::Tensor propagate_padded(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout) {
+  const auto map = slot_of_node(layout, x.device());
+  auto y = at::bmm(blocks, to_slots(x, layout, map));
+  return y.view({-1, x.size(1)}).index_select(0, map);
+}
+
+at::Tensor outer_padded(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout) {
+  const auto map = slot_of_node(layout, a.device());
+  return at::bmm(to_slots(a, layout, map), to_slots(b, layout, map).transpose(1, 2));
+}
+
+at::Tensor block_graph_propagate(const DeviceKernels& k, const at::Tensor& blocks, const at::Tensor& x,
+                                 const at::Tensor& lengths) {
   constexpr const char* op = "mmer_ext.block_graph_propagate";
   const ArgName kBlocks{"blocks"}, kX{"x"};
   check_defined(blocks, op, kBlocks);
@@ -172,24 +189,21 @@ at::Tensor block_graph_propagate(const at::Tensor& blocks, const at::Tensor& x, 
               " must be [G, M * Lmax, M * Lmax], got shape ", blocks.sizes());
   check_floating(blocks, op, kBlocks);
   check_nodes(x, blocks, op, kX, kBlocks);
-  const auto map = slot_map(lengths, x.size(0), blocks.size(1), x.device(), op);
-  TORCH_CHECK(blocks.size(0) == map.G, op, ": ", kBlocks, " hold ", blocks.size(0), " dialogues but lengths has ",
-              map.G);
-  auto padded = to_slots(x, map).view({map.G, map.S, x.size(1)});
-  return at::bmm(blocks, padded).view({map.G * map.S, x.size(1)}).index_select(0, map.slot_of_node);
+  const auto layout = node_layout(lengths, x.size(0), blocks.size(1), x.device(), op);
+  TORCH_CHECK(blocks.size(0) == layout.dialogues.count(), op, ": ", kBlocks, " hold ", blocks.size(0),
+              " dialogues but lengths has ", layout.dialogues.count());
+  return k.propagate(blocks, x, layout);
 }
 
-at::Tensor block_graph_outer(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths, c10::SymInt slots) {
+at::Tensor block_graph_outer(const DeviceKernels& k, const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& lengths, int64_t slots) {
   constexpr const char* op = "mmer_ext._block_graph_outer";
   const ArgName kA{"a"}, kB{"b"};
   check_nodes(a, a, op, kA, kA);
   check_nodes(b, a, op, kB, kA);
   TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(1), op, ": ", kA, " ", a.sizes(), " and ", kB, " ",
               b.sizes(), " must have the same shape");
-  const auto map = slot_map(lengths, a.size(0), slots.expect_int(), a.device(), op);
-  auto pa = to_slots(a, map).view({map.G, map.S, a.size(1)});
-  auto pb = to_slots(b, map).view({map.G, map.S, b.size(1)});
-  return at::bmm(pa, pb.transpose(1, 2));
+  return k.outer(a, b, node_layout(lengths, a.size(0), slots, a.device(), op));
 }
 
 namespace {
@@ -219,6 +233,14 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& features, cons
   return angular_adjacency_backward(kCpuKernels, grad, features, lengths, stats, scale, normalize, window, layout);
 }
 
+at::Tensor propagate_cpu(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths) {
+  return block_graph_propagate(kCpuKernels, blocks, x, lengths);
+}
+
+at::Tensor outer_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths, c10::SymInt slots) {
+  return block_graph_outer(kCpuKernels, a, b, lengths, slots.expect_int());
+}
+
 }  // namespace
 }  // namespace mmer_ext::angular_adjacency
 
@@ -242,7 +264,8 @@ TORCH_LIBRARY_FRAGMENT(mmer_ext, m) {
       "bool normalize, int? window, str layout) -> Tensor",
       host_reads);
   m.def("block_graph_propagate(Tensor blocks, Tensor x, Tensor lengths) -> Tensor", host_reads);
-  // [G, slots, slots]: a_g b_g^T over each dialogue's padded slots; the gradient of block_graph_propagate w.r.t. blocks.
+  // [G, slots, slots]: a_g b_g^T over each dialogue's padded slots (the gradient of block_graph_propagate with
+  // respect to blocks).
   m.def("_block_graph_outer(Tensor a, Tensor b, Tensor lengths, SymInt slots) -> Tensor", host_reads);
 }
 
@@ -253,6 +276,6 @@ TORCH_LIBRARY_IMPL(mmer_ext, CompositeImplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(mmer_ext, CPU, m) {
   m.impl("_angular_adjacency_forward", &mmer_ext::angular_adjacency::forward_cpu);
   m.impl("_angular_adjacency_backward", &mmer_ext::angular_adjacency::backward_cpu);
-  m.impl("block_graph_propagate", &mmer_ext::angular_adjacency::block_graph_propagate);
-  m.impl("_block_graph_outer", &mmer_ext::angular_adjacency::block_graph_outer);
+  m.impl("block_graph_propagate", &mmer_ext::angular_adjacency::propagate_cpu);
+  m.impl("_block_graph_outer", &mmer_ext::angular_adjacency::outer_cpu);
 }

@@ -33,6 +33,13 @@ struct Options {
   bool blocks;     // layout "blocks" ([G, M * Lmax, M * Lmax]) instead of "dense" ([M * N, M * N])
 };
 
+// block_graph_propagate's view of the nodes: M modalities of N utterances in G dialogues (checked against x).
+struct NodeLayout {
+  Dialogues dialogues;
+  int64_t M, N;
+  int64_t slots() const { return M * dialogues.max_length; }  // S = M * Lmax
+};
+
 struct DeviceKernels {
   // x: contiguous [M, N, D]. Returns (adjacency in x's dtype, stats) as described above.
   std::tuple<at::Tensor, at::Tensor> (*forward)(const at::Tensor& x, const Dialogues& dialogues,
@@ -41,6 +48,12 @@ struct DeviceKernels {
   // Returns dL/dx, contiguous [M, N, D] in x's dtype.
   at::Tensor (*backward)(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
                          const Dialogues& dialogues, const Options& options);
+  // blocks [G, S, S] (any strides), x [M N, F] -> A @ x [M N, F] in the global node order. Entries of the padding
+  // do not contribute (the CPU never reads them; the padded CUDA GEMM multiplies them by zeros, so they must be
+  // finite).
+  at::Tensor (*propagate)(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout);
+  // a, b [M N, F] -> [G, S, S]: a_g b_g^T over each dialogue's slots, zeros in the padding.
+  at::Tensor (*outer)(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout);
 };
 
 // Op bodies, device-agnostic given the kernels.
@@ -51,12 +64,16 @@ at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& 
                                       const at::Tensor& lengths, const at::Tensor& stats, double scale,
                                       bool normalize, std::optional<int64_t> window, c10::string_view layout);
 
-extern const DeviceKernels kCpuKernels;  // angular_adjacency_cpu.cpp
+at::Tensor block_graph_propagate(const DeviceKernels& k, const at::Tensor& blocks, const at::Tensor& x,
+                                 const at::Tensor& lengths);
+at::Tensor block_graph_outer(const DeviceKernels& k, const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& lengths, int64_t slots);
 
-// block_graph_propagate and its helper, for every device (ATen ops on the padded slots: one batched matmul).
-//   block_graph_propagate(blocks [G, S, S], x [M * N, F], lengths) = A @ x in the global node order, S = M * Lmax.
-//   block_graph_outer(a, b, lengths, S) [G, S, S] = a_g b_g^T per dialogue over its slots (zeros in the padding).
-at::Tensor block_graph_propagate(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths);
-at::Tensor block_graph_outer(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths, c10::SymInt slots);
+// propagate / outer for any device from ATen ops: the nodes gathered into zero-padded slots [G, S, F], one batched
+// matmul, gathered back (the CUDA kernels use these; the CPU has per-dialogue GEMMs without the padding).
+at::Tensor propagate_padded(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout);
+at::Tensor outer_padded(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout);
+
+extern const DeviceKernels kCpuKernels;  // angular_adjacency_cpu.cpp
 
 }  // namespace mmer_ext::angular_adjacency
