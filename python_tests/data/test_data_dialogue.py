@@ -424,3 +424,25 @@ def test_synthetic_context_helps():
         acc[context] = float((clf.predict(features(splits["test"], context)) == yte).mean())
     assert acc[False] > 0.35  # the utterance itself is informative (chance ~ 0.25 for the majority class)
     assert acc[True] > acc[False] + 0.05
+
+
+@pytest.mark.parametrize("meld", [False, True])
+def test_cli_converts_then_trains_and_evaluates_mmgcn(tmp_path, capsys, monkeypatch, meld):
+    """What a user with the real pickle does: convert it once, train MMGCN on the safe copy, evaluate."""
+    from mmer_ext.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    src, *_ = write_pickle(tmp_path / "features.pkl", meld=meld, n_train=10, n_test=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonstandardSplitWarning)
+        assert main(["convert", src, "safe"]) == 0, capsys.readouterr().err
+        model = "mmgcn-meld" if meld else "mmgcn"
+        argv = ["train", "--model", model, "--data", "dialogues:safe", "--epochs", "1", "--batch-size", "4",
+                "--out", "run", "--device", "cpu", "--no-progress", "--set", "hparams.main.num_layers=4"]
+        assert main(argv) == 0, capsys.readouterr().err
+        run = json.loads((tmp_path / "run" / "run.json").read_text())
+        assert run["num_classes"] == (7 if meld else 6) and run["dims"] == [DIMS["audio"], DIMS["visual"], DIMS["text"]]
+        capsys.readouterr()
+        assert main(["evaluate", "run/model.safetensors", "--json", "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"{a}", "average", "{a,v,l}"} <= set(metrics)
