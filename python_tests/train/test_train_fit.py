@@ -161,6 +161,8 @@ def test_two_ddp_processes_match_one(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
     ma = json.loads((single / "test_metrics.json").read_text())["metrics"]
     mb = json.loads((ddp / "test_metrics.json").read_text())["metrics"]
+    for fa, fb in zip(ma.pop("per_class_F1"), mb.pop("per_class_F1")):
+        assert abs(fa - fb) <= 0.05
     for cond in ma:
         for metric in ma[cond]:
             assert abs(ma[cond][metric] - mb[cond][metric]) <= 0.05, (cond, metric)
