@@ -59,7 +59,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -69,6 +68,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmer_ext._atomic import atomic_write_bytes, atomic_write_text
 from mmer_ext.data.iemocap import DataFormatError
 from mmer_ext.data.protocols import (
     ALL_CONDITIONS,
@@ -744,20 +744,6 @@ def load_meld(
 # ======================================================================================================================
 # Safe format
 # ======================================================================================================================
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_dialogue_splits(splits: Mapping[str, DialogueDataset], directory: str | os.PathLike, *,
                          source: str | None = None) -> str:
     """Write a split dict to ``directory/features.safetensors`` + ``directory/dialogues.json`` (no pickle).
@@ -769,7 +755,7 @@ def save_dialogue_splits(splits: Mapping[str, DialogueDataset], directory: str |
     (temporary file + ``os.replace``), the features first and the JSON last, and both carry the same random token,
     so a reader never pairs a JSON with features from another conversion. Returns the directory.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as st_save
 
     directory = os.fspath(directory)
     first = next(iter(splits.values()))
@@ -797,14 +783,9 @@ def save_dialogue_splits(splits: Mapping[str, DialogueDataset], directory: str |
         "class_names": list(first.class_names), "num_speakers": max(ds.num_speakers for ds in splits.values()),
         "dialogues": names, "utterances": utt, "splits": {k: list(ds.names) for k, ds in splits.items()},
     }
-    _atomic_write(os.path.join(directory, _FEATURE_FILE),
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": _FORMAT, "token": token}))
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(index, f)
-
-    _atomic_write(os.path.join(directory, _INDEX_FILE), write_json)
+    atomic_write_bytes(os.path.join(directory, _FEATURE_FILE),
+                       st_save(tensors, metadata={"format": _FORMAT, "token": token}))
+    atomic_write_text(os.path.join(directory, _INDEX_FILE), json.dumps(index))
     return directory
 
 

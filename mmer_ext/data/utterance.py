@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
+from mmer_ext._atomic import atomic_write_bytes
 from mmer_ext.data.protocols import MODALITIES, condition_index
 _FORMAT = "mmer_ext.UtteranceDataset/1"
 
@@ -213,7 +213,7 @@ class UtteranceDataset(Dataset):
         Layout: ``<m>`` float32 ``[sum_i T_i, D_m]`` (utterances concatenated along time), ``<m>_lengths`` int64
         ``[N]``, ``labels``, optional ``speakers`` / ``dialogues``; names, class names and dims go in the metadata.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save as st_save
 
         path = os.fspath(path)
         lens = self.lengths
@@ -233,17 +233,7 @@ class UtteranceDataset(Dataset):
             "num_classes": str(self.num_classes),
             "dims": json.dumps(list(self.dims)),
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> UtteranceDataset:

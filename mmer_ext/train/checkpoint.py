@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors import safe_open
+
+from mmer_ext._atomic import atomic_write_bytes
 
 __all__ = [
     "atomic_write_bytes",
@@ -35,24 +35,6 @@ METADATA_KEY = "mmer_ext"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the file."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, Any]) -> None:
