@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import mmer_ext
+from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, sync
 from mmer_ext.ops import angular_adjacency
 from mmer_ext.ops._reference import angular_adjacency_mmgcn_loop, angular_adjacency_ref
 
@@ -48,20 +49,8 @@ SCALE = 0.99999
 SIZES = {"batch": (16, 781), "test": (31, 1623)}
 LAYOUTS = ("dense", "blocks")
 MODES = ("fwd", "fwd+bwd")
-HAS_CUDA = torch.cuda.is_available()
 
-for _key, _value in (("recompile_limit", 64), ("accumulated_recompile_limit", 256)):
-    if hasattr(torch._dynamo.config, _key):
-        setattr(torch._dynamo.config, _key, max(getattr(torch._dynamo.config, _key), _value))
-if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-
-COMPILE_MODES = {"compiled": "default", "compiled-max-autotune": "max-autotune-no-cudagraphs"}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+allow_many_recompiles()
 
 
 def dialogue_lengths(num_dialogues: int, total: int, seed: int = 0) -> torch.Tensor:

@@ -32,6 +32,7 @@ import pytest
 import torch
 
 import mmer_ext
+from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, sync
 from mmer_ext.ops import cmd_pairwise
 from mmer_ext.ops._reference import cmd_pairwise_ifmmin_style
 
@@ -39,22 +40,8 @@ N_MOMENTS = 5
 M_INPUTS = 3
 SIZES = {"small": (128, 128), "large": (4096, 512)}
 MODES = ("fwd", "fwd+bwd")
-HAS_CUDA = torch.cuda.is_available()
 
-# Two sizes x two modes x up to two compile modes x up to two devices, each a separate graph of the same code
-# object: lift the recompile limit (8), and fail loudly instead of silently running eager if it is ever hit.
-for _key, _value in (("recompile_limit", 64), ("accumulated_recompile_limit", 256)):
-    if hasattr(torch._dynamo.config, _key):
-        setattr(torch._dynamo.config, _key, max(getattr(torch._dynamo.config, _key), _value))
-if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-
-COMPILE_MODES = {"compiled": "default", "compiled-max-autotune": "max-autotune-no-cudagraphs"}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+allow_many_recompiles()
 
 
 def impls_for(device: str) -> tuple[str, ...]:

@@ -1,0 +1,25 @@
+"""Pieces every ``bench_*.py`` shares (a plain module, not collected: the conftest collects ``bench_*.py`` only)."""
+
+from __future__ import annotations
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# The compiled baselines: default, and on CUDA also max-autotune without CUDA graphs (the issue's two modes).
+COMPILE_MODES = {"compiled": "default", "compiled-max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def allow_many_recompiles() -> None:
+    """Sizes x modes x compile modes x devices are separate graphs of the same code object: lift dynamo's
+    recompile limit (8), and fail loudly instead of silently running eager if it is ever hit."""
+    for key, value in (("recompile_limit", 64), ("accumulated_recompile_limit", 256)):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), value))
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
