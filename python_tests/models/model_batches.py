@@ -26,3 +26,17 @@ def make_batch(dims=DIMS, b: int = 8, steps=(7, 5, 6), missing=None, seed: int =
         batch[f"{m}_clean"] = x
         batch[m] = x * missing[:, j].view(-1, 1, 1)
     return batch
+
+
+def train_steps(model, batch: dict, steps: int, *, lr: float, betas=(0.9, 0.999)) -> list[float]:
+    """``steps`` Adam steps on one fixed batch, clipping as the trainer does; the loss before each step."""
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=lr, betas=betas)
+    losses = []
+    for _ in range(steps):
+        loss, _ = model.training_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        model.clip_gradients_()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -11,7 +11,7 @@ from mmer_ext.models.ifmmin import IFMMIN, UttShared
 from mmer_ext.ops._reference import cmd_pairwise_ifmmin_style, cmd_pairwise_ref
 
 from mmer_ext.data import ModalityDims
-from model_batches import C, DIMS, SIX, make_batch  # noqa: E402
+from model_batches import C, DIMS, SIX, make_batch, train_steps  # noqa: E402
 
 
 FULL = torch.ones(8, 3, dtype=torch.long)
@@ -66,15 +66,7 @@ def test_uttshared_cmd_gradient_matches_reference():
 def test_uttshared_steps_reduce_loss():
     model = UttShared(DIMS, C)
     batch = make_batch(missing=FULL)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=2e-3)
-    losses = []
-    for _ in range(15):
-        loss, _ = model.training_loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        model.clip_gradients_()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 15, lr=2e-3)
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -154,15 +146,7 @@ def test_ifmmin_zeroed_modality_changes_nothing_at_inference():
 def test_ifmmin_steps_reduce_loss():
     model = IFMMIN(DIMS, C, teacher=UttShared(DIMS, C))
     batch = make_batch()
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3, betas=(0.5, 0.999))
-    losses = []
-    for _ in range(20):
-        loss, _ = model.training_loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        model.clip_gradients_()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 20, lr=1e-3, betas=(0.5, 0.999))
     assert sum(losses[-3:]) / 3 < 0.6 * losses[0]
 
 

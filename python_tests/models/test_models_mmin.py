@@ -11,7 +11,7 @@ from mmer_ext.models.encoders import fuse
 from mmer_ext.models.mmin import MMIN
 
 from mmer_ext.data import ModalityDims
-from model_batches import C, DIMS, SIX, make_batch  # noqa: E402
+from model_batches import C, DIMS, SIX, make_batch, train_steps  # noqa: E402
 
 
 def trained_teacher(dims=DIMS) -> UttFusion:
@@ -44,15 +44,7 @@ def test_uttfusion_loss_is_ce_of_the_given_input():
 def test_uttfusion_steps_reduce_loss():
     model = UttFusion(DIMS, C)
     batch = make_batch(missing=torch.ones(8, 3, dtype=torch.long))
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=2e-3)
-    losses = []
-    for _ in range(15):
-        loss, _ = model.training_loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        model.clip_gradients_()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 15, lr=2e-3)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -177,15 +169,7 @@ def test_mmin_cycle_target_is_detached():
 def test_mmin_steps_reduce_loss():
     model = MMIN(DIMS, C, teacher=trained_teacher())
     batch = make_batch()
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3, betas=(0.5, 0.999))
-    losses = []
-    for _ in range(20):
-        loss, _ = model.training_loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        model.clip_gradients_()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 20, lr=1e-3, betas=(0.5, 0.999))
     assert sum(losses[-3:]) / 3 < 0.6 * losses[0]
     assert all(p.grad is None for p in model.teacher.parameters())
 
