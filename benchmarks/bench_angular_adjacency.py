@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import mmer_ext
-from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, sync
+from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, ours_cuda_skip_reason, sync
 from mmer_ext.ops import angular_adjacency
 from mmer_ext.ops._reference import angular_adjacency_mmgcn_loop, angular_adjacency_ref
 
@@ -149,16 +149,6 @@ def _cases():
                         )
 
 
-def _ours_cuda_skip_reason() -> str | None:
-    info = mmer_ext.build_info()
-    if not info["cuda_kernels"]:
-        return "mmer_ext was built without CUDA kernels"
-    gpu = info["gpus"][torch.cuda.current_device()]
-    if not gpu["supported_by_build"]:
-        return f"mmer_ext was not built for {gpu['name']} (sm {gpu['capability']}; built for {info['cuda_arch_list']})"
-    return None
-
-
 def make_inputs(size: str, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features [3, N, 200], lengths [G] on the CPU, cotangent seed): the same values for every implementation."""
     num_dialogues, total = SIZES[size]
@@ -225,7 +215,7 @@ def one_round(request: pytest.FixtureRequest):
 def test_angular_adjacency(
     request, one_round, run_benchmark, device: str, size: str, layout: str, mode: str, impl: str
 ) -> None:
-    if device == "cuda" and impl == "ours" and (reason := _ours_cuda_skip_reason()):
+    if device == "cuda" and impl == "ours" and (reason := ours_cuda_skip_reason()):
         pytest.skip(reason)
     if impl == "mmgcn-loop" and request.config.getoption("benchmark_disable"):
         pytest.skip("the MMGCN-style loop takes 0.5 s (fwd) to 20 s (fwd+bwd) per call; it runs only when timing")

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import mmer_ext
-from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, sync
+from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, ours_cuda_skip_reason, sync
 from mmer_ext.ops import cmd_pairwise
 from mmer_ext.ops._reference import cmd_pairwise_ifmmin_style
 
@@ -76,16 +76,6 @@ def _impl_fn(impl: str):
     if impl == "eager":
         return cmd_pairwise_ifmmin_style
     return _compiled(COMPILE_MODES[impl])
-
-
-def _ours_cuda_skip_reason() -> str | None:
-    info = mmer_ext.build_info()
-    if not info["cuda_kernels"]:
-        return "mmer_ext was built without CUDA kernels"
-    gpu = info["gpus"][torch.cuda.current_device()]
-    if not gpu["supported_by_build"]:
-        return f"mmer_ext was not built for {gpu['name']} (sm {gpu['capability']}; built for {info['cuda_arch_list']})"
-    return None
 
 
 def make_inputs(size: str, device: str, requires_grad: bool) -> list[torch.Tensor]:
@@ -143,7 +133,7 @@ def _check_against_reference(size: str, device: str, mode: str, impl: str, resul
 
 @pytest.mark.parametrize(("device", "size", "mode", "impl"), list(_cases()))
 def test_cmd_pairwise(run_benchmark, device: str, size: str, mode: str, impl: str) -> None:
-    if device == "cuda" and impl == "ours" and (reason := _ours_cuda_skip_reason()):
+    if device == "cuda" and impl == "ours" and (reason := ours_cuda_skip_reason()):
         pytest.skip(reason)
     dev = torch.device(device)
     fn = _impl_fn(impl)

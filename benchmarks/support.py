@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import mmer_ext
+
 HAS_CUDA = torch.cuda.is_available()
 
 # The compiled baselines: default, and on CUDA also max-autotune without CUDA graphs (the issue's two modes).
@@ -23,3 +25,14 @@ def allow_many_recompiles() -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def ours_cuda_skip_reason() -> str | None:
+    """Why our CUDA kernels cannot run here (built without them, or not for this GPU), or None."""
+    info = mmer_ext.build_info()
+    if not info["cuda_kernels"]:
+        return "mmer_ext was built without CUDA kernels"
+    gpu = info["gpus"][torch.cuda.current_device()]
+    if not gpu["supported_by_build"]:
+        return f"mmer_ext was not built for {gpu['name']} (sm {gpu['capability']}; built for {info['cuda_arch_list']})"
+    return None

@@ -73,14 +73,13 @@ from mmer_ext.data.iemocap import DataFormatError
 from mmer_ext.data.protocols import (
     ALL_CONDITIONS,
     CONDITION_NAMES,
-    CORRUPTION_MODES,
     FULL_CONDITION,
     MODALITIES,
     PROTOCOL_MODES,
     NoiseScheduler,
     _epoch_seed,
-    _noise_like,
     condition_index,
+    corrupt_batch,
 )
 from mmer_ext.data.synthetic import _MODALITY_PROFILES
 from mmer_ext.data.utterance import ModalityDims
@@ -489,32 +488,11 @@ def corrupt_dialogue_batch(
     utterance with ``per="sample"``). Returns a new dict with the clean inputs kept as ``"A_clean"``, ``"V_clean"``,
     ``"L_clean"`` (and ``"noise_t"`` ``[N_total, 3]`` in the noise modes); other keys are passed through.
     """
-    if mode not in CORRUPTION_MODES:
-        raise ValueError(f"unknown corruption mode {mode!r}; expected one of {CORRUPTION_MODES}")
-    out = dict(batch)
-    n = batch["A"].shape[0]
-    mi = batch.get("missing_index")
-    if mi is None:
-        mi = torch.ones(n, 3, dtype=torch.int64)
-    if mode != "zero" and scheduler is None:
-        scheduler = NoiseScheduler()
-    noise_t = torch.zeros(n, 3, dtype=torch.int64)
-    for j, m in enumerate(MODALITIES):
-        x = batch[m]
-        if x.dim() != 2:
-            raise ValueError(f"corrupt_dialogue_batch expects [N, D] features; {m} has shape {tuple(x.shape)}")
-        out[f"{m}_clean"] = x
-        present = mi[:, j].to(device=x.device, dtype=torch.bool).view(-1, 1)
-        if mode == "zero":
-            out[m] = x * present.to(x.dtype)
-            continue
-        t = scheduler.sample_t(n, generator, per=per)
-        noise_t[:, j] = t
-        noisy = scheduler.add_noise(x, _noise_like(x, mode, generator, occur_freq), t)
-        out[m] = torch.where(present, x, noisy)
-    if mode != "zero":
-        out["noise_t"] = noise_t
-    return out
+    for m in MODALITIES:
+        if batch[m].dim() != 2:
+            raise ValueError(f"corrupt_dialogue_batch expects [N, D] features; {m} has shape {tuple(batch[m].shape)}")
+    # One mechanism for both data kinds; "lengths" of a dialogue batch counts utterances per dialogue and is not read.
+    return corrupt_batch(batch, mode, scheduler, generator, per=per, occur_freq=occur_freq)
 
 
 # ======================================================================================================================

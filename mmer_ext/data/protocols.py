@@ -229,7 +229,7 @@ def corrupt_batch(
     batch : dict
         From :func:`~mmer_ext.data.collate_utterances`; reads ``"A"``, ``"V"``, ``"L"`` ``[B, T_m, D_m]``,
         ``"missing_index"`` ``[B, 3]`` (all present when absent) and ``"lengths"`` ``[B, 3]`` (all frames valid when
-        absent).
+        absent). Utterance-level vectors ``[B, D_m]`` (dialogue batches) work too; ``"lengths"`` is then not read.
     mode : {"zero", "gaussian", "impulse"}
         ``zero``: missing modalities multiplied by 0 (MMIN / IF-MMIN). ``gaussian`` / ``impulse``: NMER's noising of
         the missing modalities, ``sqrt(abar_t) x + sqrt(1-abar_t) eps``; present modalities are untouched.
@@ -264,17 +264,18 @@ def corrupt_batch(
     for j, m in enumerate(MODALITIES):
         x = batch[m]
         out[f"{m}_clean"] = x
-        present = mi[:, j].to(device=x.device, dtype=torch.bool)
+        present = mi[:, j].to(device=x.device, dtype=torch.bool).view(-1, *([1] * (x.dim() - 1)))
         if mode == "zero":
-            out[m] = x * present.to(x.dtype).view(-1, 1, 1)
+            out[m] = x * present.to(x.dtype)
             continue
         t = scheduler.sample_t(b, generator, per=per)
         noise_t[:, j] = t
         noisy = scheduler.add_noise(x, _noise_like(x, mode, generator, occur_freq), t)
-        if lengths is not None:
+        if lengths is not None and x.dim() == 3:
+            # Frame sequences: the padding past each utterance's length stays zero.
             valid = torch.arange(x.shape[1], device=x.device) < lengths[:, j].to(x.device).view(-1, 1)
             noisy = noisy * valid.unsqueeze(-1).to(x.dtype)
-        out[m] = torch.where(present.view(-1, 1, 1), x, noisy)
+        out[m] = torch.where(present, x, noisy)
     if mode != "zero":
         out["noise_t"] = noise_t
     return out
