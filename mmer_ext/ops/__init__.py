@@ -6,5 +6,27 @@ of every op are in :mod:`mmer_ext.ops._reference`.
 
 from mmer_ext.ops.angular_adjacency import angular_adjacency, block_graph_propagate
 from mmer_ext.ops.cmd import central_moments, cmd, cmd_pairwise
+from mmer_ext.ops.diffusion_steps import (
+    ddim_step,
+    langevin_corrector_step,
+    ve_diffusion_coeff,
+    ve_marginal_std,
+    ve_ode_step,
+    ve_perturb,
+    ve_sde_em_step,
+)
 
-__all__ = ["angular_adjacency", "block_graph_propagate", "central_moments", "cmd", "cmd_pairwise"]
+__all__ = [
+    "angular_adjacency",
+    "block_graph_propagate",
+    "central_moments",
+    "cmd",
+    "cmd_pairwise",
+    "ddim_step",
+    "langevin_corrector_step",
+    "ve_diffusion_coeff",
+    "ve_marginal_std",
+    "ve_ode_step",
+    "ve_perturb",
+    "ve_sde_em_step",
+]

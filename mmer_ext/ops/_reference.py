@@ -230,3 +230,131 @@ def block_graph_propagate_ref(blocks: Tensor, x: Tensor, lengths: Tensor) -> Ten
     gathered = x[node] * valid[..., None].to(x.dtype)  # [G, M * Lmax, F]
     out = torch.bmm(blocks, gathered)
     return out.reshape(G * slots, -1)[slot_of_node]
+
+
+# ---- score-based sampling steps (IMDer's VE SDE, predictor-corrector, DDIM) ----------------------------------------
+#
+# ``x`` is ``[B, ...]``. ``t`` / ``alpha_bar_*`` are a Python float, a 0-d tensor, or a ``[B]`` tensor broadcast over
+# the non-batch dimensions. Coefficients are computed in float64 (or t's dtype if wider) and rounded to ``x.dtype``
+# once, then applied in ``x.dtype``. The noisy references take the noise as an argument: they define what the fused
+# ops compute with ``noise=``.
+
+
+def _per_sample(value: float | Tensor, x: Tensor) -> Tensor:
+    """``value`` as a float64 tensor that broadcasts against ``x``: 0-d, or ``[B, 1, ..., 1]`` for a ``[B]`` tensor."""
+    if not isinstance(value, Tensor):
+        return torch.tensor(float(value), dtype=torch.float64, device=x.device)
+    value = value.to(device=x.device, dtype=torch.promote_types(value.dtype, torch.float64))
+    if value.dim() == 1:
+        value = value.reshape(value.shape[0], *([1] * (x.dim() - 1)))
+    return value
+
+
+def _as_time(t: float | Tensor) -> Tensor:
+    if isinstance(t, Tensor):
+        return t
+    return torch.tensor(float(t), dtype=torch.get_default_dtype())
+
+
+def ve_marginal_std_ref(t: float | Tensor, sigma: float = 25.0) -> Tensor:
+    """``sqrt((sigma^(2t) - 1) / (2 ln sigma))``, the marginal std of IMDer's VE SDE at time ``t`` (elementwise).
+
+    Written with ``expm1``: equal to IMDer's ``(sigma**(2t) - 1) / 2 / log(sigma)`` in exact arithmetic, and keeps
+    full relative precision near ``t = 0`` (t = 1e-5 loses 3 digits in float32 the other way)."""
+    t = _as_time(t)
+    log_sigma = math.log(sigma)
+    return torch.sqrt(torch.expm1(2.0 * log_sigma * t) / (2.0 * log_sigma))
+
+
+def ve_diffusion_coeff_ref(t: float | Tensor, sigma: float = 25.0) -> Tensor:
+    """``g(t) = sigma^t`` (elementwise)."""
+    t = _as_time(t)
+    return torch.exp(math.log(sigma) * t)
+
+
+def ve_perturb_ref(x: Tensor, t: float | Tensor, sigma: float = 25.0, *, noise: Tensor) -> Tensor:
+    """``x + std(t) * noise``."""
+    std = ve_marginal_std_ref(_per_sample(t, x), sigma).to(x.dtype)
+    return x + std * noise
+
+
+def ve_sde_em_step_ref(
+    x: Tensor, score: Tensor, t: float | Tensor, dt: float, sigma: float = 25.0, *, noise: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One reverse-time Euler-Maruyama step of the VE SDE (IMDer's sampler loop body).
+
+    ``x_mean = x + g(t)^2 * score * dt``; ``x_next = x_mean + sqrt(dt) * g(t) * noise``. Returns ``(x_next, x_mean)``.
+    """
+    g = ve_diffusion_coeff_ref(_per_sample(t, x), sigma)
+    drift = (g * g * dt).to(x.dtype)
+    diffusion = (math.sqrt(dt) * g).to(x.dtype)
+    x_mean = x + drift * score
+    return x_mean + diffusion * noise, x_mean
+
+
+def ve_ode_step_ref(x: Tensor, score: Tensor, t: float | Tensor, dt: float, sigma: float = 25.0) -> Tensor:
+    """One Euler step of the probability-flow ODE: ``x + 0.5 * g(t)^2 * score * dt``."""
+    g = ve_diffusion_coeff_ref(_per_sample(t, x), sigma)
+    return x + (0.5 * g * g * dt).to(x.dtype) * score
+
+
+def langevin_corrector_step_ref(x: Tensor, score: Tensor, snr: float, *, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """One Langevin corrector step (Song et al. 2021, predictor-corrector), with per-sample step sizes.
+
+    For each sample ``b``: ``eps_b = 2 * (snr * ||noise_b|| / ||score_b||)^2`` (0 where ``||score_b|| = 0``),
+    ``x_mean = x + eps_b * score``, ``x_next = x_mean + sqrt(2 * eps_b) * noise``. Returns ``(x_next, x_mean)``.
+    Song's code averages the two norms over the batch instead (one step size for all samples); per-sample sizes make
+    each sample's update independent of the others in the batch. Norms are taken in float64.
+    """
+    B = x.shape[0]
+    view = (B,) + (1,) * (x.dim() - 1)
+    per_sample = math.prod(x.shape[1:])
+    score_norm = torch.linalg.vector_norm(score.reshape(B, per_sample).double(), dim=1)
+    noise_norm = torch.linalg.vector_norm(noise.reshape(B, per_sample).double(), dim=1)
+    nonzero = score_norm > 0
+    ratio = snr * noise_norm / torch.where(nonzero, score_norm, torch.ones_like(score_norm))
+    eps = torch.where(nonzero, 2.0 * ratio * ratio, torch.zeros_like(ratio))
+    x_mean = x + eps.to(x.dtype).reshape(view) * score
+    return x_mean + torch.sqrt(2.0 * eps).to(x.dtype).reshape(view) * noise, x_mean
+
+
+def ddim_coefficients_ref(
+    alpha_bar_t: Tensor, alpha_bar_prev: Tensor, eta: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(1/sqrt(ab_t), sqrt(1-ab_t)/sqrt(ab_t), sqrt(ab_prev), sqrt(1-ab_prev-s^2), s)`` of a DDIM step, with
+    ``s = eta * sqrt((1-ab_prev)/(1-ab_t) * (1 - ab_t/ab_prev))``. Rounding guards: ``s = 0`` when ``ab_t = 1`` or the
+    product is negative (``ab_t > ab_prev``), and ``1 - ab_prev - s^2`` is floored at 0."""
+    ab_t, ab_prev = alpha_bar_t, alpha_bar_prev
+    one_minus_t = 1.0 - ab_t
+    safe = one_minus_t > 0
+    var = (1.0 - ab_prev) / torch.where(safe, one_minus_t, torch.ones_like(one_minus_t)) * (1.0 - ab_t / ab_prev)
+    var = torch.where(safe, var.clamp(min=0.0), torch.zeros_like(var))
+    s = eta * torch.sqrt(var)
+    direction = torch.sqrt((1.0 - ab_prev - s * s).clamp(min=0.0))
+    return torch.rsqrt(ab_t), torch.sqrt(one_minus_t) * torch.rsqrt(ab_t), torch.sqrt(ab_prev), direction, s
+
+
+def ddim_step_ref(
+    x_t: Tensor,
+    eps: Tensor,
+    alpha_bar_t: float | Tensor,
+    alpha_bar_prev: float | Tensor,
+    eta: float = 0.0,
+    *,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step (Song et al. 2021, eq. 12) for a model predicting ``eps``. Returns ``(x_prev, x0_pred)``.
+
+    ``x0 = (x_t - sqrt(1-ab_t) eps) / sqrt(ab_t)``; ``x_prev = sqrt(ab_prev) x0 + sqrt(1-ab_prev-s^2) eps + s z``
+    (coefficients: :func:`ddim_coefficients_ref`). ``noise`` is required unless ``eta == 0``.
+    """
+    if noise is None and eta != 0.0:
+        raise ValueError("ddim_step_ref: noise is required when eta != 0")
+    c_x, c_e, a, d, s = (c.to(x_t.dtype) for c in ddim_coefficients_ref(
+        _per_sample(alpha_bar_t, x_t), _per_sample(alpha_bar_prev, x_t), eta
+    ))
+    x0 = c_x * x_t - c_e * eps
+    x_prev = a * x0 + d * eps
+    if noise is not None:
+        x_prev = x_prev + s * noise
+    return x_prev, x0
