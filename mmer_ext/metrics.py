@@ -14,6 +14,18 @@ Definitions (SPEC section 3):
 - ``WF1`` = ``f1_score(average="weighted")`` (MMGCN / ERC papers).
 
 All four are fractions in [0, 1]; the report module turns them into percentages.
+
+Sentiment regression (MOSI / MOSEI, IMDer): :func:`regression_metrics` follows MMSA's ``MetricsTop`` exactly (SPEC
+section 3), again through ``sklearn.metrics`` for the binary scores:
+
+- ``Acc2_has0`` / ``F1_has0``: ``pred >= 0`` vs ``y >= 0`` over all samples (accuracy, weighted F1).
+- ``Acc2_non0`` / ``F1_non0``: ``pred > 0`` vs ``y > 0`` over the samples with ``y != 0`` (the numbers IMDer reports).
+- ``Acc7`` / ``Acc5``: ``mean(round(clip(pred, -c, c)) == round(clip(y, -c, c)))`` with ``c = 3`` / ``2`` and
+  ``np.round`` (half to even: 0.5 -> 0, 1.5 -> 2), as MMSA.
+- ``MAE`` = ``mean(|pred - y|)``; ``Corr`` = Pearson correlation (``np.corrcoef``).
+
+Accuracies and F1s are fractions in [0, 1] (the papers print them x100). :func:`recovery_metrics` scores recovered
+features against the true ones (MSE and mean per-sample cosine).
 """
 
 from __future__ import annotations
@@ -29,13 +41,23 @@ from mmer_ext.data.protocols import CONDITION_LABELS, FULL_CONDITION
 __all__ = [
     "METRIC_NAMES",
     "NUM_MISSING_CONDITIONS",
+    "RECOVERY_METRIC_NAMES",
+    "REGRESSION_METRIC_NAMES",
     "classification_metrics",
     "condition_metrics",
     "per_class_f1",
+    "recovery_metrics",
+    "regression_metrics",
 ]
 
 #: Keys of the dict returned by :func:`classification_metrics`, in the order the report prints them.
 METRIC_NAMES: tuple[str, ...] = ("WA", "UA", "F1", "WF1")
+
+#: Keys of :func:`regression_metrics`, in print order.
+REGRESSION_METRIC_NAMES: tuple[str, ...] = ("Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc7", "Acc5", "MAE",
+                                            "Corr")
+#: Keys of :func:`recovery_metrics`.
+RECOVERY_METRIC_NAMES: tuple[str, ...] = ("MSE", "cosine")
 
 #: Conditions ``0 .. NUM_MISSING_CONDITIONS - 1`` are the six missing-modality conditions; ``FULL_CONDITION`` (6)
 #: is the full-modality one.
@@ -193,6 +215,121 @@ def condition_metrics(
         out["average"] = {k: float(np.mean([m[k] for m in six])) for k in METRIC_NAMES}
     out["overall"] = classification_metrics(yt, yp, num_classes)
     return out
+
+
+def _as_float_array(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            x = x.float()
+        x = x.numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    return arr.astype(np.float64)
+
+
+def _check_regression_pair(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    yt = _as_float_array(y_true, "y_true")
+    yp = _as_float_array(y_pred, "y_pred")
+    for name, arr in (("y_true", yt), ("y_pred", yp)):
+        # [N] or [N, 1] (a regression head's output); anything wider is a mistake, not something to flatten.
+        if not (arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1)):
+            raise ValueError(f"{name} must have shape [N] or [N, 1], got {tuple(arr.shape)}")
+    yt, yp = yt.reshape(-1), yp.reshape(-1)
+    if yt.shape[0] != yp.shape[0]:
+        raise ValueError(f"y_true and y_pred differ in length: {yt.shape[0]} vs {yp.shape[0]}")
+    if yt.shape[0] == 0:
+        raise ValueError("cannot compute metrics of an empty set of predictions")
+    for name, arr in (("y_true", yt), ("y_pred", yp)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} holds {int((~np.isfinite(arr)).sum())} non-finite values")
+    return yt, yp
+
+
+def _multiclass_acc(yt: np.ndarray, yp: np.ndarray, c: float) -> float:
+    return float(np.mean(np.round(np.clip(yp, -c, c)) == np.round(np.clip(yt, -c, c))))
+
+
+def regression_metrics(y_true: Any, y_pred: Any) -> dict[str, float]:
+    """MOSI / MOSEI sentiment metrics of one set of continuous predictions (MMSA ``MetricsTop`` semantics).
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of float, shape [N] or [N, 1]
+        Reference sentiment (in [-3, 3]) and predictions (numpy, torch on any device, lists).
+
+    Returns
+    -------
+    dict
+        ``{"Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc7", "Acc5", "MAE", "Corr"}`` as Python floats; the
+        accuracies and F1s are fractions in [0, 1]. See the module docstring for the definitions.
+
+    Notes
+    -----
+    Two degenerate cases, where MMSA would give ``nan`` (and a warning): ``Corr`` is 0.0 when the predictions or
+    the labels are constant (no linear relation can be measured; a constant predictor should not make model
+    selection or averaging over seeds produce ``nan``), and ``Acc2_non0`` / ``F1_non0`` are ``nan`` when every
+    label is 0 (the subset they are defined on is empty). Weighted F1 uses ``zero_division=0``: a class that is
+    never predicted gets F1 0, which is sklearn's default value without its warning.
+
+    Raises
+    ------
+    ValueError
+        On empty input, a length mismatch, non-finite values, or a shape other than [N] / [N, 1].
+    """
+    yt, yp = _check_regression_pair(y_true, y_pred)
+    bt, bp = yt >= 0, yp >= 0
+    out = {
+        "Acc2_has0": float(accuracy_score(bt, bp)),
+        "F1_has0": float(f1_score(bt, bp, average="weighted", zero_division=0)),
+    }
+    nz = yt != 0
+    if nz.any():
+        bt, bp = yt[nz] > 0, yp[nz] > 0
+        out["Acc2_non0"] = float(accuracy_score(bt, bp))
+        out["F1_non0"] = float(f1_score(bt, bp, average="weighted", zero_division=0))
+    else:
+        out["Acc2_non0"] = out["F1_non0"] = float("nan")
+    out["Acc7"] = _multiclass_acc(yt, yp, 3.0)
+    out["Acc5"] = _multiclass_acc(yt, yp, 2.0)
+    out["MAE"] = float(np.mean(np.abs(yp - yt)))
+    if np.ptp(yt) == 0 or np.ptp(yp) == 0:
+        out["Corr"] = 0.0
+    else:
+        out["Corr"] = float(np.corrcoef(yp, yt)[0, 1])
+    return out
+
+
+def recovery_metrics(recovered: Any, target: Any) -> dict[str, float]:
+    """How close recovered features are to the true ones: ``{"MSE", "cosine"}``.
+
+    Parameters
+    ----------
+    recovered, target : array-like, shape [B, ...]
+        Same shape; the first dimension indexes samples (e.g. IMDer's ``[B, 32, 48]`` projections).
+
+    Returns
+    -------
+    dict
+        ``MSE``: mean squared difference over all elements. ``cosine``: the cosine similarity of each sample's
+        flattened features with its target, averaged over samples; a sample whose recovered or target vector is all
+        zero counts as cosine 0 (undefined direction). Computed in float64.
+    """
+    r = _as_float_array(recovered, "recovered")
+    t = _as_float_array(target, "target")
+    if r.shape != t.shape:
+        raise ValueError(f"recovered and target differ in shape: {tuple(r.shape)} vs {tuple(t.shape)}")
+    if r.ndim < 1 or r.shape[0] == 0:
+        raise ValueError(f"recovered must be [B, ...] with B >= 1, got shape {tuple(r.shape)}")
+    for name, arr in (("recovered", r), ("target", t)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} holds {int((~np.isfinite(arr)).sum())} non-finite values")
+    r, t = r.reshape(r.shape[0], -1), t.reshape(t.shape[0], -1)
+    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(t, axis=1)
+    dots = np.einsum("ij,ij->i", r, t)
+    cos = np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+    return {"MSE": float(np.mean((r - t) ** 2)) if r.size else 0.0, "cosine": float(np.mean(cos))}
 
 
 def _check_constants(labels: Sequence[str], full: int) -> None:

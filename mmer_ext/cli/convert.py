@@ -1,27 +1,73 @@
-"""``mmer-ext convert``: turn a pickled dataset into a safe format once (pickles run code when loaded)."""
+"""``mmer-ext convert``: turn a pickled dataset into a safe format once (pickles run code when loaded).
+
+Two kinds of pickles: MMSA's ``aligned_50.pkl`` / ``unaligned_50.pkl`` (MOSI / MOSEI, a dict of splits) and the
+DialogueGCN-style IEMOCAP / MELD feature tuples. ``--format auto`` tells them apart by the pickle's first opcodes
+(a dict or a tuple), read with :mod:`pickletools`, which parses and never executes, so the file is unpickled only
+once, by the conversion itself.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import pickletools
 import warnings
+
+FORMATS = ("auto", "mmsa", "dialogue")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="rewrite a DialogueGCN-style IEMOCAP / MELD pickle as safetensors + JSON",
+    p = sub.add_parser("convert", help="rewrite an MMSA (MOSI / MOSEI) or DialogueGCN-style (IEMOCAP / MELD) pickle "
+                                       "as safetensors + JSON",
                        description="Unpickling runs whatever code the file holds: convert only files you trust, "
-                                   "once, then load and share the converted directory (--data dialogues:DIR).")
-    p.add_argument("source", help="IEMOCAP_features.pkl (9-tuple) or MELD_features_raw1.pkl (10-tuple)")
+                                   "once, then load and share the converted directory (--data mmsa-cache:DIR for "
+                                   "MMSA pickles, --data dialogues:DIR for dialogue pickles).")
+    p.add_argument("source", help="aligned_50.pkl / unaligned_50.pkl (MMSA), IEMOCAP_features.pkl (9-tuple) or "
+                                  "MELD_features_raw1.pkl (10-tuple)")
     p.add_argument("destination", help="output directory")
-    p.add_argument("--kind", choices=("iemocap-erc", "meld"), help="default: from the tuple length")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="pickle layout; auto (default): a dict of splits is MMSA, a tuple is a dialogue pickle")
+    p.add_argument("--kind", choices=("iemocap-erc", "meld"), help="dialogue pickles: default from the tuple length")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from mmer_ext.data.dialogue import UnsafePickleWarning, convert_pickle
+def sniff_pickle(path: str) -> str:
+    """``"mmsa"`` when the pickle's top-level object is a dict, ``"dialogue"`` otherwise (parsing opcodes only)."""
+    from mmer_ext.data import DataFormatError
 
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: file not found")
+    ops = []
+    try:
+        with open(path, "rb") as f:
+            for op, _arg, _pos in pickletools.genops(f):
+                if op.name in ("PROTO", "FRAME"):
+                    continue
+                ops.append(op.name)
+                if len(ops) == 2:
+                    break
+    except Exception as e:  # noqa: BLE001 - whatever genops chokes on, the file is not a readable pickle
+        if not ops:
+            raise DataFormatError(f"{path}: not a pickle file ({type(e).__name__}: {e})") from e
+    # A dict is built by EMPTY_DICT (protocol >= 1) or MARK DICT (protocol 0); a tuple starts with MARK and its items.
+    if ops[:1] == ["EMPTY_DICT"] or ops[:2] == ["MARK", "DICT"]:
+        return "mmsa"
+    return "dialogue"
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmer_ext.data import UnsafePickleWarning, convert_mmsa, convert_pickle
+
+    fmt = sniff_pickle(args.source) if args.format == "auto" else args.format
+    if fmt == "mmsa" and args.kind is not None:
+        print(f"mmer-ext convert: --kind {args.kind} applies to dialogue pickles only; ignored for an MMSA pickle")
     with warnings.catch_warnings():
         # The user asked for exactly this conversion; the warning's advice ("convert it") is what is happening.
         warnings.simplefilter("ignore", UnsafePickleWarning)
-        out = convert_pickle(args.source, args.destination, kind=args.kind)
-    print(f"wrote {out}; load it with --data dialogues:{args.destination}")
+        if fmt == "mmsa":
+            out = convert_mmsa(args.source, args.destination)
+        else:
+            out = convert_pickle(args.source, args.destination, kind=args.kind)
+    spec = "mmsa-cache" if fmt == "mmsa" else "dialogues"
+    print(f"wrote {out}; load it with --data {spec}:{args.destination}")
     return 0

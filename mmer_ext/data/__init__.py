@@ -1,6 +1,7 @@
 """Data layer of mmer_ext: utterance datasets, the embedded synthetic dataset, real-feature loaders, and the
-missing-modality protocols (conditions, per-epoch condition draws, zero / noise corruption); dialogue datasets for
-the ERC graph model (MMGCN) in :mod:`mmer_ext.data.dialogue`.
+missing-modality protocols (conditions, per-epoch condition draws, zero / noise corruption, IMDer's missing rates);
+dialogue datasets for the ERC graph model (MMGCN) in :mod:`mmer_ext.data.dialogue`; fixed-length sentiment sequences
+(MOSI / MOSEI MMSA pickles and their synthetic twin, for IMDer) in :mod:`mmer_ext.data.mmsa`.
 
 Modality order is always ``("A", "V", "L")`` (acoustic, visual, lexical).
 """
@@ -36,6 +37,14 @@ from mmer_ext.data.iemocap import (
     load_iemocap,
     load_msp_improv,
 )
+from mmer_ext.data.mmsa import (
+    MMSA_SPLITS,
+    SequenceDataset,
+    collate_sequences,
+    convert_mmsa,
+    load_mmsa,
+    load_mmsa_cache,
+)
 from mmer_ext.data.protocols import (
     ALL_CONDITIONS,
     CONDITION_LABELS,
@@ -43,14 +52,26 @@ from mmer_ext.data.protocols import (
     CORRUPTION_MODES,
     FULL_CONDITION,
     MISSING_CONDITIONS,
+    MISSING_RATES,
     MODALITIES,
+    MR_PROTOCOLS,
     PROTOCOL_MODES,
     MissingConditionDataset,
     NoiseScheduler,
     condition_index,
     corrupt_batch,
+    missing_rate_fractions,
+    missing_rate_patterns,
+    realized_missing_rate,
 )
-from mmer_ext.data.synthetic import CLASS_NAMES, calibration_report, make_synthetic_utterances
+from mmer_ext.data.synthetic import (
+    CLASS_NAMES,
+    SEQUENCE_PRESETS,
+    calibration_report,
+    make_synthetic_sequences,
+    make_synthetic_utterances,
+    regression_calibration_report,
+)
 from mmer_ext.data.utterance import (
     ModalityDims,
     UtteranceDataset,
@@ -71,4 +92,7 @@ __all__ = [
     "MissingConditionDataset", "NoiseScheduler", "PROTOCOL_MODES", "UtteranceDataset", "calibration_report",
     "collate_utterances", "condition_index", "corrupt_batch", "load_dataset", "load_iemocap", "load_msp_improv",
     "load_splits", "make_synthetic_utterances", "save_splits", "split_dataset",
+    "MISSING_RATES", "MMSA_SPLITS", "MR_PROTOCOLS", "SEQUENCE_PRESETS", "SequenceDataset", "collate_sequences",
+    "convert_mmsa", "load_mmsa", "load_mmsa_cache", "make_synthetic_sequences", "missing_rate_fractions",
+    "missing_rate_patterns", "realized_missing_rate", "regression_calibration_report",
 ]

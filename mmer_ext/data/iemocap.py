@@ -319,7 +319,7 @@ def load_msp_improv(
     return _load("msp", path, cv, splits, norm_method, dims, tuple(class_names))
 
 
-def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[str, UtteranceDataset]:
+def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[str, Any]:
     """Load a split dict ``{"train", "val", "test"}`` from a source string.
 
     ``"synthetic"`` or ``"synthetic:<preset>"`` (``iemocap`` or ``small``) -> :func:`make_synthetic_utterances`;
@@ -331,6 +331,12 @@ def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[
     Dialogue sources (:class:`~mmer_ext.data.dialogue.DialogueDataset` splits, for MMGCN) go to
     :func:`~mmer_ext.data.dialogue.load_dialogue_dataset`: ``"synthetic-dialogue[:preset]"``, ``"iemocap-erc:PATH"``,
     ``"meld:PATH"``, ``"dialogues:DIR"`` (``fold`` is ignored: these datasets have one fixed split).
+
+    Sentiment sequences (:class:`~mmer_ext.data.mmsa.SequenceDataset` splits, for IMDer): ``"synthetic-mosi"``
+    (also ``"synthetic-mosi:small"``) and ``"synthetic-mosi-small"`` -> :func:`make_synthetic_sequences` with the
+    ``mosi`` / ``small`` preset (``seed`` seeds the generator); ``"mmsa:PKL"`` -> :func:`~mmer_ext.data.mmsa.load_mmsa`
+    (``aligned_50.pkl`` / ``unaligned_50.pkl``; unpickles, with a warning); ``"mmsa-cache:DIR"`` -> the safe copy
+    written by :func:`~mmer_ext.data.mmsa.convert_mmsa`. ``fold`` and, for the files, ``seed`` are ignored.
     """
     from mmer_ext.data.dialogue import DIALOGUE_SOURCES, load_dialogue_dataset
     from mmer_ext.data.synthetic import make_synthetic_utterances
@@ -338,6 +344,19 @@ def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[
 
     source, _, arg = spec.partition(":")
     source = source.strip().lower()
+    if source in ("synthetic-mosi", "synthetic-mosi-small"):
+        from mmer_ext.data.synthetic import make_synthetic_sequences
+
+        preset = "small" if source.endswith("-small") else (arg or "mosi")
+        if source.endswith("-small") and arg:
+            raise DataFormatError(f"dataset spec {spec!r}: 'synthetic-mosi-small' takes no ':' argument")
+        return make_synthetic_sequences(**{"preset": preset, **kw, "seed": seed})
+    if source in ("mmsa", "mmsa-cache"):
+        from mmer_ext.data.mmsa import load_mmsa, load_mmsa_cache
+
+        if not arg:
+            raise DataFormatError(f"dataset spec {spec!r} needs a path: '{source}:PATH'")
+        return load_mmsa(arg, **kw) if source == "mmsa" else load_mmsa_cache(arg, **kw)
     if source in DIALOGUE_SOURCES or source in ("synthetic-dialogues", "iemocap_erc"):
         return load_dialogue_dataset(spec, seed=seed, **kw)
     if source == "synthetic":
@@ -353,4 +372,5 @@ def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[
     if source == "cache":
         return load_splits(arg, **kw)
     raise DataFormatError(f"unknown dataset source {source!r} in {spec!r}; expected synthetic, iemocap, msp, cache, "
-                          "or a dialogue source (synthetic-dialogue, iemocap-erc, meld, dialogues)")
+                          "a dialogue source (synthetic-dialogue, iemocap-erc, meld, dialogues) or a sentiment "
+                          "source (synthetic-mosi, synthetic-mosi-small, mmsa, mmsa-cache)")

@@ -33,11 +33,44 @@ with :math:`\\epsilon \\sim N(0, I)` or the impulse noise :math:`\\mathrm{sign}(
 :math:`t \\sim U\\{0..T-1\\}` per modality per batch (as the authors; ``per="sample"`` draws one per sample).
 Padding frames (beyond each sequence's length) stay exactly zero so max-pooling encoders see the same padding as in
 the clean batch.
+
+Missing rate (IMDer, MOSI / MOSEI)
+----------------------------------
+IMDer and its siblings (DiCMoR, GCNet's tables) sweep a *missing rate* ``MR`` in :data:`MISSING_RATES`, defined as
+:math:`MR = \\sum_i N_i / (3 N)` with :math:`N_i` the number of samples that lack modality :math:`i`. Every sample
+keeps at least one modality, so a fraction ``a`` of the samples loses two modalities and a fraction ``b`` loses one,
+:math:`MR = (2a + b) / 3`. :func:`missing_rate_fractions` returns the authors' table (``miss_2`` / ``miss_1``)::
+
+    MR    0.0  0.1  0.2  0.3  0.4  0.5  0.6  0.7
+    a     0    0.1  0.2  0.3  0.5  0.7  0.9  1.0
+    b     0    0.1  0.2  0.3  0.2  0.1  0    0
+    2a+b  0    0.3  0.6  0.9  1.2  1.5  1.8  2.0   (= 3 MR, except MR = 0.7: capped at a = 1, realised MR = 2/3)
+
+``MR = 0.7`` cannot be reached while keeping one modality per sample (the maximum is 2/3); the authors keep the row
+and train at the cap, and so does this table: :func:`realized_missing_rate` of a 0.7 pattern is 0.667. The authors
+index their lists with ``int(MR * 10 - 1)``, so ``MR = 0.0`` reads index -1 ("every batch misses two modalities",
+IMDer#2/#6); here ``MR = 0.0`` means complete data, ``(a, b) = (0, 0)``.
+
+:func:`missing_rate_patterns` turns ``(a, b)`` into an availability mask, under one of two protocols:
+
+* ``"per-batch"`` (the authors): items are cut, in the order given, into batches of ``batch_size``; the first
+  ``round(a * nb)`` of the ``nb`` batches miss two modalities, the next ``round(b * nb)`` miss one, the rest are
+  complete, and every item of a batch misses the same modalities. The authors round ``nb`` to a multiple of ten
+  first (``round(len(loader) / 10) * 10``), which can make the counts disagree with the actual number of batches;
+  here the actual ``nb`` is used. With shuffled loaders the items in each group change every epoch, but the
+  realised rate depends on the batch count (9 batches at MR 0.1 -> round(0.9) = 1 batch of 9 misses two).
+* ``"per-sample"``: exactly ``round(a * N)`` rows miss two and ``round(b * N)`` miss one, at shuffled positions, each
+  row with its own modalities, so the realised rate matches the table for any ``N`` and any batch size.
+
+Which modalities go missing is uniform: the kept one (missing two) or the dropped one (missing one) is drawn uniformly
+from A, V, L. Counts use round-half-up on the exact decimal fractions (``0.1 * 5`` -> 1, never a binary-float
+surprise).
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -279,3 +312,117 @@ def corrupt_batch(
     if mode != "zero":
         out["noise_t"] = noise_t
     return out
+
+
+# ======================================================================================================================
+# IMDer missing-rate protocol
+# ======================================================================================================================
+#: The missing rates of IMDer's sweep (MOSI / MOSEI tables).
+MISSING_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+#: Protocols of :func:`missing_rate_patterns`.
+MR_PROTOCOLS = ("per-sample", "per-batch")
+
+# (miss_2, miss_1) per MR index 0..7 as exact decimals; index 0 is the fixed MR = 0.0 row (the authors' -1 index).
+_MR_TABLE = tuple((Fraction(a), Fraction(b)) for a, b in (
+    ("0", "0"), ("0.1", "0.1"), ("0.2", "0.2"), ("0.3", "0.3"), ("0.5", "0.2"), ("0.7", "0.1"), ("0.9", "0"),
+    ("1", "0")))
+
+
+def _mr_row(mr: float) -> tuple[Fraction, Fraction]:
+    try:
+        x = float(mr)
+    except (TypeError, ValueError):
+        raise ValueError(f"mr must be one of {MISSING_RATES}, got {mr!r}") from None
+    k = int(round(x * 10)) if math.isfinite(x) else -1
+    if not (0 <= k < len(_MR_TABLE) and abs(x - MISSING_RATES[k]) < 1e-9):
+        raise ValueError(f"mr must be one of {MISSING_RATES} (IMDer's table has no other rows), got {mr!r}")
+    return _MR_TABLE[k]
+
+
+def missing_rate_fractions(mr: float) -> tuple[float, float]:
+    """``(a, b)``: the fractions of samples (or batches) missing two and one modalities at missing rate ``mr``.
+
+    IMDer's table (see the module docstring); ``mr`` must be one of :data:`MISSING_RATES`, anything else is a
+    ``ValueError``. ``MR = 0.0`` gives ``(0.0, 0.0)`` (the authors' code would give "all miss two");
+    ``(2a + b) / 3 == mr`` for every row but 0.7, which is capped at ``(1.0, 0.0)`` (realised rate 2/3).
+    """
+    a, b = _mr_row(mr)
+    return float(a), float(b)
+
+
+def _round_half_up(x: Fraction) -> int:
+    return math.floor(x + Fraction(1, 2))
+
+
+def _masks_from_kinds(kinds: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Rows of kind 2 keep only modality ``choice``, kind 1 drop only ``choice``, kind 0 keep all."""
+    one_hot = torch.nn.functional.one_hot(choice, 3).to(torch.int64)
+    out = torch.ones(kinds.numel(), 3, dtype=torch.int64)
+    out = torch.where((kinds == 2).unsqueeze(1), one_hot, out)
+    return torch.where((kinds == 1).unsqueeze(1), 1 - one_hot, out)
+
+
+def missing_rate_patterns(
+    num_items: int,
+    mr: float,
+    *,
+    protocol: str = "per-sample",
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Availability masks realising missing rate ``mr``: int64 ``[num_items, 3]`` in A, V, L order, 1 = present.
+
+    Parameters
+    ----------
+    num_items : int
+        Number of rows (samples).
+    mr : float
+        One of :data:`MISSING_RATES`.
+    protocol : {"per-sample", "per-batch"}
+        See the module docstring. ``"per-batch"`` needs ``batch_size``: row ``k`` belongs to batch
+        ``k // batch_size``, so pass the rows in the order the loader will serve them.
+    batch_size : int, optional
+        Batch size of the ``"per-batch"`` protocol (ignored by ``"per-sample"``).
+    generator : torch.Generator, optional
+        Source of every random draw (positions and modalities); the global RNG when omitted. The same seed gives the
+        same masks.
+
+    Returns
+    -------
+    Tensor
+        int64 ``[num_items, 3]``; every row keeps at least one modality.
+    """
+    if protocol not in MR_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {MR_PROTOCOLS}, got {protocol!r}")
+    if isinstance(num_items, bool) or int(num_items) != num_items or num_items < 0:
+        raise ValueError(f"num_items must be a non-negative integer, got {num_items!r}")
+    n = int(num_items)
+    a, b = _mr_row(mr)
+    dev = generator.device if generator is not None else torch.device("cpu")
+    if protocol == "per-sample":
+        n2 = _round_half_up(a * n)
+        n1 = min(_round_half_up(b * n), n - n2)
+        kinds = torch.cat([torch.full((n2,), 2), torch.full((n1,), 1), torch.zeros(n - n2 - n1)]).to(torch.int64)
+        perm = torch.randperm(n, generator=generator, device=dev).cpu()
+        choice = torch.randint(0, 3, (n,), generator=generator, device=dev).cpu()
+        return _masks_from_kinds(kinds[perm], choice)
+    if batch_size is None or isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"the per-batch protocol needs a positive integer batch_size, got {batch_size!r}")
+    bs = int(batch_size)
+    nb = -(-n // bs)
+    n2 = _round_half_up(a * nb)
+    n1 = min(_round_half_up(b * nb), nb - n2)
+    kinds = torch.cat([torch.full((n2,), 2), torch.full((n1,), 1), torch.zeros(nb - n2 - n1)]).to(torch.int64)
+    choice = torch.randint(0, 3, (nb,), generator=generator, device=dev).cpu()
+    per_batch = _masks_from_kinds(kinds, choice)
+    return per_batch.repeat_interleave(bs, dim=0)[:n].contiguous()
+
+
+def realized_missing_rate(missing_index: torch.Tensor) -> float:
+    """The missing rate of a set of availability masks ``[N, 3]``: missing entries / (3 N) (0.0 for N = 0)."""
+    m = torch.as_tensor(missing_index)
+    if m.dim() != 2 or m.shape[1] != 3:
+        raise ValueError(f"missing_index must be [N, 3], got shape {tuple(m.shape)}")
+    if m.shape[0] == 0:
+        return 0.0
+    return float((1 - m.to(torch.float64)).mean())
