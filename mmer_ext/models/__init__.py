@@ -1,4 +1,5 @@
-"""Models of the MMIN family (MMIN, IF-MMIN, NMER) and their baselines, and the dialogue-graph model MMGCN.
+"""Models of the MMIN family (MMIN, IF-MMIN, NMER) and their baselines, the dialogue-graph model MMGCN and the
+score-based recovery model IMDer (with its MulT backbone and score network).
 
 Every model follows one interface: ``Model(dims, num_classes, *, teacher=None, **hparams)``, ``forward(batch) ->
 logits``, ``training_loss(batch) -> (loss, parts)``, ``trainable_parameters()``, ``clip_grad_norm``; the
@@ -20,16 +21,21 @@ from mmer_ext.models.encoders import (
     kaiming_init_,
 )
 from mmer_ext.models.ifmmin import IFMMIN, UttShared
+from mmer_ext.models.imder import IMDer
 from mmer_ext.models.mmgcn import MMGCN, GCNIILayer, gcnii_theta, mmgcn_focal_loss
 from mmer_ext.models.mmin import MMIN
+from mmer_ext.models.mult import MulT
 from mmer_ext.models.nmer import NMER, NMERTeacher
 from mmer_ext.models.recipes import RECIPES, Stage, get_recipe
+from mmer_ext.models.score_net import ScoreNet, dsm_loss
 
 __all__ = [
     "FUSION_ORDER",
     "IFMMIN",
+    "IMDer",
     "MMGCN",
     "MMIN",
+    "MulT",
     "NMER",
     "NMERTeacher",
     "RECIPES",
@@ -40,6 +46,7 @@ __all__ = [
     "ModalityEncoders",
     "ResidualAE",
     "ResidualXE",
+    "ScoreNet",
     "SharedEncoder",
     "Stage",
     "TextCNN",
@@ -50,6 +57,7 @@ __all__ = [
     "gcnii_theta",
     "get_recipe",
     "kaiming_init_",
+    "dsm_loss",
     "mmgcn_focal_loss",
     "trainable_copy",
 ]

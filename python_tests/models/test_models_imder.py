@@ -1,0 +1,305 @@
+"""IMDer: projections, per-sample missingness, recovery, the two stages, training and devices (SPEC 1.1, 5, 8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmer_ext.models import IMDer
+from mmer_ext.models import imder as imder_module
+from mmer_ext.sampling import sample
+
+DIMS = (5, 20, 32)
+T = 12
+TINY = dict(d_model=8, nlevels=1, num_heads=2, score_channels=(8, 16, 32, 32), score_heads=2, score_layers=1,
+            score_embed_dim=16, rcab_blocks=2, steps=3)
+# Every pattern with at least one modality present (A, V, L; 1 = present).
+PATTERNS = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]])
+
+
+def make_batch(b=7, t=T, missing=None, seed=0, clean=False):
+    g = torch.Generator().manual_seed(seed)
+    batch = {m: torch.randn(b, t, d, generator=g) for m, d in zip("AVL", DIMS)}
+    batch["label"] = torch.rand(b, generator=g) * 6 - 3
+    if missing is not None:
+        batch["missing_index"] = missing
+    if clean:
+        for j, m in enumerate("AVL"):
+            batch[f"{m}_clean"] = batch[m]
+            batch[m] = batch[m] * missing[:, j].view(-1, 1, 1)
+    return batch
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return IMDer(DIMS, **{**TINY, **kw})
+
+
+def test_projection_length_anchor():
+    # SPEC 8: proj output (B, 32, 48) for T = 50.
+    model = tiny(d_model=32, num_heads=8)
+    x = torch.randn(2, 50, DIMS[0])
+    assert model.project(x, "A").shape == (2, 32, 48)
+    assert model.fusion.combined_dim == 192
+
+
+def test_default_configuration():
+    model = IMDer((5, 20, 768), rcab_blocks=1)  # fewer blocks only to build faster
+    assert model.sampler == "em" and model.steps == 100 and model.sigma == 25.0
+    assert model.clip_grad_value == 1.0 and model.clip_grad_norm is None
+    assert model.score["A"].widths == (32, 64, 128, 256)
+    assert model.proj["L"].weight.shape == (32, 768, 3) and model.proj["L"].bias is None
+    assert model.stage == "pretrain"
+    assert sorted(model.fuse) == ["AL", "AV", "VL"] and model.fuse["AV"].weight.shape == (32, 64, 1)
+
+
+@pytest.mark.parametrize("b", [1, 7])
+def test_forward_every_pattern(b):
+    model = tiny().eval()
+    missing = PATTERNS[torch.arange(b) % 7]
+    pred = model(make_batch(b, missing=missing), generator=torch.Generator().manual_seed(0))
+    assert pred.shape == (b,) and torch.isfinite(pred).all()
+    assert torch.equal(model.predict(make_batch(b, missing=missing), generator=torch.Generator().manual_seed(0)),
+                       pred)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS.tolist())
+def test_training_loss_single_pattern(pattern):
+    model = tiny().train()
+    missing = torch.tensor([pattern] * 3)
+    loss, parts = model.training_loss(make_batch(3, missing=missing), generator=torch.Generator().manual_seed(0))
+    assert set(parts) == {"l1", "score", "rec"}
+    if all(pattern):
+        assert parts["score"] == 0 and parts["rec"] == 0
+    else:
+        assert parts["score"] > 0 and parts["rec"] > 0
+    torch.testing.assert_close(loss.detach(), parts["l1"] + 0.1 * (parts["score"] + parts["rec"]))
+    loss.backward()
+
+
+def test_no_missing_index_means_complete_and_recovers_nothing(monkeypatch):
+    # MR = 0 (the authors' bug): nothing is sampled, no auxiliary loss.
+    model = tiny()
+    calls = []
+    monkeypatch.setattr(imder_module, "_run_sampler", lambda *a, **k: calls.append(1))
+    loss, parts = model.training_loss(make_batch(4))
+    assert not calls and parts["score"] == 0 and parts["rec"] == 0
+    torch.testing.assert_close(loss.detach(), parts["l1"])
+    assert model.recover(make_batch(4)) == {}
+    complete = torch.ones(4, 3, dtype=torch.long)
+    assert model.recover(make_batch(4, missing=complete)) == {}
+
+
+def test_missing_features_are_never_read():
+    model = tiny().eval()
+    missing = PATTERNS[torch.arange(7)]
+    b1 = make_batch(7, missing=missing)
+    b2 = {k: v.clone() for k, v in b1.items()}
+    for j, m in enumerate("AVL"):
+        gone = missing[:, j] == 0
+        b2[m][gone] = torch.randn_like(b2[m][gone]) * 10
+    p1 = model(b1, generator=torch.Generator().manual_seed(3))
+    p2 = model(b2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(p1, p2)
+
+
+def test_recover_rows_targets_and_clean_features():
+    model = tiny().eval()
+    missing = PATTERNS[torch.arange(7)]
+    batch = make_batch(7, missing=missing, clean=True)  # missing modalities zeroed, truth in *_clean
+    out = model.recover(batch, generator=torch.Generator().manual_seed(0))
+    assert sorted(out) == ["A", "L", "V"]
+    for j, m in enumerate("AVL"):
+        rows = torch.nonzero(missing[:, j] == 0).flatten()
+        rec, target = out[m]
+        assert rec.shape == target.shape == (len(rows), 8, T - 2)
+        with torch.no_grad():
+            expected = model.proj[m](batch[f"{m}_clean"][rows].transpose(1, 2))
+        torch.testing.assert_close(target, expected)
+    pred, rec2 = model.predict_with_recovery(batch, generator=torch.Generator().manual_seed(0))
+    assert pred.shape == (7,)
+    for m in out:
+        torch.testing.assert_close(rec2[m][0], out[m][0])
+
+
+def test_conditions_per_pattern(monkeypatch):
+    model = tiny()
+    seen = {}
+
+    def spy(name, score_fn, cond, **kw):
+        seen.setdefault("conds", []).append(cond)
+        return sample(name, score_fn, cond, **kw)
+
+    monkeypatch.setattr(imder_module, "_run_sampler", spy)
+    # L missing in rows 0 (A only), 1 (V only), 2 (A and V -> fused).
+    missing = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    batch = make_batch(3, missing=missing)
+    model.eval()
+    model(batch)
+    feats = {m: model.project(batch[m], m) for m in "AVL"}
+    cond_l = seen["conds"][-1]
+    torch.testing.assert_close(cond_l[0], feats["A"][0])
+    torch.testing.assert_close(cond_l[1], feats["V"][1])
+    torch.testing.assert_close(cond_l[2], model.fuse["AV"](torch.cat([feats["A"][2:], feats["V"][2:]], 1))[0])
+
+
+def test_bad_missing_index():
+    model = tiny()
+    with pytest.raises(ValueError, match="every modality missing"):
+        model(make_batch(2, missing=torch.tensor([[1, 1, 1], [0, 0, 0]])))
+    with pytest.raises(ValueError, match="missing_index must be"):
+        model(make_batch(2, missing=torch.ones(2, 2, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"batch\['V'\]"):
+        model({**make_batch(2), "V": torch.randn(2, T, 3)})
+    with pytest.raises(ValueError, match="dims"):
+        IMDer((5, 20), **TINY)
+
+
+def test_teacher_to_student_copies_and_freezes_projections():
+    teacher = tiny(seed=0)
+    student = IMDer(DIMS, teacher=teacher, **TINY)
+    assert student.stage == "missing"
+    for (k, v), (k2, v2) in zip(teacher.state_dict().items(), student.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    proj_params = {id(p) for p in student.proj.parameters()}
+    assert all(not p.requires_grad for p in student.proj.parameters())
+    assert not proj_params & {id(p) for p in student.trainable_parameters()}
+    student.train()
+    assert not student.proj.training and student.fusion.training
+    before = {k: v.clone() for k, v in student.proj.state_dict().items()}
+    missing = PATTERNS[torch.arange(7)]
+    opt = torch.optim.Adam(student.trainable_parameters(), lr=1e-2)
+    loss, _ = student.training_loss(make_batch(7, missing=missing))
+    loss.backward()
+    assert all(p.grad is None for p in student.proj.parameters())
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in student.proj.state_dict().items())
+    # The teacher itself is left as it was (weights copied, not shared).
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+    with pytest.raises(ValueError, match="architecture"):
+        IMDer(DIMS, teacher=teacher, **{**TINY, "rcab_blocks": 1})
+    with pytest.raises(ValueError, match="dims"):
+        IMDer((5, 20, 33), teacher=teacher, **TINY)
+
+
+def test_pretraining_stage_trains_projections():
+    model = tiny()
+    loss, _ = model.training_loss(make_batch(4))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.proj.parameters())
+
+
+def test_training_steps_reduce_the_loss():
+    model = tiny(embed_dropout=0.0, attn_dropout_a=0.0)
+    missing = PATTERNS[torch.arange(14) % 7]
+    batch = make_batch(14, missing=missing, seed=1)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=3e-3)
+
+    def loss_at_fixed_noise():
+        return model.training_loss(batch, generator=torch.Generator().manual_seed(99))
+
+    with torch.no_grad():
+        first = loss_at_fixed_noise()[0].item()
+    for _ in range(15):
+        loss, _ = loss_at_fixed_noise()
+        opt.zero_grad()
+        loss.backward()
+        model.clip_gradients_()
+        opt.step()
+    with torch.no_grad():
+        last = loss_at_fixed_noise()[0].item()
+    assert last < 0.7 * first, (first, last)
+
+
+def test_determinism_under_a_seed():
+    missing = PATTERNS[torch.arange(7)]
+    outs = []
+    for _ in range(2):
+        model = tiny(seed=5)
+        torch.manual_seed(11)
+        loss, parts = model.training_loss(make_batch(7, missing=missing))
+        outs.append((loss.item(), {k: v.item() for k, v in parts.items()}))
+    assert outs[0] == outs[1]
+    model = tiny(seed=5).eval()
+    p1 = model(make_batch(7, missing=missing), generator=torch.Generator().manual_seed(1))
+    p2 = model(make_batch(7, missing=missing), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(p1, p2)
+
+
+def test_clip_gradients_by_value():
+    model = tiny(clip_grad_value=1e-4)
+    loss, _ = model.training_loss(make_batch(4, missing=PATTERNS[1:5]))
+    loss.backward()
+    peak = model.clip_gradients_()
+    assert peak is not None and peak > 1e-4
+    assert max(p.grad.abs().max().item() for p in model.trainable_parameters() if p.grad is not None) <= 1e-4
+    assert tiny(clip_grad_value=None).clip_gradients_() is None
+
+
+def test_set_sampler(monkeypatch):
+    model = tiny()
+    seen = []
+
+    def spy(name, score_fn, cond, **kw):
+        seen.append((name, kw["steps"], kw.get("snr")))
+        return sample(name, score_fn, cond, **kw)
+
+    monkeypatch.setattr(imder_module, "_run_sampler", spy)
+    model.set_sampler("pc", 2, snr=0.2)
+    model.eval()(make_batch(2, missing=torch.tensor([[1, 0, 1], [1, 1, 0]])))
+    assert seen == [("pc", 2, 0.2), ("pc", 2, 0.2)]
+    model.set_sampler("em")
+    assert model.steps == 2 and model.sampler_kwargs == {}
+    with pytest.raises(ValueError, match="steps"):
+        model.set_sampler("em", 0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        model.set_sampler("dpm-solver")
+
+
+@pytest.mark.parametrize("name", sorted(imder_module.SAMPLERS))
+def test_every_sampler_recovers(name):
+    model = tiny().eval()
+    model.set_sampler(name, 2)
+    out = model.recover(make_batch(3, missing=PATTERNS[1:4]), generator=torch.Generator().manual_seed(0))
+    assert sorted(out) == ["A", "L", "V"]
+    assert all(torch.isfinite(rec).all() for rec, _ in out.values())
+
+
+def test_classification_head():
+    model = tiny(num_classes=3)
+    batch = make_batch(4, missing=PATTERNS[:4])
+    batch["label"] = torch.tensor([0, 1, 2, 1])
+    assert model.eval()(batch).shape == (4, 3)
+    assert model.predict(batch).shape == (4,)
+    loss, parts = model.train().training_loss(batch)
+    assert "ce" in parts and torch.isfinite(loss)
+
+
+def _tensor_attributes(module):
+    for name, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and attr not in ("_parameters", "_buffers"):
+                yield f"{name}.{attr}"
+
+
+def test_no_hard_coded_device_or_dtype():
+    model = tiny()
+    # Every tensor the model holds is a parameter or a buffer, so .to() moves it.
+    assert list(_tensor_attributes(model)) == []
+    assert {b.device for b in model.buffers()} == {torch.device("cpu")}
+    model = model.double().eval()
+    batch = {k: (v.double() if v.is_floating_point() else v)
+             for k, v in make_batch(3, missing=PATTERNS[1:4]).items()}
+    pred = model(batch)
+    assert pred.dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_follows_the_input_device_cuda():
+    model = tiny().cuda().eval()
+    batch = {k: v.cuda() for k, v in make_batch(3, missing=PATTERNS[1:4]).items()}
+    pred = model(batch, generator=torch.Generator("cuda").manual_seed(0))
+    assert pred.device.type == "cuda"
+    loss, _ = model.train().training_loss(batch)
+    loss.backward()
