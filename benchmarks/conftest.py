@@ -357,7 +357,10 @@ def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
 
 def _max_err(record: dict[str, Any]) -> float | None:
     acc = record.get("accuracy") or {}
-    return acc.get("grad_err_rel_to_max", acc.get("loss_rel_err"))
+    for key in ("grad_err_rel_to_max", "loss_rel_err", "max_abs_err"):
+        if key in acc:
+            return acc[key]
+    return None
 
 
 def _format_report(report: dict[str, Any]) -> list[str]:
