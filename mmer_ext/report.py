@@ -46,13 +46,18 @@ __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
+    "format_missing_rate_table",
+    "format_results",
     "format_table",
+    "markdown_missing_rate_table",
+    "missing_rate_table",
     "markdown_table",
     "plot_embedding_projection",
     "plot_ua_per_condition",
     "results_table",
     "table_columns",
     "to_jsonable",
+    "write_missing_rate_csv",
     "write_report_md",
     "write_results_json",
     "write_table_csv",
@@ -205,6 +210,81 @@ def write_table_csv(
         for row in rows[1:]:
             writer.writerow([row[0]] + ["" if math.isnan(v) else f"{v:.2f}" for v in row[1:]])
     return Path(path)
+
+
+# ----------------------------------------------------------------------------------------- IMDer: missing-rate sweep
+#: Columns of the missing-rate table: IMDer reports Acc-2 / F1 on the non-zero labels, Acc-7 and MAE; we add Corr and
+#: the recovery error. Fractions are shown in percent; MAE, Corr and the recovery MSE / cosine as they are.
+MISSING_RATE_METRICS: tuple[str, ...] = ("Acc2_non0", "F1_non0", "Acc7", "MAE", "Corr", "recovery_MSE")
+_AS_IS = {"MAE", "Corr", "recovery_MSE", "recovery_cosine"}
+
+
+def _is_missing_rate_results(metrics: Mapping[str, Any]) -> bool:
+    return any(str(k).startswith("MR=") for k in metrics)
+
+
+def missing_rate_table(results: Mapping[str, Mapping[str, Any]],
+                       metrics: Sequence[str] = MISSING_RATE_METRICS) -> list[list]:
+    """One row per (model, missing rate): ``[model, "MR=0.3", value, ...]``; accuracies and F1 in percent, other
+    metrics as they are, NaN where a value is absent (a rate without recovery has no recovery error)."""
+    _check_results(results)
+    rows: list[list] = [["model", "MR", *metrics]]
+    for model, per_rate in results.items():
+        for key in sorted(k for k in per_rate if str(k).startswith("MR=")):
+            row: list = [str(model), key]
+            for m in metrics:
+                v = _metric_value(per_rate[key], m)
+                row.append(v if math.isnan(v) or m in _AS_IS else round(100.0 * v, 2))
+            rows.append(row)
+    return rows
+
+
+def _fmt_cell(metric: str, value: Any) -> str:
+    if metric in _AS_IS and isinstance(value, float) and not math.isnan(value):
+        return f"{value:.4f}"
+    return _fmt(value)
+
+
+def format_missing_rate_table(results: Mapping[str, Mapping[str, Any]],
+                              metrics: Sequence[str] = MISSING_RATE_METRICS) -> str:
+    rows = missing_rate_table(results, metrics)
+    body = [[r[0], r[1]] + [_fmt_cell(m, v) for m, v in zip(metrics, r[2:])] for r in rows[1:]]
+    widths = [max(len(str(rows[0][i])), *(len(r[i]) for r in body)) if body else len(str(rows[0][i]))
+              for i in range(len(rows[0]))]
+    line = lambda cells: " | ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)  # noqa: E731
+                                    for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(rows[0]), "-" * len(line(rows[0]))] + [line(r) for r in body]
+    return "\n".join(out) + "\n"
+
+
+def markdown_missing_rate_table(results: Mapping[str, Mapping[str, Any]],
+                                metrics: Sequence[str] = MISSING_RATE_METRICS) -> str:
+    rows = missing_rate_table(results, metrics)
+    lines = ["| " + " | ".join(_md_escape(h) for h in rows[0]) + " |",
+             "|" + "|".join([":---", ":---"] + ["---:"] * len(metrics)) + "|"]
+    for r in rows[1:]:
+        lines.append("| " + " | ".join([_md_escape(r[0]), r[1]] + [_fmt_cell(m, v) for m, v in zip(metrics, r[2:])])
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_missing_rate_csv(path: PathLike, results: Mapping[str, Mapping[str, Any]],
+                           metrics: Sequence[str] = MISSING_RATE_METRICS) -> Path:
+    """Write :func:`missing_rate_table` as CSV (atomically); absent values are empty fields."""
+    rows = missing_rate_table(results, metrics)
+    with atomic_open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(rows[0])
+        for row in rows[1:]:
+            writer.writerow(row[:2] + ["" if math.isnan(v) else v for v in row[2:]])
+    return Path(path)
+
+
+def format_results(model: str, metrics: Mapping[str, Any]) -> str:
+    """The console table of one model's test metrics: the missing-rate sweep for IMDer, the six conditions else."""
+    if _is_missing_rate_results(metrics):
+        return format_missing_rate_table({model: metrics})
+    return format_table({model: metrics})
 
 
 # --------------------------------------------------------------------------------------------------------------------

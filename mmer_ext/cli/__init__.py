@@ -2,9 +2,11 @@
 
     mmer-ext train --model {baseline,augmented,mmin,ifmmin,nmer} --data synthetic|iemocap:PATH|msp:PATH [--fold N]
     mmer-ext train --model mmgcn --data synthetic-dialogue|iemocap-erc:PATH|meld:PATH|dialogues:DIR
-    mmer-ext evaluate CHECKPOINT [--data ...] [--corruption zero|gaussian|impulse]
+    mmer-ext train --model imder --data synthetic-mosi|mmsa:PKL|mmsa-cache:DIR [--sampler em|pc|ode|ode-heun|ddim]
+                   [--steps N] [--missing-rate MR] [--missing-protocol per-sample|per-batch]
+    mmer-ext evaluate CHECKPOINT [--data ...] [--corruption zero|gaussian|impulse] [--missing-rates MR ...]
     mmer-ext demo [--out runs/demo] [--quick]
-    mmer-ext convert IEMOCAP_features.pkl DIR
+    mmer-ext convert IEMOCAP_features.pkl|aligned_50.pkl DIR
     mmer-ext info [--json]
 """
 

@@ -6,13 +6,14 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train and compare all five models on the embedded data; write a report")
+    p = sub.add_parser("demo", help="train and compare every model on the embedded data; write a report")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run of the whole pipeline (not a result)")
-    p.add_argument("--models", nargs="+", choices=("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn"),
-                   help="a subset of the models (default all five)")
+    p.add_argument("--models", nargs="+",
+                   choices=("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "imder"),
+                   help="a subset of the models (default all)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
 

@@ -15,15 +15,19 @@ def add_parser(sub) -> None:
     p.add_argument("--corruption", choices=("zero", "gaussian", "impulse"),
                    help="how missing modalities are presented (default: as in training)")
     p.add_argument("--noise-steps", type=int, help="noise intensity T for gaussian/impulse (default: as in training)")
+    p.add_argument("--missing-rates", type=float, nargs="+", metavar="MR",
+                   help="imder: the missing rates to evaluate at (default: as in training, 0.0 ... 0.7)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmer_ext.data import load_dataset
-    from mmer_ext.report import format_table
-    from mmer_ext.train import evaluate_model, load_model
+    from mmer_ext.data import MISSING_RATES, load_dataset
+    from mmer_ext.report import format_results
+    from mmer_ext.train import ConfigError, evaluate_model, load_model
+    from mmer_ext.train.evaluation import evaluate_missing_rates
+    from mmer_ext.train.views import views_for
     from mmer_ext.train.distributed import resolve_device
 
     device = resolve_device(args.device)
@@ -39,11 +43,19 @@ def run(args: argparse.Namespace) -> int:
 
         raise CheckpointError(f"the model expects feature dims {tuple(meta['dims'])} (A, V, L); "
                               f"{data!r} has {tuple(dataset.dims)}")
-    metrics = evaluate_model(model, dataset, num_classes=meta["num_classes"], device=device,
-                             corruption=args.corruption or meta["corruption"],
-                             noise_steps=args.noise_steps or meta["noise_steps"], seed=cfg["seed"])
+    if views_for(dataset).kind == "sequences":
+        rates = args.missing_rates or cfg["eval_missing_rates"]
+        bad = [mr for mr in rates if not any(abs(mr - r) < 1e-9 for r in MISSING_RATES)]
+        if bad:
+            raise ConfigError(f"--missing-rates {bad} not among IMDer's missing rates {list(MISSING_RATES)}")
+        metrics = evaluate_missing_rates(model, dataset, rates=rates, protocol=cfg["missing_protocol"],
+                                         device=device, seed=cfg["seed"])
+    else:
+        metrics = evaluate_model(model, dataset, num_classes=meta["num_classes"], device=device,
+                                 corruption=args.corruption or meta["corruption"],
+                                 noise_steps=args.noise_steps or meta["noise_steps"], seed=cfg["seed"])
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(format_table({meta["recipe"]: metrics}))
+        print(format_results(meta["recipe"], metrics))
     return 0

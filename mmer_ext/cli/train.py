@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmer_ext.train.config import MODELS
+from mmer_ext.train.config import MISSING_PROTOCOLS, MODELS, SAMPLER_NAMES
 
 
 def add_parser(sub) -> None:
@@ -25,6 +25,14 @@ def add_parser(sub) -> None:
     p.add_argument("--corruption", choices=("zero", "gaussian", "impulse"),
                    help="how missing modalities are presented (default: the recipe's)")
     p.add_argument("--noise-steps", type=int, help="NMER noise scheduler intensity T (default 100)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES,
+                   help="imder: the recovery sampler -- em (Euler-Maruyama, the authors'), pc (predictor-corrector), "
+                        "ode (probability-flow Euler), ode-heun, ddim (default: the recipe's em)")
+    p.add_argument("--steps", dest="sampler_steps", type=int, help="imder: sampler steps (default 100)")
+    p.add_argument("--missing-rate", type=float,
+                   help="imder: missing rate MR of the missing-data stage, one of 0.0 ... 0.7 (default 0.1)")
+    p.add_argument("--missing-protocol", choices=MISSING_PROTOCOLS,
+                   help="imder: per-sample missing patterns (default) or the authors' per-batch ones")
     p.add_argument("--select-on-test", action="store_true",
                    help="dialogue data: the MMGCN authors' protocol, no validation split, epochs selected on the "
                         "test set (optimistic; the default carves a validation split from train)")
@@ -37,17 +45,18 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmer_ext.report import format_table
+    from mmer_ext.report import format_results
     from mmer_ext.train import fit, load_config
 
     fields = {k: getattr(args, k) for k in ("model", "data", "fold", "out_dir", "seed", "device", "epochs",
-                                            "batch_size", "lr", "corruption", "noise_steps", "progress", "resume")}
+                                            "batch_size", "lr", "corruption", "noise_steps", "progress", "resume", "sampler",
+                                            "sampler_steps", "missing_rate", "missing_protocol")}
     overrides = list(args.overrides)
     if args.select_on_test:
         overrides.insert(0, "data_options.val_from=test")
     cfg = load_config(args.config, overrides, **fields)
     result = fit(cfg, teacher_checkpoint=args.teacher)
     if result.test_metrics is not None:
-        print(format_table({cfg.model: result.test_metrics}))
+        print(format_results(cfg.model, result.test_metrics))
         print(f"wrote {result.out_dir / 'model.safetensors'} and {result.out_dir / 'test_metrics.json'}")
     return 0

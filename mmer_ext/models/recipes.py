@@ -38,6 +38,23 @@ mmgcn        MMGCN  3e-4  3e-5    16     20     NLL with IEMOCAP-ERC class weigh
 mmgcn-meld   MMGCN  1e-3  0       16     60     the authors' focal loss (gamma 2.5, alpha 1)
 ===========  =====  ====  ======  =====  =====  ===================================================
 
+IMDer (SPEC 1.1, the authors' ``config/config.json``) trains on fixed-length sequences in two stages with the same
+model class: ``pretrain`` on complete data (their MR = 0.0 checkpoint), then ``main`` at the configured missing rate
+(``TrainConfig.missing_rate``, 0.1 by default as their ``train.py``) with the projections frozen. Adam without weight
+decay (the configured 0.005 is never passed), ReduceLROnPlateau (x0.5) and early stopping after 20 epochs on the
+validation L1 (= MAE, lower is better), gradient clipping by value:
+
+=============  =====  ====  ========  ========  ============  ==============================================
+recipe         batch  lr    patience  clip      MulT levels   dropouts (attn audio / embed)
+=============  =====  ====  ========  ========  ============  ==============================================
+imder          32     2e-3  24        1.0       4             0.2 / 0.2 (MOSI)
+imder-mosei    128    2e-3  5         0.6       6             0 / 0 (MOSEI)
+=============  =====  ====  ========  ========  ============  ==============================================
+
+The authors train until early stopping; the recipes cap each stage at 100 epochs. The recovery sampler is the
+authors' 100-step Euler-Maruyama unless ``TrainConfig.sampler`` / ``sampler_steps`` (``--sampler``, ``--steps``) say
+otherwise.
+
 The SPEC gives no MELD dropout; 0.4 is kept. MMGCN's constructor also needs ``num_speakers`` (from the data:
 ``DialogueDataset.num_speakers``), which a recipe cannot know; the trainer passes it. The authors select on the test
 set (no validation split); here the recipes select on the validation split like every other system (the data
@@ -51,6 +68,7 @@ from typing import Any
 
 from mmer_ext.models.baselines import UttFusion
 from mmer_ext.models.ifmmin import IFMMIN, UttShared
+from mmer_ext.models.imder import IMDer
 from mmer_ext.models.mmgcn import MMGCN
 from mmer_ext.models.mmin import MMIN
 from mmer_ext.models.nmer import NMER, NMERTeacher
@@ -81,9 +99,16 @@ class Stage:
         Adam betas.
     weight_decay : float
     select_metric : str
-        Validation metric that picks the best epoch ("UA"; "WF1" for MMGCN).
+        Validation metric that picks the best epoch ("UA"; "WF1" for MMGCN; "MAE" for IMDer).
     hparams : dict
         Constructor keyword arguments.
+    select_mode : {"max", "min"}
+        Whether a larger or a smaller ``select_metric`` is better.
+    lr_policy : {"linear", "plateau"}
+        ``linear``: constant for ``epochs`` then linear decay to 0 over ``epochs_decay`` (MMIN family);
+        ``plateau``: ``ReduceLROnPlateau`` on the validation metric, factor 0.5, ``plateau_patience`` (IMDer).
+    early_stop : int or None
+        Stop a stage after this many epochs without a better validation metric (IMDer: 20).
     """
 
     name: str
@@ -98,6 +123,10 @@ class Stage:
     weight_decay: float = 0.0
     select_metric: str = "UA"
     hparams: dict[str, Any] = field(default_factory=dict)
+    select_mode: str = "max"
+    lr_policy: str = "linear"
+    plateau_patience: int = 10
+    early_stop: int | None = None
 
     @property
     def total_epochs(self) -> int:
@@ -141,6 +170,18 @@ RECIPES: dict[str, tuple[Stage, ...]] = {
               hparams={"dropout": 0.4, "loss": "focal", "focal_gamma": 2.5}),
     ),
 }
+
+
+def _imder_stages(batch_size: int, patience: int, hparams: dict[str, Any]) -> tuple[Stage, ...]:
+    common = dict(model=IMDer, corruption="zero", epochs=100, epochs_decay=0, batch_size=batch_size, lr=2e-3,
+                  betas=_TEACHER_BETAS, select_metric="MAE", select_mode="min", lr_policy="plateau",
+                  plateau_patience=patience, early_stop=20, hparams=hparams)
+    return (Stage("pretrain", data="complete", **common), Stage("main", data="missing-rate", **common))
+
+
+RECIPES["imder"] = _imder_stages(32, 24, {})
+RECIPES["imder-mosei"] = _imder_stages(128, 5, {"nlevels": 6, "attn_dropout_a": 0.0, "embed_dropout": 0.0,
+                                                "clip_grad_value": 0.6})
 
 
 def get_recipe(name: str) -> tuple[Stage, ...]:

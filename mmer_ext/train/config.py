@@ -16,8 +16,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "config_to_dict"]
 
-MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld")
+MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei")
 CORRUPTIONS = ("zero", "gaussian", "impulse")
+# Score-based recovery samplers of IMDer (mmer_ext.sampling.SAMPLERS).
+SAMPLER_NAMES = ("em", "pc", "ode", "ode-heun", "ddim")
+MISSING_PROTOCOLS = ("per-sample", "per-batch")
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,15 @@ class TrainConfig:
     resume: bool = True
     # Per-stage overrides of the model's constructor arguments, e.g. {"student": {"cycle_weight": 1.0}}.
     hparams: dict[str, Any] = field(default_factory=dict)
+    # IMDer (sequence data): the missing rate MR of the missing-data stage, and how missingness is drawn --
+    # "per-sample" (each sample its own pattern) or "per-batch" (the authors': whole batches share one pattern).
+    missing_rate: float = 0.1
+    missing_protocol: str = "per-sample"
+    # The MRs the test split is evaluated at (IMDer's sweep).
+    eval_missing_rates: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    # IMDer's recovery sampler and its number of steps (None keeps the recipe's: 100-step Euler-Maruyama).
+    sampler: str | None = None
+    sampler_steps: int | None = None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -119,6 +131,18 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
     if cfg.noise_steps < 1:
         raise ConfigError(f"noise_steps must be at least 1, got {cfg.noise_steps}")
+    if cfg.sampler is not None and cfg.sampler not in SAMPLER_NAMES:
+        raise ConfigError(f"sampler {cfg.sampler!r} is not one of {', '.join(SAMPLER_NAMES)}")
+    if cfg.sampler_steps is not None and cfg.sampler_steps < 1:
+        raise ConfigError(f"sampler_steps must be at least 1, got {cfg.sampler_steps}")
+    if cfg.missing_protocol not in MISSING_PROTOCOLS:
+        raise ConfigError(f"missing_protocol {cfg.missing_protocol!r} is not one of {', '.join(MISSING_PROTOCOLS)}")
+    from mmer_ext.data.protocols import MISSING_RATES
+
+    for name, rates in (("missing_rate", [cfg.missing_rate]), ("eval_missing_rates", cfg.eval_missing_rates)):
+        for mr in rates:
+            if not any(abs(mr - r) < 1e-9 for r in MISSING_RATES):
+                raise ConfigError(f"{name}: {mr} is not one of IMDer's missing rates {list(MISSING_RATES)}")
     if cfg.fold < 1:
         raise ConfigError(f"fold must be at least 1, got {cfg.fold}")
 

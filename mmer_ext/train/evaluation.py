@@ -12,7 +12,8 @@ from mmer_ext.data import NoiseScheduler
 from mmer_ext.metrics import condition_metrics, per_class_f1
 from mmer_ext.train.views import views_for
 
-__all__ = ["protocol_view", "iterate_batches", "predict", "evaluate_model", "collect_embeddings", "to_device"]
+__all__ = ["protocol_view", "iterate_batches", "predict", "evaluate_model", "collect_embeddings", "to_device",
+           "with_missing_patterns", "missing_rate_batches", "evaluate_missing_rates", "MR_KEY"]
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -131,3 +132,103 @@ def collect_embeddings(
     finally:
         model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------- sequence data (IMDer)
+def MR_KEY(mr: float) -> str:  # noqa: N802  (a key format, used like a constant)
+    """The results key of one missing rate: ``"MR=0.3"``."""
+    return f"MR={mr:.1f}"
+
+
+def with_missing_patterns(batch: dict[str, Any], patterns: torch.Tensor) -> dict[str, Any]:
+    """``batch`` with ``missing_index`` set to ``patterns`` ``[B, 3]`` (A, V, L; 1 = present) and the missing
+    modalities zeroed (the clean features stay under ``"*_clean"``: the recovery target)."""
+    from mmer_ext.data import condition_index, corrupt_batch
+
+    if patterns.shape != (batch["A"].shape[0], 3):
+        raise ValueError(f"patterns must be [{batch['A'].shape[0]}, 3], got {tuple(patterns.shape)}")
+    batch = {**batch, "missing_index": patterns, "condition": condition_index(patterns)}
+    return corrupt_batch(batch, mode="zero")
+
+
+def missing_rate_batches(
+    dataset: Dataset,
+    *,
+    mr: float,
+    protocol: str,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+) -> Iterator[dict[str, Any]]:
+    """Batches of a sequence split in dataset order under IMDer's missing-rate protocol at ``mr``; the patterns are
+    drawn from a generator seeded by ``(seed, mr)``, so an evaluation is repeatable and every model sees the same
+    missing modalities."""
+    from mmer_ext.data import missing_rate_patterns
+
+    views = views_for(dataset)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=views.collate)
+    generator = torch.Generator().manual_seed(seed * 1000 + round(mr * 10))
+    patterns = missing_rate_patterns(len(dataset), mr, protocol=protocol, batch_size=batch_size, generator=generator)
+    start = 0
+    for batch in loader:
+        n = batch["A"].shape[0]
+        yield to_device(with_missing_patterns(batch, patterns[start:start + n]), device)
+        start += n
+
+
+@torch.no_grad()
+def evaluate_missing_rates(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    rates: list[float] | tuple[float, ...],
+    protocol: str = "per-sample",
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Regression metrics (Acc-2 has-0 / non-0, F1, Acc-7, Acc-5, MAE, Corr) of a sequence model at each missing rate,
+    plus recovery quality (``recovery_MSE``, ``recovery_cosine`` of the recovered vs the true projected features, over
+    the recovered modalities) when the model exposes ``predict_with_recovery``.
+
+    Returns ``{"MR=0.0": {...}, ..., "average": mean of each metric over the rates, "overall": the single rate's
+    metrics when one rate is given, else "average"}``.
+    """
+    from mmer_ext.metrics import recovery_metrics, regression_metrics
+
+    if not rates:
+        raise ValueError("rates must name at least one missing rate")
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {}
+    try:
+        for mr in rates:
+            labels, preds, recovered, targets = [], [], [], []
+            # The recovery sampler's noise too comes from a seeded generator: the sweep is repeatable.
+            sampler_gen = torch.Generator(device).manual_seed(seed * 1000 + round(mr * 10))
+            for batch in missing_rate_batches(dataset, mr=mr, protocol=protocol, batch_size=batch_size,
+                                              device=device, seed=seed):
+                if hasattr(model, "predict_with_recovery"):
+                    pred, recovery = model.predict_with_recovery(batch, generator=sampler_gen)
+                    for rec, target in recovery.values():
+                        recovered.append(rec.flatten(1).cpu())
+                        targets.append(target.flatten(1).cpu())
+                else:
+                    pred = model.predict(batch)
+                labels.append(batch["label"].cpu())
+                preds.append(pred.reshape(-1).cpu())
+            metrics = regression_metrics(torch.cat(labels), torch.cat(preds))
+            if recovered:
+                rec = recovery_metrics(torch.cat(recovered), torch.cat(targets))
+                metrics.update({f"recovery_{k}": v for k, v in rec.items()})
+            results[MR_KEY(mr)] = metrics
+    finally:
+        model.train(was_training)
+    keys = sorted({k for m in results.values() for k in m})
+    results["average"] = {k: sum(m[k] for m in results.values() if k in m) / sum(k in m for m in results.values())
+                          for k in keys}
+    results["overall"] = results[MR_KEY(rates[0])] if len(rates) == 1 else results["average"]
+    return results

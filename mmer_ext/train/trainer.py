@@ -46,10 +46,10 @@ from mmer_ext.train.checkpoint import (
 )
 from mmer_ext.train.config import ConfigError, TrainConfig, config_to_dict
 from mmer_ext.train.distributed import DistContext, init_distributed, resolve_device
-from mmer_ext.train.evaluation import evaluate_model, to_device
+from mmer_ext.train.evaluation import evaluate_missing_rates, evaluate_model, to_device, with_missing_patterns
 from mmer_ext.train.views import STAGE_DATA_MODES, views_for
 
-__all__ = ["fit", "FitResult", "resolve_stages", "build_models", "load_model", "train_stage"]
+__all__ = ["fit", "FitResult", "resolve_stages", "build_models", "load_model", "train_stage", "evaluate_split"]
 
 FORMAT_VERSION = 1
 
@@ -90,7 +90,7 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
             epochs = wanted - decay
         elif cfg.epochs_decay is not None:
             decay = cfg.epochs_decay
-        hparams = {**stage.hparams, **cfg.hparams.get(stage.name, {})}
+        hparams = {**stage.hparams, **_sampler_hparams(cfg, stage), **cfg.hparams.get(stage.name, {})}
         stages.append(replace(
             stage,
             epochs=epochs,
@@ -101,6 +101,22 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
             hparams=hparams,
         ))
     return tuple(stages)
+
+
+def _sampler_hparams(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
+    """``--sampler`` / ``--steps`` as constructor arguments of the models that sample (IMDer)."""
+    params = inspect.signature(stage.model).parameters
+    out: dict[str, Any] = {}
+    if cfg.sampler is not None and "sampler" in params:
+        out["sampler"] = cfg.sampler
+    if cfg.sampler_steps is not None and "steps" in params:
+        out["steps"] = cfg.sampler_steps
+    return out
+
+
+def _stage_missing_rate(cfg: TrainConfig, stage: Stage) -> float:
+    # IMDer's first stage pretrains on complete data (MR 0); the second trains at the configured MR.
+    return 0.0 if stage.data == "complete" else cfg.missing_rate
 
 
 # Constructor arguments that come from the data, not the recipe (MMGCN's speaker embedding table, say).
@@ -206,7 +222,8 @@ def _stage_fingerprint(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
     return json.loads(json.dumps({
         "recipe": cfg.model, "model": stage.model.__name__, **fields,
         "data": cfg.data, "data_options": cfg.data_options, "fold": cfg.fold, "seed": cfg.seed,
-        "noise_steps": cfg.noise_steps,
+        "noise_steps": cfg.noise_steps, "missing_rate": _stage_missing_rate(cfg, stage),
+        "missing_protocol": cfg.missing_protocol,
     }, default=str))
 
 
@@ -255,6 +272,8 @@ def train_stage(
     views = views_for(splits["train"])
     train_view = views.make(splits["train"], STAGE_DATA_MODES[stage.data], cfg.seed)
     val_conditions = "full" if STAGE_DATA_MODES[stage.data] == "full" else "six"
+    # Sequence data (IMDer): missingness comes from the missing-rate protocol, drawn per epoch over the loader's order.
+    missing_rate = _stage_missing_rate(cfg, stage) if views.kind == "sequences" else None
     if stage.batch_size % ctx.world_size:
         raise ValueError(f"batch_size {stage.batch_size} must be divisible by the number of processes {ctx.world_size}")
     sampler = DistributedSampler(train_view, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
@@ -266,12 +285,20 @@ def train_stage(
     model.to(device)
     params = [p for p in model.trainable_parameters()]
     optimizer = torch.optim.Adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage.epochs, stage.epochs_decay))
+    if stage.lr_policy == "plateau":
+        lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=stage.select_mode, factor=0.5, patience=stage.plateau_patience)
+    elif stage.lr_policy == "linear":
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage.epochs, stage.epochs_decay))
+    else:
+        raise ValueError(f"stage {stage.name!r}: unknown lr_policy {stage.lr_policy!r}")
+    better = (lambda a, b: a < b) if stage.select_mode == "min" else (lambda a, b: a > b)
+    worst = math.inf if stage.select_mode == "min" else -math.inf
     step_module: torch.nn.Module = _LossModule(model)
     if ctx.enabled:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    first_epoch, best_metric, best_epoch, history, best_val = 0, -math.inf, -1, [], {}
+    first_epoch, best_metric, best_epoch, history, best_val = 0, worst, -1, [], {}
     latest = stage_dir / "latest.json"
     if cfg.resume and latest.is_file():
         pointer = json.loads(latest.read_text())
@@ -284,19 +311,34 @@ def train_stage(
         history, best_val = json.loads(state["history"]), json.loads(state["best_val"])
         log(f"[{stage.name}] resuming after epoch {first_epoch} from {stage_dir}")
 
-    clip = getattr(model, "clip_grad_norm", None)
+    clip = getattr(model, "clip_grad_norm", None) or getattr(model, "clip_grad_value", None)
     for epoch in range(first_epoch, total_epochs):
+        if stage.early_stop is not None and best_epoch > 0 and epoch + 1 - best_epoch > stage.early_stop:
+            log(f"[{cfg.model}/{stage.name}] early stop: no better validation {stage.select_metric} "
+                f"for {stage.early_stop} epochs (best @ {best_epoch})")
+            break
         torch.manual_seed(_derive_seed(cfg.seed, stage_index, epoch))
         corruption_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, epoch, 1))
-        train_view.set_epoch(epoch)
+        if hasattr(train_view, "set_epoch"):
+            train_view.set_epoch(epoch)
         sampler.set_epoch(epoch)
+        patterns = None
+        if missing_rate is not None:
+            from mmer_ext.data import missing_rate_patterns
+
+            patterns = missing_rate_patterns(
+                len(sampler), missing_rate, protocol=cfg.missing_protocol, batch_size=loader.batch_size,
+                generator=torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, epoch, 2)))
         model.train()
         sums: dict[str, float] = {}
         count = 0
         bar = tqdm(loader, desc=f"{cfg.model}/{stage.name} {epoch + 1}/{total_epochs}", leave=False,
                    disable=(not cfg.progress) or (not ctx.is_main) or None, dynamic_ncols=True)
         for batch in bar:
-            batch = views.corrupt(batch, mode=stage.corruption, scheduler=noise, generator=corruption_gen)
+            if patterns is not None:
+                batch = with_missing_patterns(batch, patterns[count * loader.batch_size:][: batch["A"].shape[0]])
+            else:
+                batch = views.corrupt(batch, mode=stage.corruption, scheduler=noise, generator=corruption_gen)
             batch = to_device(batch, device)
             loss, parts = step_module(batch)
             if not torch.isfinite(loss):
@@ -314,19 +356,33 @@ def train_stage(
             count += 1
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        lr_scheduler.step()
+        if stage.lr_policy == "linear":
+            lr_scheduler.step()
         train_losses = {k: v / max(count, 1) for k, v in sums.items()}
 
         record: dict[str, Any] = {"epoch": epoch + 1, "train": train_losses, "lr": optimizer.param_groups[0]["lr"]}
-        if ctx.is_main:
-            val = evaluate_model(model, splits["val"], num_classes=num_classes, conditions=val_conditions,
-                                 device=device, corruption=stage.corruption,
-                                 noise_steps=cfg.noise_steps, seed=cfg.seed)
+        # Plateau LR and early stopping act on the validation metric, so with them every rank validates (the result
+        # is deterministic, hence the same everywhere); otherwise only the main rank does.
+        validate_everywhere = stage.lr_policy == "plateau" or stage.early_stop is not None
+        improved = False
+        if ctx.is_main or validate_everywhere:
+            if missing_rate is not None:
+                val = evaluate_missing_rates(model, splits["val"], rates=[missing_rate], protocol=cfg.missing_protocol,
+                                             batch_size=stage.batch_size, device=device, seed=cfg.seed)
+            else:
+                val = evaluate_model(model, splits["val"], num_classes=num_classes, conditions=val_conditions,
+                                     device=device, corruption=stage.corruption,
+                                     noise_steps=cfg.noise_steps, seed=cfg.seed)
             metric = val["overall"][stage.select_metric]
             record["val"] = val["overall"]
             history.append(record)
-            if metric > best_metric:
+            if stage.lr_policy == "plateau":
+                lr_scheduler.step(metric)
+            improved = better(metric, best_metric)
+            if improved:
                 best_metric, best_epoch, best_val = metric, epoch + 1, val
+        if ctx.is_main:
+            if improved:
                 save_weights(stage_dir / "best.safetensors", model, {**metadata, "epoch": epoch + 1, "val": val})
             name = f"epoch-{epoch + 1:03d}"
             save_weights(stage_dir / f"{name}.safetensors", model, {**metadata, "epoch": epoch + 1})
@@ -356,6 +412,19 @@ def train_stage(
     # The next stage (and the final model) start from the selected epoch, not the last one.
     load_weights(stage_dir / "best.safetensors", model)
     return StageResult(stage.name, best_epoch, best_metric, best_val, history, time.perf_counter() - start_time)
+
+
+def evaluate_split(model: torch.nn.Module, dataset: Any, cfg: TrainConfig, stage: Stage, *,
+                   device: torch.device) -> dict[str, Any]:
+    """The final evaluation of a trained model: the six missing conditions and full (utterance and dialogue data), or
+    IMDer's missing-rate sweep ``cfg.eval_missing_rates`` (sequence data)."""
+    if views_for(dataset).kind == "sequences":
+        return evaluate_missing_rates(model, dataset, rates=list(cfg.eval_missing_rates),
+                                      protocol=cfg.missing_protocol, batch_size=stage.batch_size, device=device,
+                                      seed=cfg.seed)
+    return evaluate_model(model, dataset, num_classes=dataset.num_classes, conditions="six+full", device=device,
+                          corruption=stage.corruption, noise_steps=cfg.noise_steps, seed=cfg.seed,
+                          with_per_class=True)
 
 
 def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_checkpoint: str | Path | None = None,
@@ -438,9 +507,7 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
     test_metrics = None
     if ctx.is_main:
         save_weights(out_dir / "model.safetensors", final, metadata)
-        test_metrics = evaluate_model(final, splits["test"], num_classes=num_classes, conditions="six+full",
-                                      device=device, corruption=stages[-1].corruption, noise_steps=cfg.noise_steps,
-                                      seed=cfg.seed, with_per_class=True)
+        test_metrics = evaluate_split(final, splits["test"], cfg, stages[-1], device=device)
         _write_json(out_dir / "test_metrics.json", {"corruption": stages[-1].corruption, "metrics": test_metrics,
                                                     "stages": [asdict(r) for r in results]})
     ctx.barrier()

@@ -1,4 +1,4 @@
-"""How the trainer sees a split: utterance-level (MMIN family) or dialogue-level (MMGCN) data, under a protocol.
+"""How the trainer sees a split: utterance-level (MMIN family), dialogue-level (MMGCN) or sequence (IMDer) data.
 
 The trainer and the evaluation are written once against three operations; the dataset type picks them:
 ``make(split, mode, seed)`` wraps a split in a protocol view (``"train"``: one missing condition per utterance,
@@ -17,11 +17,14 @@ from torch.utils.data import Dataset
 
 from mmer_ext.data import MissingConditionDataset, collate_utterances, corrupt_batch
 from mmer_ext.data.dialogue import DialogueConditionView, DialogueDataset, collate_dialogues, corrupt_dialogue_batch
+from mmer_ext.data.mmsa import SequenceDataset, collate_sequences
 
 __all__ = ["DataViews", "views_for", "STAGE_DATA_MODES"]
 
-# A recipe stage's `data` -> the protocol mode of its training view.
-STAGE_DATA_MODES = {"full": "full", "missing": "train", "missing+full": "train+full", "dialogue": "full"}
+# A recipe stage's `data` -> the protocol mode of its training view. Sequence data ("complete", "missing-rate") is
+# used as it is: the trainer draws its missing patterns per batch from the missing-rate protocol.
+STAGE_DATA_MODES = {"full": "full", "missing": "train", "missing+full": "train+full", "dialogue": "full",
+                    "complete": "full", "missing-rate": "full"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,14 @@ UTTERANCES = DataViews("utterances", lambda ds, mode, seed: MissingConditionData
 DIALOGUES = DataViews("dialogues", lambda ds, mode, seed: DialogueConditionView(ds, mode, seed=seed),
                       collate_dialogues, corrupt_dialogue_batch)
 
+# IMDer's sequences: missingness is assigned per batch by the missing-rate protocol (train/evaluation.py), and the
+# missing modalities are always zeroed, so the view is the dataset itself.
+SEQUENCES = DataViews("sequences", lambda ds, mode, seed: ds, collate_sequences, corrupt_batch)
+
 
 def views_for(dataset: Dataset) -> DataViews:
-    return DIALOGUES if isinstance(dataset, DialogueDataset) else UTTERANCES
+    if isinstance(dataset, DialogueDataset):
+        return DIALOGUES
+    if isinstance(dataset, SequenceDataset):
+        return SEQUENCES
+    return UTTERANCES

@@ -84,7 +84,7 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "demo"
     for name in ("report.md", "results.csv", "results.json", "ua_per_condition.png", "mmin_embeddings.png",
-                 "mmgcn_results.csv"):
+                 "mmgcn_results.csv", "imder_results.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     for model in ("full-modality baseline", "augmented baseline", "MMIN", "IF-MMIN", "NMER"):
@@ -95,3 +95,5 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     assert set(results["tables"]["zero"]) == {"full-modality baseline", "augmented baseline", "MMIN", "IF-MMIN", "NMER"}
     assert (out / "ua_per_condition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(results["dialogues"]["metrics"]) >= {"{a}", "average", "{a,v,l}"}
+    assert "## IMDer on synthetic MOSI-like sequences" in report and "MR=0.7" in report
+    assert {f"MR={mr / 10:.1f}" for mr in range(8)} <= set(results["imder"]["metrics"])
