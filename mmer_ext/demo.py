@@ -48,6 +48,12 @@ class DemoPlan:
     IEMOCAP's size (3000/600/1200 utterances): with the IEMOCAP dims one epoch costs about 5x more, and the students
     would get too few epochs to converge in ~10 minutes. Teachers and baselines train the papers' 20 epochs (10 + 10
     decay); students 25 instead of the papers' 40-80. ``mmer-ext train`` uses the IEMOCAP dims by default.
+
+    IMDer keeps the paper's architecture (d = 32, 4 MulT levels, 20-block refiners, 3.5M-parameter score networks)
+    on the ``small`` MOSI-like preset (400 / 100 / 200 sequences of 50 steps, text dims 32 instead of BERT's 768):
+    15 pretraining epochs and 6 missing-data epochs (the authors train until early stopping), with 10-step DDIM as the
+    recovery sampler instead of the authors' 100-step Euler-Maruyama, which would make it about 6x slower
+    (``benchmarks/imder_sampler_study.py``).
     """
 
     data_options: dict[str, Any]
@@ -70,7 +76,7 @@ class DemoPlan:
             stage_epochs={"baseline": {"main": 20}, "augmented": {"main": 20},
                           "mmin": {"teacher": 20, "student": 25}, "ifmmin": {"teacher": 20, "student": 25},
                           "nmer": {"teacher": 20, "student": 25}, "mmgcn": {"main": 20},
-                          "imder": {"pretrain": 15, "main": 8}},
+                          "imder": {"pretrain": 15, "main": 6}},
         )
 
     @staticmethod

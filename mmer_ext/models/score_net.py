@@ -217,6 +217,10 @@ class ScoreNet(nn.Module):
         return h / self.marginal_std(t).view(b, 1, 1)
 
 
+#: How :func:`dsm_loss` perturbs the condition: the authors' shared noise, or independent noise.
+CONDITION_NOISE = ("shared", "independent")
+
+
 def dsm_loss(
     score_net: Callable[[Tensor, Tensor, Tensor | None], Tensor],
     x: Tensor,
@@ -224,14 +228,23 @@ def dsm_loss(
     sigma: float = 25.0,
     eps: float = 1e-5,
     generator: torch.Generator | None = None,
+    condition_noise: str = "shared",
 ) -> Tensor:
     """Denoising score matching loss of IMDer (SPEC 4), a 0-d tensor.
 
-    Per sample ``t ~ U(eps, 1)`` and one ``z ~ N(0, I)`` of ``x``'s shape; ``x_t = x + std(t) z`` and the condition
-    is perturbed with the **same** ``z`` (``c_t = c + std(t) z``, as the authors do); the loss is
-    ``mean_b sum_{c,l} (s(x_t, t, c_t) std(t) + z)^2``. ``t`` and ``z`` come from ``generator`` (on ``x``'s
+    Per sample ``t ~ U(eps, 1)`` and one ``z ~ N(0, I)`` of ``x``'s shape; ``x_t = x + std(t) z``; the loss is
+    ``mean_b sum_{c,l} (s(x_t, t, c_t) std(t) + z)^2``. ``t`` and the noise come from ``generator`` (on ``x``'s
     device) or the default generator. Gradients reach the net's parameters and ``cond`` (IMDer's trainable
     two-modality fusion), not ``x`` unless it requires them.
+
+    ``condition_noise`` says how the condition is perturbed:
+
+    * ``"shared"`` (the authors): with the **same** ``z``, ``c_t = c + std(t) z``. Then ``c_t - x_t = c - x`` for
+      every ``t``, so the net can learn the unconditional score of ``x`` shifted by a known offset, and the samplers
+      (which re-noise the condition with fresh noise, as the authors' sampler does) feed it condition/sample pairs
+      it never saw in training. With ``x = c`` the condition carries no information at all in training.
+    * ``"independent"``: with its own ``z'``, ``c_t = c + std(t) z'``: the pairs the samplers produce, so the score
+      net learns ``p(x_t | c_t)`` and the recovery uses the condition.
     """
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"dsm_loss: x must be a non-empty batch [B, ...], got {tuple(x.shape)}")
@@ -240,11 +253,19 @@ def dsm_loss(
                          f"{tuple(cond.shape)}")
     if not 0.0 < eps < 1.0:
         raise ValueError(f"dsm_loss: eps must be in (0, 1), got {eps}")
+    if condition_noise not in CONDITION_NOISE:
+        raise ValueError(f"dsm_loss: condition_noise must be one of {CONDITION_NOISE}, got {condition_noise!r}")
     b = x.shape[0]
     t = torch.rand(b, device=x.device, dtype=x.dtype, generator=generator) * (1.0 - eps) + eps
     z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     x_t = ve_perturb(x, t, sigma, noise=z)
-    c_t = None if cond is None else ve_perturb(cond, t, sigma, noise=z)
+    if cond is None:
+        c_t = None
+    elif condition_noise == "shared":
+        c_t = ve_perturb(cond, t, sigma, noise=z)
+    else:
+        c_t = ve_perturb(cond, t, sigma, noise=torch.randn(x.shape, device=x.device, dtype=x.dtype,
+                                                             generator=generator))
     score = score_net(x_t, t, c_t)
     std = ve_marginal_std(t, sigma).view(b, *([1] * (x.dim() - 1)))
     return (score * std + z).pow(2).flatten(1).sum(dim=1).mean()

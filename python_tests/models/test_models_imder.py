@@ -303,3 +303,22 @@ def test_follows_the_input_device_cuda():
     assert pred.device.type == "cuda"
     loss, _ = model.train().training_loss(batch)
     loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_condition_noise_reaches_the_score_loss(monkeypatch, mode):
+    import mmer_ext.models.imder as imder_module
+
+    modes = []
+    real = imder_module.dsm_loss
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("condition_noise"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(imder_module, "dsm_loss", spy)
+    model = tiny(condition_noise=mode)
+    model.training_loss(make_batch(b=3, missing=torch.tensor([[1, 0, 1]] * 3)))
+    assert modes and set(modes) == {mode}
+    with pytest.raises(ValueError, match="condition_noise"):
+        tiny(condition_noise="fresh")

@@ -163,3 +163,25 @@ def test_dsm_loss_decreases_on_a_toy_set():
         opt.step()
     after = evaluate()
     assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_dsm_condition_noise_modes(mode):
+    # A spy net records what it is fed: with the authors' shared noise the condition moves with the sample
+    # (c_t - x_t == c - x at every t); with independent noise it does not.
+    seen = {}
+
+    def spy(x_t, t, c_t):
+        seen["x_t"], seen["c_t"] = x_t, c_t
+        return torch.zeros_like(x_t)
+
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    dsm_loss(spy, x, c, generator=torch.Generator().manual_seed(1), condition_noise=mode)
+    same_offset = torch.allclose(seen["c_t"] - seen["x_t"], c - x, atol=1e-4)
+    assert same_offset == (mode == "shared")
+
+
+def test_dsm_condition_noise_is_checked():
+    with pytest.raises(ValueError, match="condition_noise"):
+        dsm_loss(lambda x, t, c: x, torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), condition_noise="fresh")
