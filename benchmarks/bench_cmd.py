@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import mmer_ext
-from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, ours_cuda_skip_reason, sync
+from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, ours_cuda_skip_reason, standard_impls, sync
 from mmer_ext.ops import cmd_pairwise
 from mmer_ext.ops._reference import cmd_pairwise_ifmmin_style
 
@@ -44,17 +44,13 @@ MODES = ("fwd", "fwd+bwd")
 allow_many_recompiles()
 
 
-def impls_for(device: str) -> tuple[str, ...]:
-    return ("ours", "eager", "compiled") + (("compiled-max-autotune",) if device == "cuda" else ())
-
-
 def _cases():
     devices = [("cpu", ()), ("cuda", (pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"),))]
     for device, device_marks in devices:
         for size in SIZES:
             for mode in MODES:
                 group = f"cmd_pairwise/{device}/{size}/{mode}"
-                for impl in impls_for(device):
+                for impl in standard_impls(device):
                     yield pytest.param(
                         device,
                         size,

@@ -35,7 +35,7 @@ import torch
 
 from mmer_ext.ops import ddim_step, langevin_corrector_step, ve_ode_step, ve_perturb, ve_sde_em_step
 from mmer_ext.ops import _reference as ref
-from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, ours_cuda_skip_reason, sync
+from support import COMPILE_MODES, HAS_CUDA, allow_many_recompiles, ours_cuda_skip_reason, standard_impls, sync
 
 SIGMA = 25.0
 DT = 0.999 / 99
@@ -59,17 +59,13 @@ OPS = {
 allow_many_recompiles()
 
 
-def impls_for(device: str) -> tuple[str, ...]:
-    return ("ours", "eager", "compiled") + (("compiled-max-autotune",) if device == "cuda" else ())
-
-
 def _cases():
     devices = [("cpu", ()), ("cuda", (pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"),))]
     for device, device_marks in devices:
         for op in OPS:
             for size in SIZES:
                 group = f"diffusion_steps/{op}/{device}/{size}"
-                for impl in impls_for(device):
+                for impl in standard_impls(device):
                     yield pytest.param(
                         device,
                         op,

@@ -12,6 +12,11 @@ HAS_CUDA = torch.cuda.is_available()
 COMPILE_MODES = {"compiled": "default", "compiled-max-autotune": "max-autotune-no-cudagraphs"}
 
 
+def standard_impls(device: str) -> tuple[str, ...]:
+    """Ours, the eager reference and ``torch.compile`` of it (plus max-autotune on CUDA): the usual comparison."""
+    return ("ours", "eager", "compiled") + (("compiled-max-autotune",) if device == "cuda" else ())
+
+
 def allow_many_recompiles() -> None:
     """Sizes x modes x compile modes x devices are separate graphs of the same code object: lift dynamo's
     recompile limit (8), and fail loudly instead of silently running eager if it is ever hit."""

@@ -498,13 +498,15 @@ def corrupt_dialogue_batch(
 # ======================================================================================================================
 # DialogueGCN-style pickles
 # ======================================================================================================================
-def _read_pickle(path: str) -> Any:
+def read_untrusted_pickle(path: str, convert: str = "convert_pickle", safe_spec: str = "dialogues") -> Any:
+    """Unpickle ``path`` after an :class:`UnsafePickleWarning` naming the safe route (``mmer_ext.data.<convert>``,
+    then ``'<safe_spec>:DIR'``); a missing or unreadable file is a :class:`DataFormatError`."""
     if not os.path.isfile(path):
         raise DataFormatError(f"{path}: file not found")
     warnings.warn(
         f"{path}: reading a pickle file executes whatever code the file's author put in it; load only files from a "
-        "source you trust. Convert it once to the safe format with mmer_ext.data.convert_pickle(src, dst_dir) (CLI: "
-        "`mmer-ext convert SRC DST_DIR`) and then load 'dialogues:DST_DIR', which never unpickles.",
+        f"source you trust. Convert it once to the safe format with mmer_ext.data.{convert}(src, dst_dir) (CLI: "
+        f"`mmer-ext convert SRC DST_DIR`) and then load '{safe_spec}:DST_DIR', which never unpickles.",
         UnsafePickleWarning, stacklevel=4)
     try:
         with open(path, "rb") as f:
@@ -653,7 +655,7 @@ def _check_standard_split(path: str, kind: str, lens: dict[str, list[int]], chec
 def _load_pickle_splits(path, kind: str, class_names, *, val_from: str, val_fraction: float, split_seed: int,
                         check_split: str) -> dict[str, DialogueDataset]:
     path = os.fspath(path)
-    train, test = _parse_dialogue_tuple(_read_pickle(path), path, kind, tuple(class_names), check_split)
+    train, test = _parse_dialogue_tuple(read_untrusted_pickle(path), path, kind, tuple(class_names), check_split)
     return _with_val(train, test, None, val_from=val_from, val_fraction=val_fraction, split_seed=split_seed)
 
 
@@ -841,7 +843,7 @@ def convert_pickle(src: str | os.PathLike, dst_dir: str | os.PathLike, *, kind: 
     code once (hence the warning): convert only files you trust, then share the converted directory.
     """
     src = os.fspath(src)
-    obj = _read_pickle(src)
+    obj = read_untrusted_pickle(src)
     if kind is None:
         kinds = {v: k for k, v in _TUPLE_LEN.items()}
         n = len(obj) if isinstance(obj, (tuple, list)) else None

@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import uuid
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,7 +54,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmer_ext._atomic import atomic_write_bytes, atomic_write_text
-from mmer_ext.data.dialogue import UnsafePickleWarning
+from mmer_ext.data.dialogue import read_untrusted_pickle
 from mmer_ext.data.iemocap import DataFormatError
 from mmer_ext.data.protocols import MODALITIES, condition_index
 from mmer_ext.data.utterance import ModalityDims
@@ -341,21 +339,6 @@ def collate_sequences(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Ten
 # ======================================================================================================================
 # MMSA pickles
 # ======================================================================================================================
-def _read_pickle(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise DataFormatError(f"{path}: file not found")
-    warnings.warn(
-        f"{path}: reading a pickle file executes whatever code the file's author put in it; load only files from a "
-        "source you trust. Convert it once to the safe format with mmer_ext.data.convert_mmsa(src, dst_dir) (CLI: "
-        "`mmer-ext convert SRC DST_DIR`) and then load 'mmsa-cache:DST_DIR', which never unpickles.",
-        UnsafePickleWarning, stacklevel=4)
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a format problem of this file
-        raise DataFormatError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from e
-
-
 def _array(d: Mapping, key: str, where: str, dtype=np.float32) -> np.ndarray:
     if key not in d:
         raise DataFormatError(f"{where}: no key {key!r} (keys: {sorted(map(str, d))})")
@@ -491,7 +474,7 @@ def load_mmsa(path: str | os.PathLike, *, use_bert: bool = False, nonfinite: str
         ``regression_labels``.
     """
     path = os.fspath(path)
-    return _parse_mmsa(_read_pickle(path), path, bool(use_bert), nonfinite)
+    return _parse_mmsa(read_untrusted_pickle(path, "convert_mmsa", "mmsa-cache"), path, bool(use_bert), nonfinite)
 
 
 def convert_mmsa(pkl_path: str | os.PathLike, out_dir: str | os.PathLike, *, nonfinite: str = "error") -> str:
@@ -504,7 +487,7 @@ def convert_mmsa(pkl_path: str | os.PathLike, out_dir: str | os.PathLike, *, non
     """
     src = os.fspath(pkl_path)
     out_dir = os.fspath(out_dir)
-    obj = _read_pickle(src)
+    obj = read_untrusted_pickle(src, "convert_mmsa", "mmsa-cache")
     has_bert = isinstance(obj, Mapping) and all(
         isinstance(obj.get(k), Mapping) and "text_bert" in obj[k] for k in ("train", "valid", "test"))
     splits = _parse_mmsa(obj, src, True if has_bert else False, nonfinite)
