@@ -8,6 +8,7 @@ and the MulT backbone (:class:`~mmer_ext.models.mult.MulT`) fuses the three sequ
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -27,6 +28,17 @@ _PAIRS = ("AV", "AL", "VL")
 def _run_sampler(name: str, score_fn: Callable, cond: Tensor, **kw) -> Tensor:
     # One seam for every sampler call of the model (tests count and inspect the calls here).
     return sample(name, score_fn, cond, **kw)
+
+
+def _load_local_bert(path: str) -> nn.Module:
+    try:
+        from transformers import AutoModel
+    except ImportError as err:
+        raise ImportError("IMDer: text_encoder needs the 'transformers' package: pip install 'mmer_ext[bert]'") from err
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"IMDer: text_encoder {path!r} is not a directory with a transformers config.json "
+                                "(a local BERT model is required; nothing is downloaded)")
+    return AutoModel.from_pretrained(path, local_files_only=True)
 
 
 class _ChannelAttention(nn.Module):
@@ -133,6 +145,12 @@ class IMDer(MERModel):
         0.1, the weight of ``score + rec``.
     clip_grad_value : float or None
         Gradient clipping by value (1.0; MOSEI 0.6), applied by :meth:`clip_gradients_`.
+    text_encoder : str, optional
+        A local directory holding a BERT model in the ``transformers`` format (``config.json`` + weights; nothing is
+        downloaded). The text then enters as the tokenised ``batch["text_bert"]`` ``[B, 3, T]`` (input ids,
+        attention mask, token type ids, as in MMSA's pickles, ``load_mmsa(..., use_bert=True)``) and the frozen
+        encoder's last hidden states replace ``batch["L"]``, as the authors' BERT-base; ``dims.L`` must equal its
+        hidden size. Needs the ``bert`` extra (``pip install 'mmer_ext[bert]'``).
     condition_noise : {"shared", "independent"}
         How the score-matching loss perturbs the condition (:func:`~mmer_ext.models.score_net.dsm_loss`).
         ``"shared"`` is the authors' (the same noise as the target); their sampler, like ours, re-noises the
@@ -159,7 +177,7 @@ class IMDer(MERModel):
       IMDer#5) and frozen in the second. The recovery branch uses them detached in both stages, so neither the score
       loss nor ``L_rec`` can shrink the targets they are measured against.
     * A projection is always applied (the authors skip it when a modality already has d features).
-    * No BERT encoder: text features are precomputed (``L`` of 768 for BERT-base).
+    * Text enters as precomputed features (``L`` of 768 for BERT-base) unless ``text_encoder`` names a local BERT.
     * Sinusoidal positions are given to every step (MulT treats steps whose first feature is exactly 0 as padding).
     """
 
@@ -196,6 +214,7 @@ class IMDer(MERModel):
         score_weight: float = 0.1,
         clip_grad_value: float | None = 1.0,
         condition_noise: str = "shared",
+        text_encoder: str | None = None,
     ) -> None:
         super().__init__()
         self.dims = _dims(dims)
@@ -226,6 +245,15 @@ class IMDer(MERModel):
             for m in DATA_ORDER
         })
         self.refine = nn.ModuleDict({m: RecoveryRefiner(d, rcab_blocks, rcab_reduction) for m in DATA_ORDER})
+        self.text_encoder = text_encoder
+        self.bert = None
+        if text_encoder is not None:
+            bert = _load_local_bert(text_encoder)
+            if bert.config.hidden_size != self.dims[2]:
+                raise ValueError(f"IMDer: the text encoder at {text_encoder!r} has hidden size "
+                                 f"{bert.config.hidden_size}, but dims.L is {self.dims[2]}")
+            # Frozen as the authors run BERT (under no_grad); kept in the state_dict so a checkpoint is complete.
+            self.register_frozen("bert", bert)
         self.fusion = MulT(d, num_heads, nlevels, output_dim=self.num_classes, attn_dropout=attn_dropout,
                            attn_dropout_a=attn_dropout_a, attn_dropout_v=attn_dropout_v, relu_dropout=relu_dropout,
                            res_dropout=res_dropout, embed_dropout=embed_dropout, out_dropout=out_dropout)
@@ -291,6 +319,19 @@ class IMDer(MERModel):
                              "present to recover the others")
         return present
 
+    def encode_text(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """``[B, T, hidden]``: the frozen BERT over ``batch["text_bert"]`` (only with ``text_encoder``)."""
+        tokens = batch.get("text_bert")
+        if tokens is None:
+            raise ValueError("IMDer: a model with a text_encoder reads batch['text_bert'] [B, 3, T] (ids, mask, "
+                             "types); load the data with use_bert=True")
+        if tokens.dim() != 3 or tokens.shape[1] != 3:
+            raise ValueError(f"IMDer: batch['text_bert'] must be [B, 3, T], got {tuple(tokens.shape)}")
+        tokens = tokens.to(device=batch["A"].device, dtype=torch.long)
+        with torch.no_grad():
+            out = self.bert(input_ids=tokens[:, 0], attention_mask=tokens[:, 1], token_type_ids=tokens[:, 2])
+        return out.last_hidden_state.to(batch["A"].dtype)
+
     def project(self, x: Tensor, m: str) -> Tensor:
         """``[B, T, D_m] -> [B, d, T - proj_kernel + 1]``."""
         if x.dim() != 3 or x.shape[-1] != self.dims[DATA_ORDER.index(m)]:
@@ -330,6 +371,10 @@ class IMDer(MERModel):
         b = present.shape[0]
         inputs = dict(zip(DATA_ORDER, self.inputs(batch)))
         clean = dict(zip(DATA_ORDER, self.clean_inputs(batch)))
+        if self.bert is not None:
+            text = self.encode_text(batch)
+            clean["L"] = text
+            inputs["L"] = text * present[:, 2].view(-1, 1, 1).to(text.dtype)
         feats = {m: self.project(inputs[m], m) for m in DATA_ORDER}
         # The recovery branch sees the projections detached (conditions and targets); see the class notes.
         detached = {m: f.detach() for m, f in feats.items()}
