@@ -2,7 +2,7 @@
 # the build and test dependencies, and mmer_ext built from this tree.
 #
 #   make demo      the main job: train and compare baseline, augmented, MMIN, IF-MMIN and NMER on the embedded
-#                  synthetic data (~10 min on 2 cores); the table, report.md and figures land in runs/demo/
+#                  synthetic data, then MMGCN and IMDer (~15 min on 2 cores); report.md and figures land in runs/demo/
 #   make test      the whole test suite (and the benchmarks once each, as a smoke test)
 #   make bench     the benchmarks with full timing
 #   make wheel     a wheel for this torch in dist/
