@@ -163,56 +163,35 @@ def test_imder_sampler(run_benchmark, benchmark, device: str, batch: int, impl: 
     net, cond = _net(device), _cond(batch, device)
     steps = SMOKE_STEPS if smoke else STEPS
     warmup = 1
+    accuracy = None
+    clone = False
 
     if impl in ("ours", "ours-no-graph"):
         accuracy = _guard(batch, device)
         if device == "cuda" and impl == "ours":
-            graphed = CUDAGraphSampler(net, "em", steps=steps)
-
-            def fn():
-                out = graphed(cond)
-                sync(dev)
-                return out
+            call = functools.partial(CUDAGraphSampler(net, "em", steps=steps), cond)
         else:
-
-            def fn():
-                out = sample_em(net, cond, steps=steps)
-                sync(dev)
-                return out
+            call = functools.partial(sample_em, net, cond, steps=steps)
     elif impl == "eager":
-        accuracy = None
-
-        def fn():
-            # IMDer's loop takes dt from the first two grid times: it needs 2 steps (smoke mode has 1).
-            out = reference_em(net, cond, max(steps, 2))
-            sync(dev)
-            return out
+        # IMDer's loop takes dt from the first two grid times: it needs 2 steps (smoke mode has 1).
+        call = functools.partial(reference_em, net, cond, max(steps, 2))
     elif impl.startswith("compiled"):
-        accuracy = None
-        warmup = 3
+        warmup, clone = 3, True
         step_fn = _compiled_step("reduce-overhead" if impl == "compiled-reduce-overhead" else None)
-
-        def fn():
-            out = reference_em(net, cond, max(steps, 2), step_fn=step_fn)
-            sync(dev)
-            return out.clone()
+        call = functools.partial(reference_em, net, cond, max(steps, 2), step_fn=step_fn)
     else:
-        accuracy = None
         name, n, options = next(c for c in FEW_STEP if impl == f"ours-{c[0]}-{c[1]}")
         n = SMOKE_STEPS if smoke else n
         if device == "cuda":
-            graphed = CUDAGraphSampler(net, name, steps=n, **options)
-
-            def fn():
-                out = graphed(cond)
-                sync(dev)
-                return out
+            call = functools.partial(CUDAGraphSampler(net, name, steps=n, **options), cond)
         else:
+            call = functools.partial(sample, name, net, cond, steps=n, **options)
 
-            def fn():
-                out = sample(name, net, cond, steps=n, **options)
-                sync(dev)
-                return out
+    def fn():
+        out = call()
+        sync(dev)
+        # A reduce-overhead graph reuses its output buffer on the next replay.
+        return out.clone() if clone else out
 
     def check(result):
         _check(cond)(result)

@@ -63,3 +63,24 @@ def _seed_and_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean dynamo state with the FX-graph and AOTAutograd caches off, for the ``torch.compile`` tests of the ops.
+
+    Those caches key a compiled graph on the traced program, not on our library: after a rebuild that changes an op
+    (say the shape of a private op's saved statistics) they would replay a graph built from the old fake kernel, and
+    a cache hit would also skip the fake kernels these tests exist to check. (Inductor's kernel code cache is keyed
+    by the generated source and stays on.)
+    """
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        yield
+    torch._dynamo.reset()

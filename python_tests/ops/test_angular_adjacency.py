@@ -555,20 +555,6 @@ def test_double_backward_is_refused():
 # ---- torch.compile --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_dynamo():
-    import torch._functorch.config
-    import torch._inductor.config
-
-    torch._dynamo.reset()
-    with (
-        torch._inductor.config.patch(fx_graph_cache=False),
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    ):
-        yield
-    torch._dynamo.reset()
-
-
 def _gcn_step(x, lengths, h, weights):
     dense = angular_adjacency(x, lengths, window=2)
     blocks = angular_adjacency(x, lengths, layout="blocks")

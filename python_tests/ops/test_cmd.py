@@ -524,24 +524,6 @@ def test_double_backward_is_correct_or_refused():
 # ---- torch.compile --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_dynamo():
-    # The FX-graph and AOTAutograd caches key a compiled graph on the traced program, not on our library: after a
-    # rebuild that changes an op (say the shape of _cmd_pairwise_forward's stats) they would replay a graph built
-    # from the old fake kernel, and a cache hit would also skip the fake kernels this test exists to check.
-    # (Inductor's kernel code cache is keyed by the generated source and stays on.)
-    import torch._functorch.config
-    import torch._inductor.config
-
-    torch._dynamo.reset()
-    with (
-        torch._inductor.config.patch(fx_graph_cache=False),
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    ):
-        yield
-    torch._dynamo.reset()
-
-
 def _all_ops(a, b, c, weights):
     return (central_moments(a, 3) * weights).sum() + 2 * cmd(a, b, 4) + 3 * cmd_pairwise([a, b, c], 5)
 

@@ -61,11 +61,10 @@ def _cases(device, batch=3):
 CASES = list(_cases("cpu"))
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_gradcheck(case):
+def _differentiable(case: str, shape: tuple[int, ...]):
+    """``(f, args)``: the case's op as a function of just the inputs it differentiates (the others held fixed)."""
     fn, used = _cases("cpu")[case]
-    x, s, z = _inputs((3, 2, 5), requires_grad=True)
-    args = [(x, s, z)[i] for i in used]
+    x, s, z = _inputs(shape, requires_grad=True)
 
     def f(*a):
         full = [x, s, z]
@@ -73,24 +72,19 @@ def test_gradcheck(case):
             full[i] = v
         return fn(*full)
 
-    assert torch.autograd.gradcheck(f, args)
+    return f, [(x, s, z)[i] for i in used]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradcheck(case):
+    assert torch.autograd.gradcheck(*_differentiable(case, (3, 2, 5)))
 
 
 @pytest.mark.parametrize("case", ["ve_perturb", "ve_sde_em_step", "ve_ode_step", "langevin", "ddim"])
 def test_gradgradcheck(case):
     # The backward formulas are built from torch ops on saved inputs / outputs, so second derivatives are exact
     # (zero for the affine ops; through the step size for Langevin).
-    fn, used = _cases("cpu")[case]
-    x, s, z = _inputs((3, 5), requires_grad=True)
-    args = [(x, s, z)[i] for i in used]
-
-    def f(*a):
-        full = [x, s, z]
-        for i, v in zip(used, a):
-            full[i] = v
-        return fn(*full)
-
-    assert torch.autograd.gradgradcheck(f, args)
+    assert torch.autograd.gradgradcheck(*_differentiable(case, (3, 5)))
 
 
 def test_gradgradcheck_langevin_in_kernel_noise():
@@ -259,22 +253,6 @@ def test_opcheck_covers_every_op():
 
 
 # ---- torch.compile ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fresh_dynamo():
-    # The FX-graph and AOTAutograd caches key a compiled graph on the traced program, not on our library: a cache hit
-    # after a rebuild would skip the fake kernels this test exists to check.
-    import torch._functorch.config
-    import torch._inductor.config
-
-    torch._dynamo.reset()
-    with (
-        torch._inductor.config.patch(fx_graph_cache=False),
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    ):
-        yield
-    torch._dynamo.reset()
 
 
 def _sampler_loop(x, cond, z, ts):
