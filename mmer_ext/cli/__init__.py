@@ -30,10 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import mmer_ext
     from mmer_ext.cli._errors import USER_ERRORS
 
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if mmer_ext.load_error is not None and args.command != "info":
+        # Without the compiled library only --help and `info` work (mmer_ext/__init__.py).
+        print(f"mmer-ext {args.command}: error: {mmer_ext.load_error}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -13,6 +13,14 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import mmer_ext
+
+    if mmer_ext.load_error is not None:
+        from mmer_ext.info import broken_build_info, format_broken_build_info
+
+        report = broken_build_info(mmer_ext.load_error)
+        print(json.dumps(report, indent=2) if args.json else format_broken_build_info(report))
+        return 1
     from mmer_ext.info import build_info, format_build_info
 
     report = build_info()
