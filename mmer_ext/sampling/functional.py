@@ -28,6 +28,10 @@ Common conventions (IMDer's, kept for every sampler so they are interchangeable)
   order: the start (like ``cond``), then per score evaluation the condition noise (like ``cond``), then per noisy
   update its noise (like ``x``). It exists for exact comparisons with a hand-written loop; it is slower.
 * The loop runs under ``torch.no_grad()`` unless ``grad=True`` (the ops are differentiable).
+* ``callback``: k-diffusion's per-step hook, ``callback({"x", "i", "t", "sigma", "score", "denoised"})``, called once per
+  grid step after the step's (first) score evaluation and before the update: ``x`` the sample at ``t = ts[i]``,
+  ``sigma = std(t)`` (0-d tensor), ``score`` the score there, ``denoised = x + sigma^2 * score`` (the Tweedie ``x0``
+  estimate, k-diffusion's ``denoised``). For progress bars and for watching ``x0`` form; it must not modify the tensors.
 * ``B = 0``: an empty result is returned without calling ``score_fn`` (networks with norms over the batch often refuse
   empty inputs, and there is nothing to sample).
 
@@ -62,6 +66,7 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+StepCallback = Callable[[dict], object]
 NoiseSampler = Callable[[Tensor], Tensor]
 
 _METHODS = ("em", "pc", "ode", "ode-heun", "ddim")
@@ -274,6 +279,13 @@ def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
     return s
 
 
+def _report(callback: StepCallback | None, i: int, x: Tensor, t: Tensor, sigma: float, s: Tensor) -> None:
+    if callback is None:
+        return
+    std = _ops.ve_marginal_std(t, sigma)
+    callback({"x": x, "i": i, "t": t, "sigma": std, "score": s, "denoised": x + (std * std).to(x.dtype) * s})
+
+
 def _em_update(x: Tensor, score: Tensor, t: Tensor, dt: float, sigma: float, noise: _Noise) -> tuple[Tensor, Tensor]:
     return _ops.ve_sde_em_step(x, score, t, dt, sigma, **noise(x))
 
@@ -309,16 +321,19 @@ def _ddim_update(x: Tensor, score: Tensor, plan: _Plan, i: int, noise: _Noise) -
 # the loops (capturable: no host reads, no allocation that depends on data)
 
 
-def _loop_em(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_em(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+             callback: StepCallback | None = None) -> Tensor:
     mean = x
     for i in range(plan.steps):
         t = plan.ts[i]
         s = _score(score_fn, x, plan.t_batch[i], _condition(cond, t, plan.sigma, noise))
+        _report(callback, i, x, t, plan.sigma, s)
         x, mean = _em_update(x, s, t, plan.dts[i], plan.sigma, noise)
     return mean
 
 
-def _loop_pc(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_pc(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+             callback: StepCallback | None = None) -> Tensor:
     mean = x
     for i in range(plan.steps):
         t, tb = plan.ts[i], plan.t_batch[i]
@@ -328,23 +343,28 @@ def _loop_pc(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _No
             s = _score(score_fn, x, tb, _condition(cond, t, plan.sigma, noise))
             x, _ = _langevin_update(x, s, plan.snr, noise)
         s = _score(score_fn, x, tb, _condition(cond, t, plan.sigma, noise))
+        _report(callback, i, x, t, plan.sigma, s)
         x, mean = _em_update(x, s, t, plan.dts[i], plan.sigma, noise)
     return mean
 
 
-def _loop_ode(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_ode(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+              callback: StepCallback | None = None) -> Tensor:
     for i in range(plan.steps):
         t = plan.ts[i]
         s = _score(score_fn, x, plan.t_batch[i], _condition(cond, t, plan.sigma, noise))
+        _report(callback, i, x, t, plan.sigma, s)
         x = _ode_update(x, s, t, plan.dts[i], plan.sigma)
     return x
 
 
-def _loop_ode_heun(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_ode_heun(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+                   callback: StepCallback | None = None) -> Tensor:
     last = plan.steps - 1
     for i in range(plan.steps):
         t = plan.ts[i]
         s = _score(score_fn, x, plan.t_batch[i], _condition(cond, t, plan.sigma, noise))
+        _report(callback, i, x, t, plan.sigma, s)
         x_e = _ode_update(x, s, t, plan.dts[i], plan.sigma)
         if i == last:
             # The last step ends at t = 0 (or below, on IMDer's grid), where the score is not defined (the network
@@ -357,9 +377,11 @@ def _loop_ode_heun(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, nois
     return x
 
 
-def _loop_ddim(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_ddim(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+               callback: StepCallback | None = None) -> Tensor:
     for i in range(plan.steps):
         s = _score(score_fn, x, plan.t_batch[i], _condition(cond, plan.ts[i], plan.sigma, noise))
+        _report(callback, i, x, plan.ts[i], plan.sigma, s)
         x, _ = _ddim_update(x, s, plan, i, noise)
     return x
 
@@ -367,10 +389,11 @@ def _loop_ddim(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _
 _LOOPS = {"em": _loop_em, "pc": _loop_pc, "ode": _loop_ode, "ode-heun": _loop_ode_heun, "ddim": _loop_ddim}
 
 
-def _run(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x_init: Tensor | None, noise: _Noise) -> Tensor:
-    """The capturable part of a sampler call: start sample, then the loop."""
+def _run(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x_init: Tensor | None, noise: _Noise,
+         callback: StepCallback | None = None) -> Tensor:
+    """The capturable part of a sampler call (without ``callback``): start sample, then the loop."""
     x = x_init if x_init is not None else _initial_sample(cond.shape, cond.dtype, cond.device, plan.sigma, noise)
-    return _LOOPS[plan.method](plan, score_fn, cond, x, noise)
+    return _LOOPS[plan.method](plan, score_fn, cond, x, noise, callback)
 
 
 def _checked_options(method: str, *, steps, sigma, eps, schedule="imder", snr=0.16, corrector_steps=1,
@@ -389,9 +412,11 @@ def _checked_options(method: str, *, steps, sigma, eps, schedule="imder", snr=0.
 
 
 def _sample(method: str, score_fn: ScoreFn, cond: Tensor, *, generator, x_init, noise_sampler, grad, cuda_graph,
-            **options) -> Tensor:
+            callback=None, **options) -> Tensor:
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable (x, t, cond) -> score, got {type(score_fn).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     cond = _check_cond(cond)
     _check_x_init(x_init, cond)
     _check_randomness(generator, noise_sampler, cond)
@@ -402,12 +427,15 @@ def _sample(method: str, score_fn: ScoreFn, cond: Tensor, *, generator, x_init, 
         if noise_sampler is not None or grad:
             raise ValueError("cuda_graph=True draws its noise inside the graph and runs without autograd: "
                              "noise_sampler and grad=True are not supported with it")
+        if callback is not None:
+            raise ValueError("cuda_graph=True replays the loop without running Python: callback is not supported "
+                             "with it")
         return _cg.graphed_sample(method, score_fn, cond, generator=generator, x_init=x_init, **opts)
     if cond.shape[0] == 0:
         return torch.empty_like(cond)
     plan = _make_plan(method, cond.shape[0], cond.device, cond.dtype, **opts)
     with contextlib.nullcontext() if grad else torch.no_grad():
-        return _run(plan, score_fn, cond, x_init, _Noise(generator, noise_sampler))
+        return _run(plan, score_fn, cond, x_init, _Noise(generator, noise_sampler), callback)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,6 +461,7 @@ _COMMON_DOC = """
         x_init: start sample shaped like ``cond`` (default: ``N(0, std(1)^2)``, drawn from ``generator``).
         noise_sampler: ``f(like) -> standard normal tensor shaped like like``, replacing ``generator`` (exact tests).
         grad: run with autograd enabled (default: under ``torch.no_grad()``).
+        callback: ``callback(info)`` once per grid step, k-diffusion's convention (see the module docstring).
         cuda_graph: capture the whole loop in a CUDA graph on the first call with this score_fn / shape / dtype /
             options, replay it on later calls (:mod:`mmer_ext.sampling.cuda_graph`; CUDA tensors only, ``score_fn``
             must be capturable).
@@ -441,20 +470,22 @@ _COMMON_DOC = """
 
 def sample_em(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, sigma: float = 25.0, eps: float = 1e-3,
               schedule: str = "imder", generator: torch.Generator | None = None, x_init: Tensor | None = None,
-              noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False) -> Tensor:
+              noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False,
+              callback: StepCallback | None = None) -> Tensor:
     """IMDer's Euler–Maruyama sampler of the reverse VE SDE (its default: 100 steps).
 
     Per step ``i`` with ``t = ts[i]``: ``c_t = cond + std(t) z1``; ``mean = x + g(t)^2 score_fn(x, t, c_t) dt``;
     ``x = mean + sqrt(dt) g(t) z2``. Returns the last ``mean`` (no noise on the final step), as IMDer does.
     """
     return _sample("em", score_fn, cond, steps=steps, sigma=sigma, eps=eps, schedule=schedule, generator=generator,
-                   x_init=x_init, noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph)
+                   x_init=x_init, noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph, callback=callback)
 
 
 def sample_pc(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, snr: float = 0.16, corrector_steps: int = 1,
               sigma: float = 25.0, eps: float = 1e-3, schedule: str = "imder",
               generator: torch.Generator | None = None, x_init: Tensor | None = None,
-              noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False) -> Tensor:
+              noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False,
+              callback: StepCallback | None = None) -> Tensor:
     """Predictor–corrector sampler (Song et al. 2021): per grid time, ``corrector_steps`` Langevin moves
     (:func:`mmer_ext.ops.langevin_corrector_step`, step size from the signal-to-noise ratio ``snr`` and the
     per-sample norms of score and noise) then one Euler–Maruyama step. Returns the last EM mean.
@@ -464,13 +495,13 @@ def sample_pc(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, snr: float =
     """
     return _sample("pc", score_fn, cond, steps=steps, sigma=sigma, eps=eps, schedule=schedule, snr=snr,
                    corrector_steps=corrector_steps, generator=generator, x_init=x_init, noise_sampler=noise_sampler,
-                   grad=grad, cuda_graph=cuda_graph)
+                   grad=grad, cuda_graph=cuda_graph, callback=callback)
 
 
 def sample_ode(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, method: str = "euler", sigma: float = 25.0,
                eps: float = 1e-3, schedule: str = "imder", generator: torch.Generator | None = None,
                x_init: Tensor | None = None, noise_sampler: NoiseSampler | None = None, grad: bool = False,
-               cuda_graph: bool = False) -> Tensor:
+               cuda_graph: bool = False, callback: StepCallback | None = None) -> Tensor:
     """Probability-flow ODE ``dx/dt = -g(t)^2 score / 2``, integrated from ``t = 1`` downwards.
 
     ``method="euler"``: ``x += g(t)^2 score dt / 2`` (:func:`mmer_ext.ops.ve_ode_step`) per step. ``method="heun"``:
@@ -482,7 +513,7 @@ def sample_ode(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, method: str
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
     return _sample("ode-heun" if method == "heun" else "ode", score_fn, cond, steps=steps, sigma=sigma, eps=eps,
                    schedule=schedule, generator=generator, x_init=x_init, noise_sampler=noise_sampler, grad=grad,
-                   cuda_graph=cuda_graph)
+                   cuda_graph=cuda_graph, callback=callback)
 
 
 def sample_ode_heun(score_fn: ScoreFn, cond: Tensor, **kwargs) -> Tensor:
@@ -495,7 +526,7 @@ def sample_ode_heun(score_fn: ScoreFn, cond: Tensor, **kwargs) -> Tensor:
 def sample_ddim(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, eta: float = 0.0, sigma: float = 25.0,
                 eps: float = 1e-3, schedule: str = "imder", generator: torch.Generator | None = None,
                 x_init: Tensor | None = None, noise_sampler: NoiseSampler | None = None, grad: bool = False,
-                cuda_graph: bool = False) -> Tensor:
+                cuda_graph: bool = False, callback: StepCallback | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) for the VE score model, through :func:`mmer_ext.ops.ddim_step`.
 
     Per step: ``ab = 1 / (1 + std(t)^2)``, ``x_vp = x / sqrt(1 + std^2)``, ``eps_hat = -std * score``; the DDIM
@@ -504,7 +535,8 @@ def sample_ddim(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, eta: float
     probability-flow ODE; ``eta`` in ``(0, 1]`` adds the ancestral noise. Returns the final ``x0`` prediction.
     """
     return _sample("ddim", score_fn, cond, steps=steps, sigma=sigma, eps=eps, schedule=schedule, eta=eta,
-                   generator=generator, x_init=x_init, noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph)
+                   generator=generator, x_init=x_init, noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph,
+                   callback=callback)
 
 
 for _f in (sample_em, sample_pc, sample_ode, sample_ddim):
