@@ -137,6 +137,25 @@ def test_built_wheel_metadata_and_version_agree(tmp_path):
     assert f'version = "{_base_version()}+{tag}"' in build_info
 
 
+@pytest.mark.slow
+def test_cmake_stops_a_build_that_contradicts_its_version(tmp_path):
+    # The metadata reads MMER_EXT_CUDA from the environment (ON: a cu tag); CMake is told OFF by -C cmake.define.
+    # Only CMake's configure step runs before the error (a minute at most).
+    if not torch.version.cuda:
+        pytest.skip("needs a CUDA torch (with a CPU torch every build is +cpu)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-v",
+         "-C", f"build-dir={tmp_path / 'build'}", "-C", "cmake.define.MMER_EXT_CUDA=OFF",
+         "-w", str(tmp_path / "dist"), str(REPO)],
+        env={**os.environ, "MMER_EXT_CUDA": "ON"}, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode != 0
+    output = " ".join((proc.stdout + proc.stderr).split())
+    tag = _expected_tag(torch.__version__, torch.version.cuda, True)
+    assert f"promises '{tag}'" in output and "environment variables" in output, output[-3000:]
+    assert not list((tmp_path / "dist").glob("*.whl"))
+
+
 # ---- the provider's prediction of CMake's CUDA decision -------------------------------------------------------------
 
 
