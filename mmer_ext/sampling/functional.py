@@ -28,10 +28,11 @@ Common conventions (IMDer's, kept for every sampler so they are interchangeable)
   order: the start (like ``cond``), then per score evaluation the condition noise (like ``cond``), then per noisy
   update its noise (like ``x``). It exists for exact comparisons with a hand-written loop; it is slower.
 * The loop runs under ``torch.no_grad()`` unless ``grad=True`` (the ops are differentiable).
-* ``callback``: k-diffusion's per-step hook, ``callback({"x", "i", "t", "sigma", "score", "denoised"})``, called once per
-  grid step after the step's (first) score evaluation and before the update: ``x`` the sample at ``t = ts[i]``,
+* ``callback``: k-diffusion's per-step hook, ``callback({"x", "i", "t", "sigma", "score", "denoised"})``, called once
+  per grid step after the step's (first) score evaluation and before the update: ``x`` the sample at ``t = ts[i]``,
   ``sigma = std(t)`` (0-d tensor), ``score`` the score there, ``denoised = x + sigma^2 * score`` (the Tweedie ``x0``
-  estimate, k-diffusion's ``denoised``). For progress bars and for watching ``x0`` form; it must not modify the tensors.
+  estimate, k-diffusion's ``denoised``). For progress bars and for watching ``x0`` form; it must not modify the
+  tensors (they are the loop's own).
 * ``B = 0``: an empty result is returned without calling ``score_fn`` (networks with norms over the batch often refuse
   empty inputs, and there is nothing to sample).
 

@@ -68,7 +68,8 @@ def test_block_graph_propagate_module_matches_the_op():
     torch.testing.assert_close(out, angular_adjacency(x, lengths) @ h)
 
 
-@pytest.mark.parametrize("module", [CMDLoss(), AngularAdjacency(), BlockGraphPropagate()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("module", [CMDLoss(), AngularAdjacency(), BlockGraphPropagate()],
+                         ids=lambda m: type(m).__name__)
 def test_modules_hold_no_state(module):
     assert module.state_dict() == {}
     assert list(module.parameters()) == [] and list(module.buffers()) == []
