@@ -305,20 +305,66 @@ def test_follows_the_input_device_cuda():
     loss.backward()
 
 
-@pytest.mark.parametrize("mode", ["shared", "independent"])
-def test_condition_noise_reaches_the_score_loss(monkeypatch, mode):
+@pytest.mark.parametrize("mode", ["shared", "independent", "clean"])
+def test_condition_noise_reaches_the_score_loss_and_the_sampler(monkeypatch, mode):
     import mmer_ext.models.imder as imder_module
 
-    modes = []
+    modes, sampled = [], []
     real = imder_module.dsm_loss
 
     def spy(*args, **kwargs):
         modes.append(kwargs.get("condition_noise"))
         return real(*args, **kwargs)
 
+    def sampler_spy(name, score_fn, cond, **kw):
+        sampled.append(kw.get("condition_noise"))
+        return sample(name, score_fn, cond, **kw)
+
     monkeypatch.setattr(imder_module, "dsm_loss", spy)
+    monkeypatch.setattr(imder_module, "_run_sampler", sampler_spy)
     model = tiny(condition_noise=mode)
     model.training_loss(make_batch(b=3, missing=torch.tensor([[1, 0, 1]] * 3)))
     assert modes and set(modes) == {mode}
+    assert sampled and set(sampled) == {mode}
     with pytest.raises(ValueError, match="condition_noise"):
         tiny(condition_noise="fresh")
+
+
+def test_condition_is_clean_by_default_and_not_a_sampler_option():
+    model = tiny()
+    assert model.condition_noise == "clean"
+    assert IMDer.legacy_defaults == {"condition_noise": "shared"}
+    with pytest.raises(ValueError, match="condition_noise is the model's"):
+        model.set_sampler("em", 3, condition_noise="shared")
+
+
+def test_clean_sampling_feeds_the_condition_itself(monkeypatch):
+    # With the default the score nets see exactly the condition the model built (no re-noising), at every call.
+    model = tiny().eval()
+    conds, seen = [], []
+    real_condition = model._condition
+
+    def keep_condition(*args, **kwargs):
+        rows, cond = real_condition(*args, **kwargs)
+        conds.append(cond.detach().clone())
+        return rows, cond
+
+    monkeypatch.setattr(model, "_condition", keep_condition)
+    net = model.score["A"]
+
+    def spy(x, t, c):
+        seen.append(c.clone())
+        return net(x, t, c)
+
+    model.score["A"] = _Wrap(spy)
+    model.recover(make_batch(3, missing=torch.tensor([[0, 1, 1]] * 3)), generator=torch.Generator().manual_seed(0))
+    assert len(seen) == model.steps and all(torch.equal(c, conds[0]) for c in seen)
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x, t, c):
+        return self.fn(x, t, c)
