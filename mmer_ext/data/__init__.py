@@ -58,6 +58,7 @@ from mmer_ext.data.protocols import (
     PROTOCOL_MODES,
     MissingConditionDataset,
     NoiseScheduler,
+    authors_batch_counts,
     condition_index,
     corrupt_batch,
     missing_rate_fractions,
@@ -94,5 +95,5 @@ __all__ = [
     "load_splits", "make_synthetic_utterances", "save_splits", "split_dataset",
     "MISSING_RATES", "MMSA_SPLITS", "MR_PROTOCOLS", "SEQUENCE_PRESETS", "SequenceDataset", "collate_sequences",
     "convert_mmsa", "load_mmsa", "load_mmsa_cache", "make_synthetic_sequences", "missing_rate_fractions",
-    "missing_rate_patterns", "realized_missing_rate", "regression_calibration_report",
+    "missing_rate_patterns", "realized_missing_rate", "regression_calibration_report", "authors_batch_counts",
 ]
