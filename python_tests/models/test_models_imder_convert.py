@@ -154,7 +154,10 @@ def ref_encoder(sd, key, x, kv=None, heads=8):
     i = 0
     while f"{key}.layers.{i}.fc1.weight" in sd:
         p = f"{key}.layers.{i}."
-        ln = lambda s, j: F.layer_norm(s, (dim,), sd[f"{p}layer_norms.{j}.weight"], sd[f"{p}layer_norms.{j}.bias"])  # noqa: E731
+
+        def ln(s, j, p=p):
+            return F.layer_norm(s, (dim,), sd[f"{p}layer_norms.{j}.weight"], sd[f"{p}layer_norms.{j}.bias"])
+
         q_in = ln(h, 0)
         k_in = q_in if src is None else ln(src, 0)
         w, b = sd[p + "self_attn.in_proj_weight"], sd[p + "self_attn.in_proj_bias"]
@@ -191,8 +194,13 @@ def ref_score_net(sd, key, x, t, cond, sigma=25.0):
     act = lambda s: s * torch.sigmoid(s)  # noqa: E731
     angles = t[:, None] * sd[p + "embed.0.W"][None] * 2 * math.pi
     emb = act(F.linear(torch.cat([angles.sin(), angles.cos()], -1), sd[p + "embed.1.weight"], sd[p + "embed.1.bias"]))
-    attn = lambda name, h, c: ref_encoder(sd, p + name, h.permute(2, 0, 1), c.permute(2, 0, 1)).permute(1, 2, 0)  # noqa: E731
-    dense = lambda k: F.linear(emb, sd[f"{p}dense{k}.dense.weight"], sd[f"{p}dense{k}.dense.bias"])[..., None]  # noqa: E731
+
+    def attn(name, h, c):
+        return ref_encoder(sd, p + name, h.permute(2, 0, 1), c.permute(2, 0, 1)).permute(1, 2, 0)
+
+    def dense(k):
+        return F.linear(emb, sd[f"{p}dense{k}.dense.weight"], sd[f"{p}dense{k}.dense.bias"])[..., None]
+
     gn = lambda name, h, g: F.group_norm(h, g, sd[p + name + ".weight"], sd[p + name + ".bias"])  # noqa: E731
     h = F.conv1d(x, sd[p + "conv1.weight"], padding=1)
     h = act(gn("gnorm1", h + attn("attention_1", h, cond) + dense(1), 4))
@@ -275,7 +283,8 @@ def test_score_networks_match_theirs(mosi, m):
 
 def test_refiners_are_mapped(mosi):
     sd, model = mosi
-    assert torch.equal(model.refine["V"][1].body[7].body[3].gate[2].weight, sd["rec_v.1.body.7.body.3.conv_du.2.weight"])
+    gate = model.refine["V"][1].body[7].body[3].gate[2]
+    assert torch.equal(gate.weight, sd["rec_v.1.body.7.body.3.conv_du.2.weight"])
     assert torch.equal(model.refine["L"][2].bias, sd["rec_l.2.bias"])
 
 
@@ -309,6 +318,35 @@ def test_mosei_layout_is_recognised(tmp_path):
     model, meta = load_model(out)
     assert meta["recipe"] == "imder-mosei" and model.dims == (74, 35, 768) and model.condition_noise == "shared"
     assert len(model.fusion.cross["LA"].layers) == 6 and model.clip_grad_value == 0.6
+
+
+def test_their_bert_goes_into_the_text_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=40, max_position_embeddings=50)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    torch.manual_seed(1)  # their fine-tuned BERT: other weights than the directory's
+    theirs = transformers.BertModel(config).state_dict()
+    sd = {**authors_layout(dims={"a": 5, "v": 20, "l": 32}), **{f"text_model.model.{k}": v for k, v in theirs.items()}}
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, tmp_path / "imder-mosi.pth")
+    from mmer_ext.train import load_model
+
+    model, meta = load_model(convert_authors_checkpoint(tmp_path / "imder-mosi.pth", tmp_path / "out",
+                                                        text_encoder=str(tmp_path / "bert")))
+    assert not meta["converted_from"]["bert_dropped"] and model.text_encoder == str(tmp_path / "bert")
+    got = model.bert.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in theirs.items() if k in got)
+    assert not torch.equal(got["embeddings.word_embeddings.weight"],
+                           transformers.BertModel.from_pretrained(tmp_path / "bert").embeddings.word_embeddings.weight)
+    with pytest.raises(AuthorsCheckpointError, match="holds no BERT"):
+        convert_authors_checkpoint(_without_bert(sd, tmp_path), tmp_path / "out2", text_encoder=str(tmp_path / "bert"))
+
+
+def _without_bert(sd, tmp_path):
+    path = tmp_path / "no-bert.pth"
+    torch.save({k: v for k, v in sd.items() if not k.startswith("text_model.")}, path)
+    return path
 
 
 def test_bad_files_are_refused(tmp_path):
