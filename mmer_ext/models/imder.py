@@ -179,6 +179,9 @@ class IMDer(MERModel):
       matches the authors' per-batch means. The authors' per-batch protocol is a choice of the data side
       (:func:`mmer_ext.data.missing_rate_patterns` with ``protocol="per-batch"``): such a batch has one pattern for
       every row and then recovers exactly as theirs does.
+    * Pair fusions concatenate their inputs in A, V, L order and MulT's head reads [A, V, L] (the authors: V|A, L|A,
+      L|V and [L, A, V]): a relabelling of weights, which ``mmer-ext convert`` applies when it loads their checkpoints
+      (:mod:`mmer_ext.models.imder_convert`). MulT's memory encoders take their inputs in the authors' order.
     * Missing rate 0 works: a batch with every modality present recovers nothing and adds no auxiliary loss (the
       authors' MR = 0 indexing makes every batch lose two modalities, IMDer#2, #6).
     * No device is hard-coded (the authors set a module-level ``device='cuda'``): everything follows the input's
