@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
                                   "MELD_features_raw1.pkl (10-tuple)")
     p.add_argument("destination", help="output directory")
     p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="pickle layout; auto (default): a dict of splits is MMSA, a tuple is a dialogue pickle")
+                   help="input layout; auto (default): *.pth / *.pt is an IMDer checkpoint of the authors, a pickled "
+                        "dict of splits is MMSA, a pickled tuple a dialogue pickle")
     p.add_argument("--kind", choices=("iemocap-erc", "meld"), help="dialogue pickles: default from the tuple length")
     p.add_argument("--text-encoder", help="IMDer checkpoints: a local BERT directory to load the checkpoint's BERT "
                                           "into (default: drop it; the model then reads that BERT's features as L)")
