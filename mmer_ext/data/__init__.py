@@ -59,6 +59,7 @@ from mmer_ext.data.protocols import (
     PROTOCOL_MODES,
     MissingConditionDataset,
     NoiseScheduler,
+    authors_batch_counts,
     condition_index,
     corrupt_batch,
     missing_rate_fractions,
@@ -96,4 +97,5 @@ __all__ = [
     "MISSING_RATES", "MMSA_SPLITS", "MR_PROTOCOLS", "SEQUENCE_PRESETS", "SequenceDataset", "collate_sequences",
     "convert_mmsa", "load_mmsa", "load_mmsa_cache", "make_synthetic_sequences", "missing_rate_fractions",
     "missing_rate_patterns", "save_sequence_splits", "realized_missing_rate", "regression_calibration_report",
+    "authors_batch_counts",
 ]

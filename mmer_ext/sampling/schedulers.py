@@ -80,19 +80,24 @@ class VEScheduler:
         eta: DDIM's noise level in ``[0, 1]`` (``"ddim"`` only).
         schedule: ``"imder"`` (IMDer's grid and uniform ``dt``), ``"linear"`` or ``"karras"``, as in
             :func:`mmer_ext.sampling.sample_em`.
+        condition_noise: the score network's condition mode, as in :func:`mmer_ext.sampling.sample_em`:
+            ``"shared"`` (default) / ``"independent"``: :meth:`scale_condition` re-noises the condition;
+            ``"clean"``: it returns the condition unchanged.
     """
 
     def __init__(self, method: str = "em", sigma: float = 25.0, eps: float = 1e-3, snr: float = 0.16,
-                 corrector_steps: int = 1, eta: float = 0.0, schedule: str = "imder"):
+                 corrector_steps: int = 1, eta: float = 0.0, schedule: str = "imder",
+                 condition_noise: str = "shared"):
         if method not in F._METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {list(F._METHODS)}")
         # steps is checked in set_timesteps; 1 stands in here so the shared checks can run now.
         opts = F._checked_options(method, steps=1, sigma=sigma, eps=eps, schedule=schedule, snr=snr,
-                                  corrector_steps=corrector_steps, eta=eta)
+                                  corrector_steps=corrector_steps, eta=eta, condition_noise=condition_noise)
         self.method = method
         self.sigma = opts["sigma"]
         self.eps = opts["eps"]
         self.schedule = opts["schedule"]
+        self.condition_noise = opts["condition_noise"]
         self.snr = opts.get("snr", float(snr))
         self.corrector_steps = opts.get("corrector_steps", 0)
         self.eta = opts.get("eta", 0.0)
@@ -162,7 +167,7 @@ class VEScheduler:
     def __repr__(self) -> str:
         return (f"VEScheduler(method={self.method!r}, sigma={self.sigma}, eps={self.eps}, snr={self.snr}, "
                 f"corrector_steps={self.corrector_steps}, eta={self.eta}, schedule={self.schedule!r}, "
-                f"num_inference_steps={self.num_inference_steps})")
+                f"condition_noise={self.condition_noise!r}, num_inference_steps={self.num_inference_steps})")
 
     @property
     def init_noise_sigma(self) -> float:
@@ -181,7 +186,7 @@ class VEScheduler:
         # The batch size only shapes the functional sampler's [steps, B] time table, unused here.
         self._plan = F._make_plan(self.method, 0, device, dtype, steps=steps, sigma=self.sigma, eps=self.eps,
                                   schedule=self.schedule, snr=self.snr, corrector_steps=self.corrector_steps,
-                                  eta=self.eta)
+                                  eta=self.eta, condition_noise=self.condition_noise)
         ts = self._plan.ts
         if self.method == "ode-heun":
             ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
@@ -225,8 +230,9 @@ class VEScheduler:
         return F._initial_sample(torch.Size(shape), dtype, device, self.sigma, F._Noise(generator))
 
     def scale_condition(self, cond: Tensor, t: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
-        """IMDer's conditioning at time ``t``: ``cond + std(t) z`` with fresh noise (call it per score evaluation)."""
-        return F._condition(cond, t, self.sigma, F._Noise(generator))
+        """The condition the score sees at time ``t`` (call it per score evaluation): ``cond + std(t) z`` with fresh
+        noise (IMDer's), or ``cond`` itself with ``condition_noise="clean"``."""
+        return F._condition(cond, t, self.sigma, F._Noise(generator), self.condition_noise != "clean")
 
     def step_correct(self, score: Tensor, x: Tensor, generator: torch.Generator | None = None) -> VESchedulerOutput:
         """One Langevin corrector move at the current time (``"pc"``); does not advance the step counter."""

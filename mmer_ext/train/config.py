@@ -16,7 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "config_to_dict"]
 
-MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei")
+MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei",
+          "imder-authors")
 CORRUPTIONS = ("zero", "gaussian", "impulse")
 # Score-based recovery samplers of IMDer (mmer_ext.sampling.SAMPLERS).
 SAMPLER_NAMES = ("em", "pc", "ode", "ode-heun", "ddim")

@@ -179,6 +179,19 @@ class FitResult:
     metadata: dict[str, Any]
 
 
+def _stated_hparams(stage: Stage) -> dict[str, Any]:
+    """The stage's hparams with every constructor argument whose default has changed written out (its current
+    default unless the stage sets it), so that the file keeps its meaning when a default changes again."""
+    legacy = getattr(stage.model, "legacy_defaults", {})
+    params = inspect.signature(stage.model).parameters
+    return {**{k: params[k].default for k in legacy if k in params}, **stage.hparams}
+
+
+def _restored_hparams(stage: Stage, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Saved hparams without a key of ``legacy_defaults`` were written when its default was the legacy value."""
+    return {**getattr(stage.model, "legacy_defaults", {}), **hparams}
+
+
 def _model_metadata(cfg: TrainConfig, stages: tuple[Stage, ...], upto: int, dims, num_classes: int,
                     class_names, extra: dict[str, Any] | None = None, data_kw: dict[str, Any] | None = None,
                     ) -> dict[str, Any]:
@@ -186,7 +199,7 @@ def _model_metadata(cfg: TrainConfig, stages: tuple[Stage, ...], upto: int, dims
         "format": FORMAT_VERSION,
         "recipe": cfg.model,
         "stages": [s.name for s in stages[: upto + 1]],
-        "hparams": [s.hparams for s in stages[: upto + 1]],
+        "hparams": [_stated_hparams(s) for s in stages[: upto + 1]],
         "corruption": stages[upto].corruption,
         "noise_steps": cfg.noise_steps,
         "dims": list(dims),
@@ -208,7 +221,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     recipe = RECIPES.get(meta["recipe"])
     if recipe is None:
         raise CheckpointError(f"checkpoint {str(path)!r} names an unknown recipe {meta['recipe']!r}")
-    stages = tuple(replace(s, hparams=h) for s, h in zip(recipe, meta["hparams"]))
+    stages = tuple(replace(s, hparams=_restored_hparams(s, h)) for s, h in zip(recipe, meta["hparams"]))
     models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"], meta.get("data_kwargs"))
     model = models[-1]
     load_weights(path, model)
