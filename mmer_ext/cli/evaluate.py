@@ -7,9 +7,21 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a model.safetensors under the six missing conditions and full")
+    from mmer_ext.cli._help import HelpFormatter
+    from mmer_ext.data.specs import data_spec_help
+
+    p = sub.add_parser(
+        "evaluate", help="evaluate a model.safetensors under the six missing conditions and full",
+        formatter_class=HelpFormatter,
+        description="Evaluate a trained model on a split of its data: the six missing-modality conditions and full "
+                    "(IMDer: its missing-rate sweep). Prints the table and writes it as JSON, CSV and markdown, with "
+                    "a chart, next to the checkpoint (or into --out).",
+        epilog=f"data sources (--data SPEC):\n{data_spec_help()}\n\n"
+               "examples:\n  mmer-ext evaluate runs/train/model.safetensors\n"
+               "  mmer-ext evaluate runs/train/model.safetensors --corruption gaussian --noise-steps 20 --out eval/\n"
+               "  mmer-ext evaluate runs/imder/model.safetensors --missing-rates 0.0 0.5 --json\n")
     p.add_argument("checkpoint", help="a model.safetensors written by mmer-ext train")
-    p.add_argument("--data", help="data source (default: the one the model was trained on)")
+    p.add_argument("--data", metavar="SPEC", help="data source (default: the one the model was trained on)")
     p.add_argument("--fold", type=int, help="fold of the real data (default: the training fold)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--corruption", choices=("zero", "gaussian", "impulse"),
