@@ -4,8 +4,9 @@ training curves (``training_curves.png``) and the environment that produced it (
 The CSV is rewritten whole, atomically, from the stage histories the checkpoints carry, after every epoch. A resumed
 run restores those histories from its last checkpoint, so the file holds exactly one row per trained epoch: an epoch
 that was logged but not checkpointed before a kill is redone and its row replaced, never duplicated or lost.
-TensorBoard's event files can only be appended to; each stage gets its own directory, reopened with
-``purge_step`` at the first epoch still to train, which hides the events of epochs that are being redone.
+TensorBoard's event files can only be appended to; each stage gets its own directory, reopened with ``purge_step``
+1, which hides everything logged before, and the restored history is logged again, so the events too hold one value
+per trained epoch.
 """
 
 from __future__ import annotations
@@ -75,9 +76,14 @@ class RunTracker:
         self.histories[stage] = list(history)
         self.select[stage] = select
         if self.use_tensorboard and stage not in self._writers:
-            # Steps are 1-based epochs: purging from the first epoch to train drops what a killed run logged
-            # past its last checkpoint (and, after --no-resume, everything an earlier run logged).
-            self._writers[stage] = _summary_writer(self.out_dir / "tensorboard" / stage, len(history) + 1)
+            # Steps are 1-based epochs. Purging from step 1 hides whatever earlier processes logged for this stage
+            # (epochs a killed run logged past its last checkpoint, a run replaced by --no-resume); the restored
+            # history is then logged again, so the events always mirror the checkpointed history.
+            writer = self._writers[stage] = _summary_writer(self.out_dir / "tensorboard" / stage, 1)
+            if writer is not None:
+                for record in history:
+                    self._add_scalars(writer, stage, record)
+                writer.flush()
 
     def stage_loaded(self, stage: str, select: tuple[str, str], history: list[dict[str, Any]]) -> None:
         """A stage finished by an earlier run: its rows stay in the CSV and the figure."""
@@ -89,11 +95,15 @@ class RunTracker:
         self.write_csv()
         writer = self._writers.get(stage)
         if writer is not None and history:
-            row = flatten_record(stage, history[-1])
-            for key, value in row.items():
-                if key not in ("stage", "epoch"):
-                    writer.add_scalar(key, value, global_step=row["epoch"])
+            self._add_scalars(writer, stage, history[-1])
             writer.flush()
+
+    @staticmethod
+    def _add_scalars(writer: Any, stage: str, record: dict[str, Any]) -> None:
+        row = flatten_record(stage, record)
+        for key, value in row.items():
+            if key not in ("stage", "epoch"):
+                writer.add_scalar(key, value, global_step=row["epoch"])
 
     def write_csv(self) -> Path:
         rows = [flatten_record(stage, r) for stage, records in self.histories.items() for r in records]
