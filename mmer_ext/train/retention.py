@@ -41,10 +41,10 @@ def link_or_copy(src: Path, dst: Path) -> None:
         return
     try:
         os.replace(tmp, dst)
-    except BaseException:
+    finally:
+        # rename() of two links to one file does nothing and leaves the temporary name behind
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
 
 
 def _epoch_files(stage_dir: Path) -> list[tuple[int, str, Path]]:

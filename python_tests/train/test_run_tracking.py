@@ -114,6 +114,18 @@ def test_keep_checkpoints_is_validated(value):
         load_config(None, [f"keep_checkpoints={value}"])
 
 
+def test_link_or_copy_links_atomically(tmp_path):
+    from mmer_ext.train.retention import link_or_copy
+
+    src, dst = tmp_path / "epoch-001.safetensors", tmp_path / "best.safetensors"
+    src.write_bytes(b"weights")
+    dst.write_bytes(b"old")
+    link_or_copy(src, dst)
+    assert os.path.samefile(src, dst)
+    link_or_copy(src, dst)  # already the same file: nothing changes, nothing is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "epoch-001.safetensors"]
+
+
 def test_link_or_copy_falls_back_to_a_copy(tmp_path, monkeypatch):
     from mmer_ext.train import retention
 
