@@ -555,8 +555,11 @@ def _fit_stages(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, A
         save_weights(out_dir / "model.safetensors", final, metadata)
         last_best = out_dir / stages[-1].name / "best.safetensors"
         if last_best.is_file():
-            # The same weights: one file on disk for both names (the final one's metadata is a superset).
-            link_or_copy(out_dir / "model.safetensors", last_best)
+            # The same weights: one file on disk for every name they have (the final metadata is a superset), the
+            # best epoch's own file included when it is still kept.
+            twins = [p for p in last_best.parent.glob("epoch-*.safetensors") if os.path.samefile(p, last_best)]
+            for name in (last_best, *twins):
+                link_or_copy(out_dir / "model.safetensors", name)
         test_metrics = evaluate_split(final, splits["test"], cfg, stages[-1], device=device)
         _write_json(out_dir / "test_metrics.json", {"corruption": stages[-1].corruption, "metrics": test_metrics,
                                                     "stages": [asdict(r) for r in results]})

@@ -85,8 +85,10 @@ def test_checkpoints_kept(keep, kept, tiny_splits, tmp_path):
     assert sorted(p.name for p in stage.glob("epoch-*")) == [f"epoch-{e:03d}.safetensors" for e in kept]
     assert not list(stage.glob("*.state.pt"))  # the stage finished: its optimizer state is gone
     best_epoch = result.stages[0].best_epoch
-    # The final model and the last stage's best weights are one file on disk.
+    # The final model and the last stage's best weights are one file on disk, with the best epoch's file if kept.
     assert os.path.samefile(tmp_path / "model.safetensors", stage / "best.safetensors")
+    best_file = stage / f"epoch-{best_epoch:03d}.safetensors"
+    assert not best_file.exists() or os.path.samefile(best_file, stage / "best.safetensors")
     from mmer_ext.train import read_weights_metadata
 
     assert read_weights_metadata(stage / "best.safetensors")["epoch"] == best_epoch
