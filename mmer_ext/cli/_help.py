@@ -19,6 +19,15 @@ class HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
+def config_help(name: str) -> str:
+    """The help text of a TrainConfig key, for the subcommands whose flag means the same (``--device``)."""
+    import dataclasses
+
+    from mmer_ext.train.config import TrainConfig
+
+    return next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
 def version_text() -> str:
     """mmer_ext's version and build, the torch and CUDA it runs on, and Python: what a bug report needs first.
 

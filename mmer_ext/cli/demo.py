@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from mmer_ext.cli._help import HelpFormatter
+    from mmer_ext.cli._help import HelpFormatter, config_help
 
     p = sub.add_parser("demo", help="train and compare every model on the embedded data; write a report",
                        formatter_class=HelpFormatter,
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
                               "  mmer-ext demo --models baseline mmin --device cuda\n")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and every model (default 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=config_help("device"))
     p.add_argument("--quick", action="store_true", help="a tiny smoke run of the whole pipeline (not a result)")
     p.add_argument("--models", nargs="+",
                    choices=("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "imder"),

@@ -12,8 +12,9 @@ from typing import Any
 
 
 def add_parser(sub) -> None:
-    from mmer_ext.cli._help import HelpFormatter
+    from mmer_ext.cli._help import HelpFormatter, config_help
     from mmer_ext.data.specs import data_spec_help
+    from mmer_ext.train.config import CORRUPTIONS
 
     p = sub.add_parser(
         "evaluate", help="evaluate a model.safetensors under the six missing conditions and full",
@@ -28,13 +29,13 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", help="a model.safetensors written by mmer-ext train")
     p.add_argument("--data", metavar="SPEC", help="data source (default: the one the model was trained on)")
     p.add_argument("--fold", type=int, help="fold of the real data (default: the training fold)")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test")
-    p.add_argument("--corruption", choices=("zero", "gaussian", "impulse"),
+    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to evaluate (default test)")
+    p.add_argument("--corruption", choices=CORRUPTIONS,
                    help="how missing modalities are presented (default: as in training)")
     p.add_argument("--noise-steps", type=int, help="noise intensity T for gaussian/impulse (default: as in training)")
     p.add_argument("--missing-rates", type=float, nargs="+", metavar="MR",
                    help="imder: the missing rates to evaluate at (default: as in training, 0.0 ... 0.7)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=config_help("device"))
     p.add_argument("--out", metavar="DIR",
                    help="where the tables and the chart go (default: the checkpoint's directory)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (the file paths go to stderr)")
