@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", help="a model.safetensors written by mmer-ext train")
     p.add_argument("--data", metavar="SPEC", help="data source (default: the one the model was trained on)")
     p.add_argument("--fold", type=int, help="fold of the real data (default: the training fold)")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to evaluate (default test)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="the split to evaluate (default test)")
     p.add_argument("--corruption", choices=CORRUPTIONS,
                    help="how missing modalities are presented (default: as in training)")
     p.add_argument("--noise-steps", type=int, help="noise intensity T for gaussian/impulse (default: as in training)")

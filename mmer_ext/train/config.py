@@ -41,8 +41,10 @@ class TrainConfig:
     """Everything ``mmer-ext train`` can set. The command line's flags and their help are generated from these
     fields (:mod:`mmer_ext.cli.train`); a field left at ``None`` keeps the recipe's value."""
 
-    model: str = _opt("mmin", "the recipe to train; mmin, ifmmin and nmer train a teacher, then a student", choices=MODELS)
-    data: str = _opt("synthetic", "data source, one of the forms listed under 'data sources' below", metavar="SPEC")
+    model: str = _opt("mmin", "the recipe to train; mmin, ifmmin and nmer train a teacher, then a student",
+                      choices=MODELS)
+    data: str = _opt("synthetic", "data source, one of the forms listed under 'data sources' (mmer_ext.data.specs)",
+                     metavar="SPEC")
     data_options: dict[str, Any] = _opt(
         factory=dict, help="extra keyword arguments of the data source (the synthetic set's preset and sizes, "
         "norm_method of the real features, ...)", flag=None)
