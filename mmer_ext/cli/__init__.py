@@ -8,6 +8,7 @@
     mmer-ext demo [--out runs/demo] [--quick]
     mmer-ext convert IEMOCAP_features.pkl|aligned_50.pkl DIR
     mmer-ext info [--json]
+    mmer-ext --version; mmer-ext COMMAND --help (flags, data sources, examples)
 """
 
 from __future__ import annotations
@@ -21,9 +22,19 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmer-ext", description="Multimodal emotion recognition with missing or "
-                                     "noisy modalities: train, evaluate, the demo, and the build report.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from mmer_ext.cli._help import HelpFormatter, VersionAction
+
+    parser = argparse.ArgumentParser(
+        prog="mmer-ext", formatter_class=HelpFormatter,
+        description="Multimodal emotion recognition with missing or noisy modalities: train, evaluate, the demo, "
+                    "data conversion and the build report.",
+        epilog="examples:\n  mmer-ext train --model mmin --data synthetic:small --epochs 2\n"
+               "  mmer-ext evaluate runs/train/model.safetensors --corruption gaussian\n"
+               "  mmer-ext demo --quick\n\n`mmer-ext COMMAND --help` lists a command's flags, data sources and "
+               "examples.")
+    parser.add_argument("--version", action=VersionAction, help="print mmer_ext's version and build, torch, CUDA "
+                        "and Python, then exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (train, evaluate, demo, convert, info):
         module.add_parser(sub)
     return parser

@@ -20,11 +20,18 @@ FORMATS = ("auto", "mmsa", "dialogue", "imder")
 
 
 def add_parser(sub) -> None:
+    from mmer_ext.cli._help import HelpFormatter
+
     p = sub.add_parser("convert", help="rewrite an MMSA (MOSI / MOSEI) or DialogueGCN-style (IEMOCAP / MELD) pickle "
                                        "as safetensors + JSON",
                        description="Unpickling runs whatever code the file holds: convert only files you trust, "
                                    "once, then load and share the converted directory (--data mmsa-cache:DIR for "
-                                   "MMSA pickles, --data dialogues:DIR for dialogue pickles).")
+                                   "MMSA pickles, --data dialogues:DIR for dialogue pickles).",
+                       formatter_class=HelpFormatter,
+                       epilog="examples:\n  mmer-ext convert aligned_50.pkl data/mosi && "
+                              "mmer-ext train --model imder --data mmsa-cache:data/mosi\n"
+                              "  mmer-ext convert IEMOCAP_features.pkl data/iemocap-erc && "
+                              "mmer-ext train --model mmgcn --data dialogues:data/iemocap-erc\n")
     p.add_argument("source", help="aligned_50.pkl / unaligned_50.pkl (MMSA), IEMOCAP_features.pkl (9-tuple) or "
                                   "MELD_features_raw1.pkl (10-tuple)")
     p.add_argument("destination", help="output directory")

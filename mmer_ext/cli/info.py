@@ -7,7 +7,14 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="how mmer_ext was built and which GPUs it can use here")
+    from mmer_ext.cli._help import HelpFormatter
+
+    p = sub.add_parser("info", help="how mmer_ext was built and which GPUs it can use here",
+                       formatter_class=HelpFormatter,
+                       description="The build (torch and CUDA it was compiled against, CUDA kernels and their "
+                                   "architectures, OpenMP) and the GPUs visible here, with whether the build runs "
+                                   "on them.",
+                       epilog="examples:\n  mmer-ext info\n  mmer-ext info --json > build.json\n")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run)
 

@@ -28,44 +28,62 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the key."""
 
 
+def _opt(default: Any = None, help: str = "", *, factory: Any = None, **cli: Any) -> Any:
+    """A config field with its command-line help (``metadata["help"]``) and flag settings (``metadata["cli"]``:
+    ``flag`` renames it, ``choices`` limits it, ``flag=None`` leaves it to ``--set`` and config files)."""
+    metadata = {"help": help, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    model: str = "mmin"
-    # "synthetic", "synthetic:small", "iemocap:PATH", "msp:PATH"; for mmgcn "synthetic-dialogue",
-    # "iemocap-erc:PATH", "meld:PATH" or "dialogues:DIR" (see mmer_ext.data.load_dataset).
-    data: str = "synthetic"
-    # Extra keyword arguments of the data source (sizes of the synthetic set, norm_method of the real one, ...).
-    data_options: dict[str, Any] = field(default_factory=dict)
-    fold: int = 1
-    seed: int = 0
-    out_dir: str = "runs/train"
-    device: str = "auto"
-    # None keeps the recipe's value; for a two-stage model they apply to every stage.
-    epochs: int | None = None
-    epochs_decay: int | None = None
-    # Total epochs per stage name ("teacher", "student", "main"); beats `epochs` for the stages it names.
-    stage_epochs: dict[str, int] = field(default_factory=dict)
-    batch_size: int | None = None
-    lr: float | None = None
-    # The NMER noise scheduler's intensity T (the number of diffusion steps the noise level is drawn from).
-    noise_steps: int = 100
-    # How missing modalities are corrupted; None keeps the recipe's choice (zeros, or NMER's Gaussian noise).
-    corruption: str | None = None
-    num_workers: int = 0
-    progress: bool = True
-    # Write a resumable checkpoint every epoch and pick it up when the same out_dir is trained again.
-    resume: bool = True
-    # Per-stage overrides of the model's constructor arguments, e.g. {"student": {"cycle_weight": 1.0}}.
-    hparams: dict[str, Any] = field(default_factory=dict)
-    # IMDer (sequence data): the missing rate MR of the missing-data stage, and how missingness is drawn --
-    # "per-sample" (each sample its own pattern) or "per-batch" (the authors': whole batches share one pattern).
-    missing_rate: float = 0.1
-    missing_protocol: str = "per-sample"
-    # The MRs the test split is evaluated at (IMDer's sweep).
-    eval_missing_rates: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
-    # IMDer's recovery sampler and its number of steps (None keeps the recipe's: 100-step Euler-Maruyama).
-    sampler: str | None = None
-    sampler_steps: int | None = None
+    """Everything ``mmer-ext train`` can set. The command line's flags and their help are generated from these
+    fields (:mod:`mmer_ext.cli.train`); a field left at ``None`` keeps the recipe's value."""
+
+    model: str = _opt("mmin", "the recipe to train; mmin, ifmmin and nmer train a teacher, then a student",
+                      choices=MODELS)
+    data: str = _opt("synthetic", "data source, one of the forms listed under 'data sources' (mmer_ext.data.specs)",
+                     metavar="SPEC")
+    data_options: dict[str, Any] = _opt(
+        factory=dict, help="extra keyword arguments of the data source (the synthetic set's preset and sizes, "
+        "norm_method of the real features, ...)", flag=None)
+    fold: int = _opt(1, "cross-validation fold of the real utterance data, 1-based")
+    seed: int = _opt(0, "seeds the weights, the data order, the missing conditions and the synthetic data")
+    out_dir: str = _opt("runs/train", "run directory: checkpoints, metrics.csv, run.json, the final model",
+                        flag="--out", metavar="DIR")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    epochs: int | None = _opt(None, "total epochs of every stage (the recipe's constant/decay split is kept; "
+                                    "default: the recipe's)")
+    epochs_decay: int | None = _opt(None, "of those, the epochs of linear LR decay (default: the recipe's share)")
+    stage_epochs: dict[str, int] = _opt(factory=dict, help="total epochs per stage name (teacher, student, main, "
+                                        "pretrain); beats epochs for the stages it names", flag=None)
+    batch_size: int | None = _opt(None, "batch size of every stage (default: the recipe's)")
+    lr: float | None = _opt(None, "learning rate of every stage (default: the recipe's)")
+    noise_steps: int = _opt(100, "NMER noise scheduler intensity T: the diffusion steps the noise level is drawn "
+                                 "from")
+    corruption: str | None = _opt(None, "how missing modalities are presented: zeroed or noised (default: the "
+                                        "recipe's: zeros, Gaussian noise for NMER)", choices=CORRUPTIONS)
+    num_workers: int = _opt(0, "DataLoader worker processes")
+    progress: bool = _opt(True, "show progress bars")
+    resume: bool = _opt(True, "resume from the checkpoints in the run directory (--no-resume: retrain afresh)")
+    keep_checkpoints: int = _opt(1, "epoch checkpoints kept per stage besides the best one (-1: all); a "
+                                    "finished stage drops its optimizer state", metavar="N")
+    tensorboard: bool = _opt(True, "also log the per-epoch metrics to RUN/tensorboard when tensorboard is "
+                                   "installed (pip install 'mmer_ext[tensorboard]')")
+    hparams: dict[str, Any] = _opt(factory=dict, help="per-stage constructor arguments of the model, e.g. "
+                                   "hparams.student.cycle_weight=1", flag=None)
+    missing_rate: float = _opt(0.1, "imder: missing rate MR of the missing-data stage, one of 0.0 ... 0.7")
+    missing_protocol: str = _opt("per-sample", "imder: each sample its own missing pattern (per-sample) or the "
+                                               "authors' whole-batch patterns (per-batch)", choices=MISSING_PROTOCOLS)
+    eval_missing_rates: list[float] = _opt(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                                           help="imder: the missing rates the test split is evaluated at",
+                                           metavar="MR")
+    sampler: str | None = _opt(None, "imder: the recovery sampler -- em (Euler-Maruyama, the authors'), pc "
+                                     "(predictor-corrector), ode (probability-flow Euler), ode-heun, ddim "
+                                     "(default: the recipe's em)", choices=SAMPLER_NAMES)
+    sampler_steps: int | None = _opt(None, "imder: sampler steps (default: the recipe's 100)", flag="--steps")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -126,6 +144,8 @@ def _validate(cfg: TrainConfig) -> None:
     for stage, value in cfg.stage_epochs.items():
         if value < 1:
             raise ConfigError(f"stage_epochs.{stage} must be at least 1, got {value}")
+    if cfg.keep_checkpoints < 1 and cfg.keep_checkpoints != -1:
+        raise ConfigError(f"keep_checkpoints must be at least 1, or -1 for all, got {cfg.keep_checkpoints}")
     if cfg.epochs_decay is not None and cfg.epochs_decay < 0:
         raise ConfigError(f"epochs_decay must be >= 0, got {cfg.epochs_decay}")
     if cfg.lr is not None and not cfg.lr > 0:

@@ -134,6 +134,13 @@ def test_cli_train_and_evaluate_imder(tmp_path, monkeypatch, capsys):
                  "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"MR=0.0", "MR=0.5", "average", "overall"}
+    # The sweep's table and chart beside the checkpoint; the run's per-epoch log and curves from training.
+    saved = json.loads((tmp_path / "run" / "eval-test-per-batch.json").read_text())
+    assert saved["metrics"] == metrics and saved["settings"]["missing_rates"] == [0.0, 0.5]
+    assert "| imder | MR=0.5 |" in (tmp_path / "run" / "eval-test-per-batch.md").read_text()
+    assert (tmp_path / "run" / "eval-test-per-batch.png").read_bytes()[:4] == b"\x89PNG"
+    assert "val/MAE" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert (tmp_path / "run" / "training_curves.png").is_file()
 
     assert main(["evaluate", "run/model.safetensors", "--missing-rates", "0.9"]) == 2
     assert "missing rates" in capsys.readouterr().err
