@@ -199,11 +199,17 @@ def junit_counts(path: Path) -> dict:
         for key in ("tests", "failures", "errors", "skipped"):
             counts[key] += int(suite.get(key, 0))
         counts["time_s"] += float(suite.get("time", 0))
+    skip_reasons: dict[str, int] = {}
     for case in root.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
             failing.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+        skipped = case.find("skipped")
+        if skipped is not None:
+            reason = (skipped.get("message") or "").strip()[:120]
+            skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     counts["failing"] = failing[:40]
+    counts["skip_reasons"] = skip_reasons
     return counts
 
 
@@ -217,6 +223,8 @@ def pytest_verdict(rc: int, cut: bool, counts: dict, what: str) -> Result:
         return Result("failed", detail, data={"junit": counts, "rc": rc})
     if cut:
         return Result("cut", f"{what}: interrupted at its time cap after {summary}", data={"junit": counts, "rc": rc})
+    if not counts.get("tests"):
+        return Result("failed", f"{what}: no test ran (pytest exit {rc}, {summary})", data={"junit": counts, "rc": rc})
     return Result("passed", f"{what}: {summary}", data={"junit": counts, "rc": rc})
 
 
@@ -414,7 +422,15 @@ def stage_cuda_tests(ctx: Ctx, timeout: float) -> Result:
     if ctx.has("pytest_timeout"):
         argv += ["--timeout", "300"]
     rc, cut, _ = run_cmd(ctx, "cuda-tests", argv, timeout, env=ctx.env(**extra))
-    return pytest_verdict(rc, cut, junit_counts(junit), "CUDA tests" + (" (xdist)" if ctx.has("xdist") else ""))
+    counts = junit_counts(junit)
+    result = pytest_verdict(rc, cut, counts, "CUDA tests" + (" (xdist)" if ctx.has("xdist") else ""))
+    # On a GPU machine a test skipped for want of CUDA means the build or the device is not what the check assumes.
+    no_cuda = {r: n for r, n in counts.get("skip_reasons", {}).items()
+               if re.search(r"needs a CUDA|no CUDA|CUDA GPU|not built for|without CUDA", r)}
+    if ctx.gpu and no_cuda:
+        result.status = "failed"
+        result.detail += "; skipped for want of CUDA on a GPU machine: " + "; ".join(f"{n}x {r}" for r, n in no_cuda.items())
+    return result
 
 
 _BLOCK_START = re.compile(r"^========= (?!\s)(?!ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY|Target application|COMPUTE-SANITIZER)(.+)$")
@@ -685,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in make_plan(args, None if args.mode == "auto" else args.mode == "gpu", args.budget):
             print(line)
         return 0
-    work = args.work_dir
+    work = args.work_dir = args.work_dir.resolve()
+    args.out = args.out.resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ctx = Ctx(args, args.python, work, work / "site", gpu=False, deadline=None)
