@@ -155,7 +155,8 @@ def test_a_failed_stage_fails_the_run_and_stops_after_a_failed_build(tmp_path, m
     assert status == 1
     assert [c for c, _ in calls] == ["env", "build"]
     assert "# GPU check: FAILED" in (tmp_path / "out" / "summary.md").read_text()
-    assert len(list((tmp_path / "out").iterdir())) <= gpu_check.MAX_OUT_FILES
+    assert {p.name for p in (tmp_path / "out").iterdir()} <= set(gpu_check.OUT_FILES)
+    assert len(gpu_check.OUT_FILES) <= gpu_check.MAX_OUT_FILES  # what the GPU tool brings back
 
 
 def test_stage_cap_interrupts_a_hanging_command(tmp_path):
@@ -241,3 +242,10 @@ def test_junit_counts(tmp_path, junit_text, expected):
     assert {k: counts[k] for k in expected} == expected
     verdict = gpu_check.pytest_verdict(1, False, counts, "x")
     assert verdict.status == "failed" and "t::b" in verdict.detail
+
+
+def test_every_kernel_is_launched_outside_graph_capture():
+    # The sanitizer's main pass gives each tensor its own allocation; graph captures run in a second pass without.
+    assert K.GRAPH_TESTS <= set(K.sanitizer_subset())
+    for kernel, tests in K.KERNEL_TESTS.items():
+        assert set(tests) - K.GRAPH_TESTS, f"{kernel}: only CUDA-graph tests launch it"

@@ -79,6 +79,10 @@ KERNEL_TESTS: dict[str, tuple[str, ...]] = {
     "langevin_eps_kernel": (STEPS_LANGEVIN, STEPS_LANGEVIN_PHILOX, SAMPLER_GRAPH_PC),
 }
 
+# Subset tests that capture CUDA graphs: capture needs torch's caching allocator, so the sanitizer runs them in a pass
+# of their own without PYTORCH_NO_CUDA_MEMORY_CACHING (every kernel is also launched by a test outside this set).
+GRAPH_TESTS: frozenset[str] = frozenset({CMD_GRAPH, STEPS_GRAPH, SAMPLER_GRAPH_PC})
+
 # CUDA code of ours without a __global__ of its own (ATen ops and cuBLAS on the device path), checked all the same.
 EXTRA_SANITIZER_TESTS: dict[str, str] = {
     _ADJ + "test_block_graph_propagate_matches_dense[cuda-mixed-1-float32]":
