@@ -423,6 +423,7 @@ def stage_cuda_tests(ctx: Ctx, timeout: float) -> Result:
         workers = max(2, min(8, (os.cpu_count() or 4) // 2))
         argv += ["-n", str(workers)]
         extra["TORCHINDUCTOR_COMPILE_THREADS"] = "2"
+        extra["PYTHONHASHSEED"] = "0"  # xdist needs the same collection in every worker
     if ctx.has("pytest_timeout"):
         argv += ["--timeout", "300"]
     rc, cut, _ = run_cmd(ctx, "cuda-tests", argv, timeout, env=ctx.env(**extra))
