@@ -59,7 +59,7 @@ def _test_function_exists(node_id: str) -> bool:
     return re.search(rf"^def {name}\(", (REPO / path).read_text(), re.MULTILINE) is not None
 
 
-def test_sanitizer_subset_is_small_cuda_tests_in_listed_files():
+def test_sanitizer_subset_is_small_device_tests_in_listed_files():
     subset = K.sanitizer_subset()
     assert len(subset) == len(set(subset))
     assert len(subset) <= 25, "every subset test runs under three sanitizer tools: keep it small"
