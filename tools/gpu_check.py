@@ -235,8 +235,10 @@ def pytest_verdict(rc: int, cut: bool, counts: dict, what: str) -> Result:
     return Result("passed", f"{what}: {summary}", data={"junit": counts, "rc": rc})
 
 
-def collect_ids(ctx: Ctx, name: str, targets: list[str], keyword: str | None, timeout: float) -> tuple[list[str], int, Path, bool]:
-    argv = ctx.pytest() + ["--collect-only", "-q", "--continue-on-collection-errors", *targets] + (["-k", keyword] if keyword else [])
+def collect_ids(ctx: Ctx, name: str, targets: list[str], keyword: str | None, timeout: float,
+                extra: tuple[str, ...] = ()) -> tuple[list[str], int, Path, bool]:
+    argv = ctx.pytest() + ["--collect-only", "-q", "--continue-on-collection-errors", *extra, *targets]
+    argv += ["-k", keyword] if keyword else []
     rc, cut, path = run_cmd(ctx, name, argv, timeout)
     ids = [line.strip() for line in path.read_text(errors="replace").splitlines() if "::" in line and not line.startswith("$")]
     return ids, rc, path, cut
@@ -351,7 +353,9 @@ def stage_collect(ctx: Ctx, timeout: float) -> Result:
     problems, data = [], {}
     full = not ctx.gpu  # the whole suite only where every test module's imports are there
     targets = ["python_tests"] if full else list(K.CUDA_TEST_FILES)
-    ids, rc, path, _ = collect_ids(ctx, "collect-cuda-tests", targets, K.CUDA_TEST_KEYWORD, timeout)
+    # With the kernel-trace plugin loaded, so a broken plugin shows up here rather than on the GPU.
+    ids, rc, path, _ = collect_ids(ctx, "collect-cuda-tests", targets, K.CUDA_TEST_KEYWORD, timeout,
+                                   extra=("-p", "gpu_check_trace"))
     if not ids:
         return Result("failed", f"collecting the CUDA tests failed (exit {rc}):\n" + tail(path))
     if rc != 0:
