@@ -7,6 +7,10 @@
 #   make bench     the benchmarks with full timing
 #   make wheel     a wheel for this torch in dist/
 #   make test-cpu  the same tests in a second environment with the CPU-only torch 2.13.0
+#   make gpu-check on a lent GPU machine, with its own python3/torch (nothing is installed): the sm_90 build, every
+#                  CUDA test, compute-sanitizer, the benchmarks, in a 7-minute budget; results in GPU_CHECK_OUT
+#                  ($OUT where that is set, else build/gpu-check-out). Without a GPU: the CPU rehearsal.
+#   make gpu-check-rehearsal  the same command with this venv's CUDA torch (what CI runs; no GPU needed)
 #
 # Variables: VENV (.venv), TORCH (torch==2.14.1), MMER_EXT_CUDA (AUTO | ON | OFF), PYTHON (python3),
 # RATIOS_JSON (make bench also writes the ratio table there, e.g. benchmarks/results/<device>-<date>.json).
@@ -23,7 +27,10 @@ PYTEST := $(VENV)/bin/pytest
 BUILD_DIR := build/$(notdir $(VENV))
 DEPS_STAMP := $(VENV)/.mmer_ext-deps
 
-.PHONY: venv build test demo bench wheel test-cpu clean
+GPU_CHECK_OUT ?= $(or $(OUT),build/gpu-check-out)
+GPU_CHECK_ARGS ?=
+
+.PHONY: venv build test demo bench wheel test-cpu gpu-check gpu-check-rehearsal clean
 
 venv: $(DEPS_STAMP)
 
@@ -53,6 +60,14 @@ wheel: $(DEPS_STAMP)
 
 test-cpu:
 	$(MAKE) test VENV=.venv-cpu TORCH=torch==2.13.0 MMER_EXT_CUDA=AUTO
+
+# No venv: the GPU machine has its python3 with torch and can install nothing (tools/gpu_check.py says what it needs).
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# After `make build` the venv holds the test dependencies the collection imports (the check builds its own sm_90 copy).
+gpu-check-rehearsal: build
+	$(PY) tools/gpu_check.py build/gpu-check-rehearsal --mode cpu $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist .benchmarks
