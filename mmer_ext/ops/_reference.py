@@ -97,7 +97,13 @@ def _dialogue_slots(lengths: Tensor, num_modalities: int, num_utterances: int) -
 
 
 def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x / ||x||, ||x|| > 0)`` over the last dim, with zero rows mapped to zero (gradient 0 there, no NaN)."""
+    """``(x / ||x||, ||x|| > 0)`` over the last dim, with zero rows mapped to zero (gradient 0 there, no NaN).
+
+    Each row is divided by its largest magnitude first, so the norm neither overflows nor underflows (float32 rows
+    of 1e-30 or 1e30 give the unit vectors of rows of 1). The divisor is detached: ``x / c`` has the same unit vector
+    and, for a constant ``c``, the same gradient of it."""
+    max_abs = x.detach().abs().amax(dim=-1, keepdim=True)
+    x = x / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     nonzero = norm > 0
     unit = torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
@@ -219,14 +225,13 @@ def angular_adjacency_mmgcn_loop(
     return adj
 
 
-def block_graph_propagate_ref(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
-    """``A @ x`` for node features ``x`` ``[M * N, F]`` in the global node order, with ``A`` given as the padded
-    per-dialogue blocks ``[G, M * Lmax, M * Lmax]`` of :func:`angular_adjacency_ref` (``layout="blocks"``):
-    gather the nodes into ``[G, M * Lmax, F]``, batched matmul, gather the results back."""
+def block_graph_propagate_ref(blocks: Tensor, x: Tensor, lengths: Tensor, num_modalities: int) -> Tensor:
+    """``A @ x`` for node features ``x`` ``[M * N, F]`` in the global node order (``M = num_modalities``), with ``A``
+    given as the padded per-dialogue blocks ``[G, M * Lmax, M * Lmax]`` of :func:`angular_adjacency_ref`
+    (``layout="blocks"``): gather the nodes into ``[G, M * Lmax, F]``, batched matmul, gather the results back."""
     G, slots, _ = blocks.shape
-    num_nodes = x.shape[0]
-    M = slots // max(int(lengths.max()), 1) if G > 0 else 1
-    node, valid, slot_of_node = _dialogue_slots(lengths.to(device=x.device), M, num_nodes // M)
+    M = num_modalities
+    node, valid, slot_of_node = _dialogue_slots(lengths.to(device=x.device), M, x.shape[0] // M)
     gathered = x[node] * valid[..., None].to(x.dtype)  # [G, M * Lmax, F]
     out = torch.bmm(blocks, gathered)
     return out.reshape(G * slots, -1)[slot_of_node]

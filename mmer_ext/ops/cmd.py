@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mmer_ext.ops._checks import register_fake
+
 __all__ = ["central_moments", "cmd", "cmd_pairwise"]
 
 _ops = torch.ops.mmer_ext
@@ -83,7 +85,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("mmer_ext::_central_moments_forward")
+@register_fake("mmer_ext::_central_moments_forward")
 def _central_moments_forward_fake(x: Tensor, n_moments: int) -> tuple[Tensor, Tensor]:
     torch._check(x.dim() == 2, lambda: f"mmer_ext.central_moments: x must be [batch, features], got {x.shape}")
     torch._check(n_moments >= 1, lambda: f"mmer_ext.central_moments: n_moments must be >= 1, got {n_moments}")
@@ -91,12 +93,12 @@ def _central_moments_forward_fake(x: Tensor, n_moments: int) -> tuple[Tensor, Te
     return x.new_empty((n_moments, x.shape[1])), stats
 
 
-@torch.library.register_fake("mmer_ext::_central_moments_backward")
+@register_fake("mmer_ext::_central_moments_backward")
 def _central_moments_backward_fake(grad: Tensor, x: Tensor, stats: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("mmer_ext::_cmd_pairwise_forward")
+@register_fake("mmer_ext::_cmd_pairwise_forward")
 def _cmd_pairwise_forward_fake(xs: list[Tensor], n_moments: int) -> tuple[Tensor, Tensor]:
     torch._check(len(xs) >= 2, lambda: "mmer_ext.cmd_pairwise: xs must hold at least 2 tensors")
     x = xs[0]
@@ -104,7 +106,7 @@ def _cmd_pairwise_forward_fake(xs: list[Tensor], n_moments: int) -> tuple[Tensor
     return x.new_empty(()), stats
 
 
-@torch.library.register_fake("mmer_ext::_cmd_pairwise_backward")
+@register_fake("mmer_ext::_cmd_pairwise_backward")
 def _cmd_pairwise_backward_fake(grad: Tensor, xs: list[Tensor], stats: Tensor) -> list[Tensor]:
     return [x.new_empty(x.shape) for x in xs]
 

@@ -33,6 +33,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from mmer_ext.ops._checks import register_fake
+
 __all__ = [
     "ddim_step",
     "langevin_corrector_step",
@@ -233,24 +235,24 @@ def _new_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("mmer_ext::ve_marginal_std")
+@register_fake("mmer_ext::ve_marginal_std")
 def _ve_marginal_std_fake(t, sigma=25.0):
     return _new_like(t)
 
 
-@torch.library.register_fake("mmer_ext::ve_diffusion_coeff")
+@register_fake("mmer_ext::ve_diffusion_coeff")
 def _ve_diffusion_coeff_fake(t, sigma=25.0):
     return _new_like(t)
 
 
-@torch.library.register_fake("mmer_ext::ve_perturb")
+@register_fake("mmer_ext::ve_perturb", host_scalar_ok=("t",))
 def _ve_perturb_fake(x, t, sigma=25.0, noise=None, generator=None):
     _check_param_fake(t, x, "ve_perturb", "t")
     _check_like_fake(noise, x, "ve_perturb", "noise")
     return _new_like(x)
 
 
-@torch.library.register_fake("mmer_ext::ve_sde_em_step")
+@register_fake("mmer_ext::ve_sde_em_step", host_scalar_ok=("t",))
 def _ve_sde_em_step_fake(x, score, t, dt, sigma=25.0, noise=None, generator=None):
     _check_like_fake(score, x, "ve_sde_em_step", "score")
     _check_like_fake(noise, x, "ve_sde_em_step", "noise")
@@ -258,21 +260,21 @@ def _ve_sde_em_step_fake(x, score, t, dt, sigma=25.0, noise=None, generator=None
     return _new_like(x), _new_like(x)
 
 
-@torch.library.register_fake("mmer_ext::ve_ode_step")
+@register_fake("mmer_ext::ve_ode_step", host_scalar_ok=("t",))
 def _ve_ode_step_fake(x, score, t, dt, sigma=25.0):
     _check_like_fake(score, x, "ve_ode_step", "score")
     _check_param_fake(t, x, "ve_ode_step", "t")
     return _new_like(x)
 
 
-@torch.library.register_fake("mmer_ext::langevin_corrector_step")
+@register_fake("mmer_ext::langevin_corrector_step")
 def _langevin_corrector_step_fake(x, score, snr, noise=None, generator=None):
     _check_like_fake(score, x, "langevin_corrector_step", "score")
     _check_like_fake(noise, x, "langevin_corrector_step", "noise")
     return _new_like(x), _new_like(x)
 
 
-@torch.library.register_fake("mmer_ext::ddim_step")
+@register_fake("mmer_ext::ddim_step", host_scalar_ok=("alpha_bar_t", "alpha_bar_prev"))
 def _ddim_step_fake(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None, generator=None):
     _check_like_fake(eps, x_t, "ddim_step", "eps")
     _check_like_fake(noise, x_t, "ddim_step", "noise")

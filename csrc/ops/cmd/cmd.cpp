@@ -75,6 +75,8 @@ at::Tensor central_moments_backward(const DeviceKernels& k, const at::Tensor& gr
                   grad.dim() == 2 && grad.size(0) == stats.size(0) - 1 && grad.size(1) == x.size(1),
               op, ": grad ", grad.sizes(), " must be [n_moments, ", x.size(1), "] and stats ", stats.sizes(),
               " [n_moments + 1, ", x.size(1), "] as returned by _central_moments_forward");
+  check_same_device(grad, x, op, {"grad"}, kX[0]);
+  check_same_device(stats, x, op, {"stats"}, kX[0]);
   const auto acc = opmath_type(x.scalar_type());
   auto s = stats.to(x.device(), acc).contiguous();
   // moment_coefficients reads c_k (k >= 2) from rows 1.. of its second argument, i.e. stats rows 2..K.
@@ -104,6 +106,8 @@ std::vector<at::Tensor> cmd_pairwise_backward(const DeviceKernels& k, const at::
               stats.sizes());
   check_pairwise_inputs(xs, stats.size(1) - 1, op);
   TORCH_CHECK(grad.numel() == 1, op, ": grad must hold one value (the loss is a scalar), got shape ", grad.sizes());
+  check_same_device(grad, xs[0], op, {"grad"}, {"xs", 0});
+  check_same_device(stats, xs[0], op, {"stats"}, {"xs", 0});
   // On the statistics' device: a CUDA kernel reads the upstream gradient from device memory.
   auto coef = k.pairwise_coefficients(grad.to(stats.device(), stats.scalar_type()).reshape({}), stats.contiguous());
   std::vector<at::Tensor> grads;
