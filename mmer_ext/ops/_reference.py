@@ -102,8 +102,9 @@ def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     Each row is divided by its largest magnitude first, so the norm neither overflows nor underflows (float32 rows
     of 1e-30 or 1e30 give the unit vectors of rows of 1). The divisor is detached: ``x / c`` has the same unit vector
     and, for a constant ``c``, the same gradient of it."""
-    max_abs = x.detach().abs().amax(dim=-1, keepdim=True)
-    x = x / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
+    if x.shape[-1] > 0:
+        max_abs = x.detach().abs().amax(dim=-1, keepdim=True)
+        x = x / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     nonzero = norm > 0
     unit = torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))

@@ -109,7 +109,7 @@ def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor, num_modali
     gather); on CUDA the nodes are gathered into zero-padded slots for one batched GEMM. Like
     :func:`angular_adjacency`, the op reads ``lengths`` on the host every call (not CUDA-graph capturable).
     """
-    if isinstance(num_modalities, bool) or not isinstance(num_modalities, int):
+    if isinstance(num_modalities, bool) or not isinstance(num_modalities, (int, torch.SymInt)):
         raise TypeError(
             f"mmer_ext.block_graph_propagate: num_modalities must be an int, got {type(num_modalities).__name__}"
         )

@@ -31,7 +31,7 @@ def central_moments(x: Tensor, n_moments: int) -> Tensor:
     Args:
         x: ``[B, D]`` float tensor, ``B >= 1``. CUDA and CPU; float32, float64, float16 and bfloat16 (the last two
             accumulate in float32).
-        n_moments: ``K >= 1``.
+        n_moments: ``1 <= K <= 256``.
 
     Returns:
         ``[K, D]`` in ``x.dtype``: row 0 the mean over the batch, row ``k-1`` the central moment
@@ -50,7 +50,7 @@ def cmd(x1: Tensor, x2: Tensor, n_moments: int = 5) -> Tensor:
     Args:
         x1: ``[B1, D]`` float tensor.
         x2: ``[B2, D]`` float tensor on the same device with the same dtype; ``B2`` may differ from ``B1``.
-        n_moments: ``K >= 1``.
+        n_moments: ``1 <= K <= 256``.
 
     Returns:
         A 0-d tensor in the inputs' dtype. Where two moments are equal the gradient of their norm is taken as 0,
@@ -66,7 +66,7 @@ def cmd_pairwise(xs: Tensor | Sequence[Tensor], n_moments: int = 5) -> Tensor:
 
     Args:
         xs: a ``[M, B, D]`` tensor, or a sequence of ``M >= 2`` tensors ``[B_i, D]`` (batch sizes may differ).
-        n_moments: ``K >= 1``.
+        n_moments: ``1 <= K <= 256``.
     """
     if isinstance(xs, Tensor):
         if xs.dim() != 3:

@@ -239,13 +239,13 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& features, cons
 }
 
 at::Tensor propagate_cpu(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths,
-                         int64_t num_modalities) {
-  return block_graph_propagate(kCpuKernels, blocks, x, lengths, num_modalities);
+                         c10::SymInt num_modalities) {
+  return block_graph_propagate(kCpuKernels, blocks, x, lengths, num_modalities.expect_int());
 }
 
-at::Tensor outer_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths, int64_t num_modalities,
-                     c10::SymInt slots) {
-  return block_graph_outer(kCpuKernels, a, b, lengths, num_modalities, slots.expect_int());
+at::Tensor outer_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths,
+                     c10::SymInt num_modalities, c10::SymInt slots) {
+  return block_graph_outer(kCpuKernels, a, b, lengths, num_modalities.expect_int(), slots.expect_int());
 }
 
 }  // namespace
@@ -270,11 +270,13 @@ TORCH_LIBRARY_FRAGMENT(mmer_ext, m) {
       "_angular_adjacency_backward(Tensor grad, Tensor features, Tensor lengths, Tensor stats, float scale, "
       "bool normalize, int? window, str layout) -> Tensor",
       host_reads);
-  // num_modalities is explicit: x's rows are M * N, and lengths alone can fit another M.
-  m.def("block_graph_propagate(Tensor blocks, Tensor x, Tensor lengths, int num_modalities) -> Tensor", host_reads);
+  // num_modalities is explicit: x's rows are M * N, and lengths alone can fit another M. A SymInt, so that a size
+  // of a traced tensor (features.shape[0] under torch.compile(dynamic=True)) can be passed.
+  m.def("block_graph_propagate(Tensor blocks, Tensor x, Tensor lengths, SymInt num_modalities) -> Tensor",
+        host_reads);
   // [G, slots, slots]: a_g b_g^T over each dialogue's padded slots (the gradient of block_graph_propagate with
   // respect to blocks).
-  m.def("_block_graph_outer(Tensor a, Tensor b, Tensor lengths, int num_modalities, SymInt slots) -> Tensor",
+  m.def("_block_graph_outer(Tensor a, Tensor b, Tensor lengths, SymInt num_modalities, SymInt slots) -> Tensor",
         host_reads);
 }
 

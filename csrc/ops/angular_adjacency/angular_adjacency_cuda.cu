@@ -501,15 +501,15 @@ at::Tensor angular_adjacency_backward_cuda(const at::Tensor& grad, const at::Ten
 }
 
 at::Tensor block_graph_propagate_cuda(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths,
-                                      int64_t num_modalities) {
+                                      c10::SymInt num_modalities) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  return block_graph_propagate(kCudaKernels, blocks, x, lengths, num_modalities);
+  return block_graph_propagate(kCudaKernels, blocks, x, lengths, num_modalities.expect_int());
 }
 
 at::Tensor block_graph_outer_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths,
-                                  int64_t num_modalities, c10::SymInt slots) {
+                                  c10::SymInt num_modalities, c10::SymInt slots) {
   const at::cuda::OptionalCUDAGuard guard(a.device());
-  return block_graph_outer(kCudaKernels, a, b, lengths, num_modalities, slots.expect_int());
+  return block_graph_outer(kCudaKernels, a, b, lengths, num_modalities.expect_int(), slots.expect_int());
 }
 
 }  // namespace

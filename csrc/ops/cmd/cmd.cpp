@@ -17,8 +17,15 @@ namespace {
 
 const ArgName kX[] = {{"x"}};
 
+// An upper bound keeps the [n_moments + 1, D] statistics and the per-moment loops of a huge n_moments (2^62) from
+// failing inside the allocator or running for ever. Moments of order 256 already overflow float32 unless
+// |x - mean| < 1.42 (float32's max is 1.42^256), so no meaningful call is refused.
+constexpr int64_t kMaxMoments = 256;
+
 void check_n_moments(int64_t n_moments, const char* op) {
   TORCH_CHECK(n_moments >= 1, op, ": n_moments must be >= 1 (1 compares means only), got ", n_moments);
+  TORCH_CHECK(n_moments <= kMaxMoments, op, ": n_moments must be <= ", kMaxMoments,
+              " (higher moments overflow float32), got ", n_moments);
 }
 
 // Every input is a [B, D] floating matrix with B >= 1, and all share D, dtype and device.
