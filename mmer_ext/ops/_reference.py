@@ -106,7 +106,7 @@ def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
         max_abs = x.detach().abs().amax(dim=-1, keepdim=True)
         x = x / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    nonzero = norm > 0
+    nonzero = norm != 0  # a NaN norm (NaN or Inf features) is not a zero vector: NaN propagates
     unit = torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
     return unit, nonzero.squeeze(-1)
 
@@ -138,7 +138,7 @@ def angular_adjacency_ref(
     """
     if layout not in ("dense", "blocks"):
         raise ValueError(f"angular_adjacency_ref: layout must be 'dense' or 'blocks', got {layout!r}")
-    M, N, _ = features.shape
+    M, N, D = features.shape
     lengths = lengths.to(device=features.device, dtype=torch.int64)
     G = lengths.numel()
     node, valid, _ = _dialogue_slots(lengths, M, N)
@@ -146,7 +146,7 @@ def angular_adjacency_ref(
     unit, nonzero = _unit_rows(features)
     slots_valid = valid.reshape(G, M, l_max)
     # [G, M, Lmax, D] (padding = zero rows) and the per-slot "is a nonzero vector" flag.
-    u = unit.reshape(M * N, -1)[node].reshape(G, M, l_max, -1) * slots_valid[..., None]
+    u = unit.reshape(M * N, D)[node].reshape(G, M, l_max, D) * slots_valid[..., None]
     nz = nonzero.reshape(M * N)[node].reshape(G, M, l_max) & slots_valid
     eye_l = torch.eye(l_max, dtype=torch.bool, device=features.device)
     # Intra-modality cosines; the diagonal is replaced by its exact value (1, or 0 for a zero vector).
@@ -235,7 +235,7 @@ def block_graph_propagate_ref(blocks: Tensor, x: Tensor, lengths: Tensor, num_mo
     node, valid, slot_of_node = _dialogue_slots(lengths.to(device=x.device), M, x.shape[0] // M)
     gathered = x[node] * valid[..., None].to(x.dtype)  # [G, M * Lmax, F]
     out = torch.bmm(blocks, gathered)
-    return out.reshape(G * slots, -1)[slot_of_node]
+    return out.reshape(G * slots, x.shape[1])[slot_of_node]
 
 
 # ---- score-based sampling steps (IMDer's VE SDE, predictor-corrector, DDIM) ----------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from mmer_ext.ops._checks import register_fake
 
@@ -128,6 +129,20 @@ def _check_features(features: Tensor, lengths: Tensor, op: str) -> None:
     torch._check(lengths.dim() == 1, lambda: f"{op}: lengths must be [G], got {tuple(lengths.shape)}")
 
 
+def _max_length(lengths: Tensor):
+    """Lmax = max(lengths), the blocks' size. Read when lengths hold values (CPU lengths next to meta features);
+    an unbacked size under torch.compile (fake lengths)."""
+    if not is_fake(lengths) and lengths.device.type == "cpu":
+        return int(lengths.max()) if lengths.numel() else 0
+    try:
+        return torch.library.get_ctx().new_dynamic_size()
+    except RuntimeError:  # a plain meta kernel call: no context for data-dependent sizes
+        raise RuntimeError(
+            f"mmer_ext.angular_adjacency: lengths is on {lengths.device}, so the size of the layout=\"blocks\" "
+            "output (max(lengths)) is unknown; pass lengths on the CPU"
+        ) from None
+
+
 @register_fake(
     "mmer_ext::_angular_adjacency_forward", op_name="mmer_ext.angular_adjacency", host_ok=("lengths",)
 )
@@ -138,8 +153,7 @@ def _angular_adjacency_forward_fake(
     M, N, _ = features.shape
     stats = features.new_empty((2, M, N), dtype=_opmath(features.dtype))
     if layout == "blocks":
-        # Lmax = max(lengths) is data: an unbacked size under torch.compile.
-        max_length = torch.library.get_ctx().new_dynamic_size()
+        max_length = _max_length(lengths)
         slots = M * max_length
         return features.new_empty((lengths.shape[0], slots, slots)), stats
     return features.new_empty((M * N, M * N)), stats

@@ -58,6 +58,15 @@ def _param(value: float | Tensor, op: str, name: str, dtype: torch.dtype = torch
     return torch.tensor(float(value), dtype=dtype)
 
 
+def _float(value: float, op: str, name: str) -> float:
+    """A scalar argument (sigma, dt, snr, eta) as a Python float; anything else is a TypeError naming it."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"mmer_ext.{op}: {name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
 def ve_marginal_std(t: float | Tensor, sigma: float = 25.0) -> Tensor:
     """Marginal standard deviation of IMDer's VE SDE, ``sqrt((sigma^(2t) - 1) / (2 ln sigma))``, elementwise.
 
@@ -69,7 +78,9 @@ def ve_marginal_std(t: float | Tensor, sigma: float = 25.0) -> Tensor:
         A tensor like ``t``. Computed with ``expm1`` in float32 (float64 for float64 ``t``), so small ``t`` keeps full
         relative precision. Differentiable in ``t``: ``d std / dt = sigma^(2t) / (2 std)`` (infinite at ``t = 0``).
     """
-    return _ops.ve_marginal_std.default(_param(t, "ve_marginal_std", "t", torch.get_default_dtype()), float(sigma))
+    return _ops.ve_marginal_std.default(
+        _param(t, "ve_marginal_std", "t", torch.get_default_dtype()), _float(sigma, "ve_marginal_std", "sigma")
+    )
 
 
 def ve_diffusion_coeff(t: float | Tensor, sigma: float = 25.0) -> Tensor:
@@ -78,7 +89,8 @@ def ve_diffusion_coeff(t: float | Tensor, sigma: float = 25.0) -> Tensor:
     ``t`` as in :func:`ve_marginal_std`.
     """
     return _ops.ve_diffusion_coeff.default(
-        _param(t, "ve_diffusion_coeff", "t", torch.get_default_dtype()), float(sigma)
+        _param(t, "ve_diffusion_coeff", "t", torch.get_default_dtype()),
+        _float(sigma, "ve_diffusion_coeff", "sigma"),
     )
 
 
@@ -103,7 +115,7 @@ def ve_perturb(
         A new tensor like ``x``; differentiable in ``x`` and ``noise``.
     """
     return _ops.ve_perturb.default(
-        x, _param(t, "ve_perturb", "t"), float(sigma), noise=noise, generator=generator
+        x, _param(t, "ve_perturb", "t"), _float(sigma, "ve_perturb", "sigma"), noise=noise, generator=generator
     )
 
 
@@ -131,7 +143,13 @@ def ve_sde_em_step(
         ``(x_next, x_mean)``; differentiable in ``x``, ``score`` and ``noise``.
     """
     return _ops.ve_sde_em_step.default(
-        x, score, _param(t, "ve_sde_em_step", "t"), float(dt), float(sigma), noise=noise, generator=generator
+        x,
+        score,
+        _param(t, "ve_sde_em_step", "t"),
+        _float(dt, "ve_sde_em_step", "dt"),
+        _float(sigma, "ve_sde_em_step", "sigma"),
+        noise=noise,
+        generator=generator,
     )
 
 
@@ -141,7 +159,9 @@ def ve_ode_step(x: Tensor, score: Tensor, t: float | Tensor, dt: float, sigma: f
     Arguments as in :func:`ve_sde_em_step`; differentiable in ``x`` and ``score``. (Heun's method is two of these
     steps plus an average, in :mod:`mmer_ext.sampling`.)
     """
-    return _ops.ve_ode_step.default(x, score, _param(t, "ve_ode_step", "t"), float(dt), float(sigma))
+    return _ops.ve_ode_step.default(
+        x, score, _param(t, "ve_ode_step", "t"), _float(dt, "ve_ode_step", "dt"), _float(sigma, "ve_ode_step", "sigma")
+    )
 
 
 def langevin_corrector_step(
@@ -172,7 +192,9 @@ def langevin_corrector_step(
         in-kernel noise the backward recovers the noise term as ``x_next - x_mean``, which loses relative precision
         in float32 where ``|x| >> sqrt(2 eps) |z|``.
     """
-    return _ops.langevin_corrector_step.default(x, score, float(snr), noise=noise, generator=generator)
+    return _ops.langevin_corrector_step.default(
+        x, score, _float(snr, "langevin_corrector_step", "snr"), noise=noise, generator=generator
+    )
 
 
 def ddim_step(
@@ -208,7 +230,7 @@ def ddim_step(
         eps,
         _param(alpha_bar_t, "ddim_step", "alpha_bar_t"),
         _param(alpha_bar_prev, "ddim_step", "alpha_bar_prev"),
-        float(eta),
+        _float(eta, "ddim_step", "eta"),
         noise=noise,
         generator=generator,
     )

@@ -401,12 +401,13 @@ def _finite_inputs(args: dict[str, Any]) -> bool:
 
 def _compare(case: Case, got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> None:
     assert len(got) == len(expected), f"{case.describe()}: {len(got)} outputs, reference {len(expected)}"
-    tol = {**TOL, **case.tol}[case.dtype]
     for i, (o, e) in enumerate(zip(got, expected)):
+        tol = {**TOL, **case.tol}[o.dtype if o.dtype in TOL else case.dtype]
         where = f"{case.describe()} output {i}"
         assert o.device.type == "cpu", where
         assert tuple(o.shape) == tuple(e.shape), f"{where}: shape {tuple(o.shape)}, reference {tuple(e.shape)}"
-        assert o.dtype == case.dtype, f"{where}: dtype {o.dtype}, expected {case.dtype}"
+        if case.expect == "ok":  # a risky call may change the dtype (a float64 argument among float32 ones)
+            assert o.dtype == case.dtype, f"{where}: dtype {o.dtype}, expected {case.dtype}"
         o64, e64 = o.double(), e.detach().double()
         finite = torch.isfinite(e64)
         # Where the reference is finite the op must be too (no NaN from valid input); where it overflows, so may the op.
@@ -473,7 +474,8 @@ def run_case(case: Case) -> str:
         _compare(case, got, expected)
         if case.expect == "ok":
             _check_backward(case)
-    elif _finite_inputs(case.args):
+    elif case.expect == "ok" and _finite_inputs(case.args):
+        # (A risky call may hold a finite but huge value, t = 3e38: overflow to Inf is then the right answer.)
         for o in got:
             assert torch.isfinite(o).all(), f"{case.describe()}: non-finite output from finite input"
     return "ok"
@@ -525,8 +527,6 @@ def check_devices(case: Case, plan: str, pick: int) -> None:
         cpu_out = _outputs(case.call(args))
         for s in moved:
             _set(args, s, _get(args, s).to("meta"))
-        if args.get("layout") == "blocks":
-            return  # the blocks' size is data (max(lengths)): not known without the values
         out = _outputs(case.call(args))
         for o, c in zip(out, cpu_out):
             assert o.device.type == "meta", f"{case.describe()}: all-meta call gave a {o.device} output"
@@ -628,8 +628,8 @@ def risky_case(draw, op: str):
     else:
         args[name] = draw(st.sampled_from(["sparse", "", None, 3, -1.0, True]))
         label = f"{name}={args[name]!r}"
-    return Case(op, args, case.ref, case.dtype, expect="either", tol=case.tol, magnitude=case.magnitude,
-                label=label)
+    return Case(op, args, case.ref, case.dtype, expect="either", tol=case.tol,
+                magnitude=case.magnitude, label=label)
 
 
 # ---- the tests --------------------------------------------------------------------------------------------------------
@@ -641,8 +641,7 @@ def test_every_public_op_is_fuzzed():
 
 @pytest.mark.parametrize("op", OPS)
 def test_valid_calls_match_the_reference(op):
-    @FUZZ
-    @settings(max_examples=VALID_EXAMPLES)
+    @settings(FUZZ, max_examples=VALID_EXAMPLES)
     @given(case=BUILDERS[op]())
     def run(case):
         run_case(case)
@@ -652,8 +651,7 @@ def test_valid_calls_match_the_reference(op):
 
 @pytest.mark.parametrize("op", OPS)
 def test_device_mixes(op):
-    @FUZZ
-    @settings(max_examples=DEVICE_EXAMPLES)
+    @settings(FUZZ, max_examples=DEVICE_EXAMPLES)
     @given(case=BUILDERS[op](), plan=st.sampled_from(["all-meta", "one-meta"]), pick=st.integers(0, 7))
     def run(case, plan, pick):
         check_devices(case, plan, pick)
@@ -665,8 +663,7 @@ def run_risky(ops: list[str], examples: int = RISKY_EXAMPLES) -> None:
     """The risky calls of ``ops``; prints each before running it, so that a crash names its call."""
     for op in ops:
 
-        @FUZZ
-        @settings(max_examples=examples)
+        @settings(FUZZ, max_examples=examples)
         @given(case=risky_case(op))
         def run(case):
             print("case:", case.describe(), file=sys.stderr, flush=True)

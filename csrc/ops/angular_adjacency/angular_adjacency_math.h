@@ -88,9 +88,10 @@ MMER_HD inline T angular_weight_grad(T c, T scale) {
 // The weight of a self-loop, whose cosine is the constant 1 (0 for a zero vector, inv_norm = 0). unit_weight is
 // angular_weight(1, scale) evaluated in float64 (see unit_self_weight): in float32, scale = 0.99999 itself is off by
 // 3e-8, which the arccos slope of 224 there would turn into an error of 2e-6.
+// A NaN row (NaN or Inf features) counts as non-zero, as in the reference: its other edges are NaN.
 template <typename T>
 MMER_HD inline T self_weight(T inv_norm, T unit_weight) {
-  return inv_norm > T(0) ? unit_weight : T(0.5);
+  return inv_norm != T(0) ? unit_weight : T(0.5);
 }
 
 inline double unit_self_weight(double scale) { return angular_weight(1.0, scale); }
