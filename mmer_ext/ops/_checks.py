@@ -91,3 +91,24 @@ def register_fake(
         return fake
 
     return decorate
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_dense(op: str, **tensors: object) -> None:
+    """Raise unless every tensor given is a dense (strided) one: the kernels read raw strided memory, and a sparse,
+    nested or MKL-DNN tensor would otherwise fail in the dispatcher with a message that names no argument."""
+    for name, value in tensors.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, t in enumerate(items):
+            if isinstance(t, Tensor) and (t.layout != torch.strided or t.is_nested):
+                label = name if not isinstance(value, (list, tuple)) else f"{name}[{i}]"
+                kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+                raise ValueError(f"{op}: {label} must be a dense (strided) tensor, got a {kind} tensor")
+
+
+def check_int64(op: str, name: str, value: object) -> None:
+    """A Python int beyond int64 fails the schema with "expected int, found int": say what is wrong instead."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{op}: {name} must fit in int64, got {value}")

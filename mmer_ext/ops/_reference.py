@@ -154,7 +154,7 @@ def angular_adjacency_ref(
     cos = torch.where(eye_l, torch.diag_embed(nz.to(cos.dtype)), cos)
     pos = torch.arange(l_max, device=features.device)
     intra_mask = slots_valid[..., :, None] & slots_valid[..., None, :]
-    if window is not None:
+    if window is not None and window < l_max:  # a wider window (2**63 too) keeps every pair
         intra_mask = intra_mask & ((pos[:, None] - pos[None, :]).abs() <= window)
     intra = _angular_weight(cos, scale) * intra_mask  # [G, M, Lmax, Lmax]
     # Inter-modality cosines of the same utterance: [G, M, M, Lmax].

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from mmer_ext.ops._checks import register_fake
+from mmer_ext.ops._checks import check_dense, check_int64, register_fake
 
 __all__ = ["angular_adjacency", "block_graph_propagate"]
 
@@ -82,6 +82,7 @@ def angular_adjacency(
             )
         # Any window >= N keeps every pair, as None does; a Python int beyond int64 means the same.
         window = min(window, _INT64_MAX)
+    check_dense("mmer_ext.angular_adjacency", features=features, lengths=lengths)
     return _ops.angular_adjacency.default(
         features, lengths, scale=scale, normalize=normalize, window=window, layout=layout
     )
@@ -114,6 +115,8 @@ def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor, num_modali
         raise TypeError(
             f"mmer_ext.block_graph_propagate: num_modalities must be an int, got {type(num_modalities).__name__}"
         )
+    check_dense("mmer_ext.block_graph_propagate", blocks=blocks, x=x, lengths=lengths)
+    check_int64("mmer_ext.block_graph_propagate", "num_modalities", num_modalities)
     return _ops.block_graph_propagate.default(blocks, x, lengths, num_modalities)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mmer_ext.ops._checks import register_fake
+from mmer_ext.ops._checks import check_dense, check_int64, register_fake
 
 __all__ = ["central_moments", "cmd", "cmd_pairwise"]
 
@@ -38,6 +38,8 @@ def central_moments(x: Tensor, n_moments: int) -> Tensor:
         ``E[(x - mean)^k]`` for ``k = 2..K``. Computed in two passes about the first row, so data with a large mean
         (1e4 with unit spread) keeps full precision. Differentiable (first order).
     """
+    check_dense("mmer_ext.central_moments", x=x)
+    check_int64("mmer_ext.central_moments", "n_moments", n_moments)
     return _ops.central_moments.default(x, n_moments)
 
 
@@ -56,6 +58,8 @@ def cmd(x1: Tensor, x2: Tensor, n_moments: int = 5) -> Tensor:
         A 0-d tensor in the inputs' dtype. Where two moments are equal the gradient of their norm is taken as 0,
         so identical inputs give a loss of 0 and zero gradients (the reference code gives NaN there).
     """
+    check_dense("mmer_ext.cmd", x1=x1, x2=x2)
+    check_int64("mmer_ext.cmd", "n_moments", n_moments)
     return _ops.cmd.default(x1, x2, n_moments)
 
 
@@ -78,6 +82,8 @@ def cmd_pairwise(xs: Tensor | Sequence[Tensor], n_moments: int = 5) -> Tensor:
         xs = list(xs)
     else:
         raise TypeError(f"mmer_ext.cmd_pairwise: xs must be a tensor or a sequence of tensors, got {type(xs).__name__}")
+    check_dense("mmer_ext.cmd_pairwise", xs=xs)
+    check_int64("mmer_ext.cmd_pairwise", "n_moments", n_moments)
     return _ops.cmd_pairwise.default(xs, n_moments)
 
 

@@ -33,7 +33,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from mmer_ext.ops._checks import register_fake
+from mmer_ext.ops._checks import check_dense, register_fake
 
 __all__ = [
     "ddim_step",
@@ -55,7 +55,7 @@ def _param(value: float | Tensor, op: str, name: str, dtype: torch.dtype = torch
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"mmer_ext.{op}: {name} must be a float or a tensor, got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=dtype)
+    return torch.tensor(_float(value, op, name), dtype=dtype)
 
 
 def _float(value: float, op: str, name: str) -> float:
@@ -64,7 +64,11 @@ def _float(value: float, op: str, name: str) -> float:
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"mmer_ext.{op}: {name} must be a float, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range (10**400)
+        digits = len(str(abs(int(value))))
+        raise ValueError(f"mmer_ext.{op}: {name} is too large for a float, got an int of {digits} digits") from None
 
 
 def ve_marginal_std(t: float | Tensor, sigma: float = 25.0) -> Tensor:
@@ -78,6 +82,7 @@ def ve_marginal_std(t: float | Tensor, sigma: float = 25.0) -> Tensor:
         A tensor like ``t``. Computed with ``expm1`` in float32 (float64 for float64 ``t``), so small ``t`` keeps full
         relative precision. Differentiable in ``t``: ``d std / dt = sigma^(2t) / (2 std)`` (infinite at ``t = 0``).
     """
+    check_dense("mmer_ext.ve_marginal_std", t=t)
     return _ops.ve_marginal_std.default(
         _param(t, "ve_marginal_std", "t", torch.get_default_dtype()), _float(sigma, "ve_marginal_std", "sigma")
     )
@@ -88,6 +93,7 @@ def ve_diffusion_coeff(t: float | Tensor, sigma: float = 25.0) -> Tensor:
 
     ``t`` as in :func:`ve_marginal_std`.
     """
+    check_dense("mmer_ext.ve_diffusion_coeff", t=t)
     return _ops.ve_diffusion_coeff.default(
         _param(t, "ve_diffusion_coeff", "t", torch.get_default_dtype()),
         _float(sigma, "ve_diffusion_coeff", "sigma"),
@@ -114,6 +120,7 @@ def ve_perturb(
     Returns:
         A new tensor like ``x``; differentiable in ``x`` and ``noise``.
     """
+    check_dense("mmer_ext.ve_perturb", x=x, t=t, noise=noise)
     return _ops.ve_perturb.default(
         x, _param(t, "ve_perturb", "t"), _float(sigma, "ve_perturb", "sigma"), noise=noise, generator=generator
     )
@@ -142,6 +149,7 @@ def ve_sde_em_step(
     Returns:
         ``(x_next, x_mean)``; differentiable in ``x``, ``score`` and ``noise``.
     """
+    check_dense("mmer_ext.ve_sde_em_step", x=x, score=score, t=t, noise=noise)
     return _ops.ve_sde_em_step.default(
         x,
         score,
@@ -159,6 +167,7 @@ def ve_ode_step(x: Tensor, score: Tensor, t: float | Tensor, dt: float, sigma: f
     Arguments as in :func:`ve_sde_em_step`; differentiable in ``x`` and ``score``. (Heun's method is two of these
     steps plus an average, in :mod:`mmer_ext.sampling`.)
     """
+    check_dense("mmer_ext.ve_ode_step", x=x, score=score, t=t)
     return _ops.ve_ode_step.default(
         x, score, _param(t, "ve_ode_step", "t"), _float(dt, "ve_ode_step", "dt"), _float(sigma, "ve_ode_step", "sigma")
     )
@@ -192,6 +201,7 @@ def langevin_corrector_step(
         in-kernel noise the backward recovers the noise term as ``x_next - x_mean``, which loses relative precision
         in float32 where ``|x| >> sqrt(2 eps) |z|``.
     """
+    check_dense("mmer_ext.langevin_corrector_step", x=x, score=score, noise=noise)
     return _ops.langevin_corrector_step.default(
         x, score, _float(snr, "langevin_corrector_step", "snr"), noise=noise, generator=generator
     )
@@ -225,6 +235,9 @@ def ddim_step(
     Returns:
         ``(x_prev, x0_pred)``; differentiable in ``x_t``, ``eps`` and ``noise``.
     """
+    check_dense(
+        "mmer_ext.ddim_step", x_t=x_t, eps=eps, alpha_bar_t=alpha_bar_t, alpha_bar_prev=alpha_bar_prev, noise=noise
+    )
     return _ops.ddim_step.default(
         x_t,
         eps,

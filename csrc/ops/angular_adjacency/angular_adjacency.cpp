@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -70,6 +71,21 @@ Dialogues read_dialogues(const at::Tensor& lengths, int64_t num_utterances, cons
   return read_lengths(lengths, num_utterances, "features", op);
 }
 
+// The adjacency's element count must fit in int64 (features of zero width make huge M * N cheap to pass), or the
+// allocation fails with a message that names no argument.
+void check_output_size(int64_t M, int64_t N, const Dialogues& dialogues, bool blocks, const char* op) {
+  int64_t side = 0, area = 0, total = 0;
+  bool overflow = false;
+  if (blocks) {
+    overflow = c10::mul_overflows(M, dialogues.max_length, &side) || c10::mul_overflows(side, side, &area) ||
+               c10::mul_overflows(area, dialogues.count(), &total);
+  } else {
+    overflow = c10::mul_overflows(M, N, &side) || c10::mul_overflows(side, side, &total);
+  }
+  TORCH_CHECK(!overflow, op, ": ", kFeatures, " has M = ", M, " modalities of N = ", N,
+              " utterances: the ", blocks ? "blocks" : "dense", " adjacency would hold more than 2^63 elements");
+}
+
 // A window of N or more keeps every pair of a dialogue, as no window does; taken as "no window" so that
 // i + window + 1 cannot overflow int64 (window = 2^63 - 1).
 Options make_options(double scale, bool normalize, std::optional<int64_t> window, c10::string_view layout,
@@ -87,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor> angular_adjacency_forward(const DeviceKernels
   constexpr const char* op = "mmer_ext.angular_adjacency";
   check_arguments(features, lengths, scale, window, layout, op);
   const auto dialogues = read_dialogues(lengths, features.size(1), op);
+  check_output_size(features.size(0), features.size(1), dialogues, layout == "blocks", op);
   return k.forward(features.contiguous(), dialogues, make_options(scale, normalize, window, layout, features.size(1)));
 }
 
