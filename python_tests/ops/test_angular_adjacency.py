@@ -475,7 +475,8 @@ def test_block_graph_propagate_matches_dense(case, dtype, device):
     cot = torch.randn_like(out)
     g_blocks, g_h = torch.autograd.grad(out, (blocks, h), cot)
     b64, h64 = blocks.detach().cpu().double().requires_grad_(), h.detach().cpu().double().requires_grad_()
-    r_blocks, r_h = torch.autograd.grad(block_graph_propagate_ref(b64, h64, lengths_t, M), (b64, h64), cot.cpu().double())
+    r_out = block_graph_propagate_ref(b64, h64, lengths_t, M)
+    r_blocks, r_h = torch.autograd.grad(r_out, (b64, h64), cot.cpu().double())
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(g_blocks.cpu().double(), r_blocks, **tol)
     torch.testing.assert_close(g_h.cpu().double(), r_h, **tol)
@@ -495,7 +496,8 @@ def test_block_graph_propagate_ignores_padding_values(device):
         mask[slots[:, None], slots[None, :]] = False
         noisy[g][~mask.to(device)] = blocks[g][~mask.to(device)]
     assert pad.any()
-    torch.testing.assert_close(block_graph_propagate(noisy, h, lengths, M), block_graph_propagate(blocks, h, lengths, M))
+    torch.testing.assert_close(block_graph_propagate(noisy, h, lengths, M),
+                               block_graph_propagate(blocks, h, lengths, M))
 
 
 def test_block_graph_propagate_lengths_on_device_or_cpu(device):
@@ -762,8 +764,8 @@ def test_block_graph_propagate_rejects_lengths_that_fit_another_modality_count()
     h = torch.randn(12, 3)
     expected = angular_adjacency(x, torch.tensor([2, 2])) @ h
     torch.testing.assert_close(block_graph_propagate(blocks, h, torch.tensor([2, 2]), 3), expected)
-    with pytest.raises(RuntimeError, match=r"lengths\[1\] is 3 but x \(rows / num_modalities\) holds N = 4 utterances and lengths\[:1\] "
-                       r"already take 3"):
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] is 3 but x \(rows / num_modalities\) holds N = 4 "
+                                           r"utterances and lengths\[:1\] already take 3"):
         block_graph_propagate(blocks, h, torch.tensor([3, 3]), 3)
     with pytest.raises(RuntimeError, match=r"blocks have 6 slots per dialogue but M \* Lmax = 2 \* 2 = 4"):
         block_graph_propagate(blocks, h, torch.tensor([2, 2, 2]), 2)

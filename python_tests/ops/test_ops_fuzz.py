@@ -45,9 +45,9 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 ALL_FLOATS = [F32, F64, F16, BF16]
 CPU_STEP_FLOATS = [F32, F64]  # the step ops take float16 / bfloat16 on CUDA only
 
-VALID_EXAMPLES = 25
-DEVICE_EXAMPLES = 12
-RISKY_EXAMPLES = 40
+VALID_EXAMPLES = 50
+DEVICE_EXAMPLES = 15
+RISKY_EXAMPLES = 80
 
 FUZZ = settings(
     deadline=None,
@@ -638,7 +638,7 @@ def risky_case(draw, op: str):
                 magnitude=case.magnitude, label=label)
 
 
-# ---- the tests --------------------------------------------------------------------------------------------------------
+# ---- the tests ------------------------------------------------------------------------------------------------------
 
 
 def test_every_public_op_is_fuzzed():
@@ -663,6 +663,80 @@ def test_device_mixes(op):
         check_devices(case, plan, pick)
 
     run()
+
+
+def _every_op_call() -> dict[str, tuple[Callable, dict[str, Any]]]:
+    """One valid call of every op of the library, private ones included, by keyword."""
+    ops = torch.ops.mmer_ext
+    x, z = torch.randn(4, 3), torch.randn(4, 3)
+    features, lengths = torch.randn(2, 5, 3), torch.tensor([2, 3])
+    blocks = O.angular_adjacency(features, lengths, layout="blocks")
+    adjacency, stats = ops._angular_adjacency_forward(features, lengths, 0.99999, True, None, "dense")
+    _, moment_stats = ops._central_moments_forward(x, 3)
+    _, pair_stats = ops._cmd_pairwise_forward([x, z], 3)
+    h = torch.randn(10, 4)
+    t = torch.full((4,), 0.5)
+    return {
+        "central_moments": (ops.central_moments, {"x": x, "n_moments": 3}),
+        "_central_moments_forward": (ops._central_moments_forward, {"x": x, "n_moments": 3}),
+        "_central_moments_backward": (ops._central_moments_backward,
+                                      {"grad": torch.randn(3, 3), "x": x, "stats": moment_stats}),
+        "cmd": (ops.cmd, {"x1": x, "x2": z}),
+        "cmd_pairwise": (ops.cmd_pairwise, {"xs": [x, z, x]}),
+        "_cmd_pairwise_forward": (ops._cmd_pairwise_forward, {"xs": [x, z], "n_moments": 3}),
+        "_cmd_pairwise_backward": (ops._cmd_pairwise_backward,
+                                   {"grad": torch.tensor(1.0), "xs": [x, z], "stats": pair_stats}),
+        "angular_adjacency": (ops.angular_adjacency, {"features": features, "lengths": lengths}),
+        "_angular_adjacency_forward": (ops._angular_adjacency_forward,
+                                       {"features": features, "lengths": lengths, "scale": 0.99999,
+                                        "normalize": True, "window": None, "layout": "dense"}),
+        "_angular_adjacency_backward": (ops._angular_adjacency_backward,
+                                        {"grad": torch.randn_like(adjacency), "features": features,
+                                         "lengths": lengths, "stats": stats, "scale": 0.99999, "normalize": True,
+                                         "window": None, "layout": "dense"}),
+        "block_graph_propagate": (ops.block_graph_propagate,
+                                  {"blocks": blocks, "x": h, "lengths": lengths, "num_modalities": 2}),
+        "_block_graph_outer": (ops._block_graph_outer, {"a": h, "b": h, "lengths": lengths, "num_modalities": 2,
+                                                        "slots": blocks.shape[1]}),
+        "ve_marginal_std": (ops.ve_marginal_std, {"t": t}),
+        "ve_diffusion_coeff": (ops.ve_diffusion_coeff, {"t": t}),
+        "ve_perturb": (ops.ve_perturb, {"x": x, "t": t, "noise": z}),
+        "ve_sde_em_step": (ops.ve_sde_em_step, {"x": x, "score": z, "t": t, "dt": 0.01, "noise": x}),
+        "ve_ode_step": (ops.ve_ode_step, {"x": x, "score": z, "t": t, "dt": 0.01}),
+        "langevin_corrector_step": (ops.langevin_corrector_step, {"x": x, "score": z, "snr": 0.16, "noise": x}),
+        "ddim_step": (ops.ddim_step, {"x_t": x, "eps": z, "alpha_bar_t": t, "alpha_bar_prev": t, "eta": 0.5,
+                                      "noise": x}),
+    }
+
+
+_EVERY_OP = _every_op_call()
+_META_SLOTS = [(op, slot) for op, (_, args) in _EVERY_OP.items() for slot in _tensor_slots(args)]
+
+
+def test_every_op_of_the_library_is_listed():
+    schemas = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("mmer_ext::")}
+    assert set(_EVERY_OP) == schemas
+
+
+@pytest.mark.parametrize(("op", "slot"), _META_SLOTS,
+                         ids=[f"{op}-{n}{'' if i is None else i}" for op, (n, i) in _META_SLOTS])
+def test_meta_mixed_with_cpu_is_refused(op, slot):
+    # ve_perturb(cpu_x, 0.5, noise=meta) returned uninitialised CPU memory (values like 1.5e35): with a meta argument
+    # the dispatcher ran the fake kernel, which returned x.new_empty(...). Every tensor argument of every op, each in
+    # turn on meta among CPU ones (and, for the first argument, the others on the CPU), must raise naming it.
+    fn, args = _EVERY_OP[op]
+    args = dict(args)
+    if len(_tensor_slots(args)) < 2:
+        pytest.skip("a single tensor argument")
+    _set(args, slot, _get(args, slot).to("meta"))
+    slots = _tensor_slots(args)
+    if all(_get(args, s).device.type == "meta" or _exempt(s, _get(args, s)) for s in slots):
+        # Meta features with CPU lengths (read on the host) is a valid call: meta outputs.
+        assert all(o.device.type == "meta" for o in _outputs(fn(**args)))
+        return
+    name = slot[0] if slot[1] is None else f"{slot[0]}\\[{slot[1]}\\]"
+    with pytest.raises(RuntimeError, match=rf"(: {name} is on meta but \S+ is on cpu|is on cpu but {name} is on meta)"):
+        fn(**args)
 
 
 def run_risky(ops: list[str], examples: int = RISKY_EXAMPLES) -> None:
