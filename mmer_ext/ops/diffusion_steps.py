@@ -13,7 +13,11 @@ Conventions shared by the step ops:
 * ``t`` / ``alpha_bar_*`` are a Python float, a 0-d tensor or a ``[B]`` tensor (one value per sample, broadcast over
   the trailing dimensions). A 0-d tensor may be on the CPU whatever ``x``'s device: it is read on the host, so a CUDA
   call does not sync and can be captured in a CUDA graph (its value is then fixed in the graph). A ``[B]`` tensor or
-  a 0-d tensor on ``x``'s device is read by the kernel. They are not differentiable.
+  a 0-d tensor on ``x``'s device is read by the kernel. They are not differentiable. Times must be finite and
+  ``>= 0`` (the VE SDE's std is NaN below 0); like ``alpha_bar`` in ``(0, 1]``, values on the host (floats, CPU
+  tensors) are checked, values on a GPU are not read back.
+* Every tensor argument is on ``x``'s device (meta included: a meta tensor among CPU ones raises), except that 0-d
+  ``t`` / ``alpha_bar_*`` may stay on the CPU.
 * Noise: ``noise=`` (an explicit tensor like ``x``: deterministic, differentiable) or ``generator=`` (standard normal
   noise drawn inside the kernel from a counter-based Philox stream: it never goes through memory), not both;
   neither draws from the default generator of ``x``'s device. On CUDA the draw takes its seed and offset from the
@@ -75,7 +79,8 @@ def ve_marginal_std(t: float | Tensor, sigma: float = 25.0) -> Tensor:
     """Marginal standard deviation of IMDer's VE SDE, ``sqrt((sigma^(2t) - 1) / (2 ln sigma))``, elementwise.
 
     Args:
-        t: a float (gives a 0-d tensor of the default dtype) or a floating tensor of any shape and device.
+        t: a float (gives a 0-d tensor of the default dtype) or a floating tensor of any shape and device; finite
+            and ``>= 0`` (checked on the host; a GPU tensor is not read back).
         sigma: ``> 0``, ``!= 1`` (IMDer: 25).
 
     Returns:
