@@ -11,6 +11,8 @@ transposed blocks plus ``_block_graph_outer``), so both trace into ``torch.compi
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
@@ -111,10 +113,12 @@ def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor, num_modali
     gather); on CUDA the nodes are gathered into zero-padded slots for one batched GEMM. Like
     :func:`angular_adjacency`, the op reads ``lengths`` on the host every call (not CUDA-graph capturable).
     """
-    if isinstance(num_modalities, bool) or not isinstance(num_modalities, (int, torch.SymInt)):
+    if isinstance(num_modalities, bool) or not isinstance(num_modalities, (numbers.Integral, torch.SymInt)):
         raise TypeError(
             f"mmer_ext.block_graph_propagate: num_modalities must be an int, got {type(num_modalities).__name__}"
         )
+    if isinstance(num_modalities, numbers.Integral):
+        num_modalities = int(num_modalities)  # a NumPy integer too
     check_dense("mmer_ext.block_graph_propagate", blocks=blocks, x=x, lengths=lengths)
     check_int64("mmer_ext.block_graph_propagate", "num_modalities", num_modalities)
     return _ops.block_graph_propagate.default(blocks, x, lengths, num_modalities)

@@ -739,6 +739,40 @@ def test_meta_mixed_with_cpu_is_refused(op, slot):
         fn(**args)
 
 
+_X, _F, _L = torch.randn(4, 3), torch.randn(2, 7, 5), torch.tensor([3, 4])
+# Calls whose errors named no argument (or were no clean error at all) before the fuzz suite found them: what they
+# raised then, and the argument the message must now name.
+FOUND = {
+    "sigma-str": (lambda: O.ve_perturb(_X, 0.5, "a"), "sigma"),  # ValueError: could not convert string to float
+    "sigma-None": (lambda: O.ve_marginal_std(0.5, None), "sigma"),  # TypeError: float() argument must be ...
+    "dt-list": (lambda: O.ve_ode_step(_X, _X, 0.5, [0.1]), "dt"),  # TypeError: float() argument must be ...
+    "snr-None": (lambda: O.langevin_corrector_step(_X, _X, None), "snr"),  # TypeError: float() argument must be ...
+    "eta-str": (lambda: O.ddim_step(_X, _X, 0.5, 0.5, "a"), "eta"),  # ValueError: could not convert string ...
+    "t-beyond-float": (lambda: O.ve_perturb(_X, 10**400), "t"),  # OverflowError: int too large to convert to float
+    "alpha-beyond-float": (lambda: O.ddim_step(_X, _X, 10**400, 0.5), "alpha_bar_t"),  # OverflowError
+    "sigma-beyond-float": (lambda: O.ve_marginal_std(0.5, 10**400), "sigma"),  # OverflowError
+    "dt-beyond-float": (lambda: O.ve_sde_em_step(_X, _X, 0.5, 10**400), "dt"),  # OverflowError
+    "sparse-x": (lambda: O.cmd(_X.to_sparse(), _X), "x1"),  # NotImplementedError: ... from the 'SparseCPU' backend
+    "sparse-features": (lambda: O.angular_adjacency(_F.to_sparse(), _L), "features"),  # NotImplementedError
+    "sparse-noise": (lambda: O.ve_perturb(_X, 0.5, noise=_X.to_sparse()), "noise"),  # NotImplementedError
+    "n_moments-beyond-int64": (lambda: O.cmd(_X, _X, 2**63), "n_moments"),  # "expected int, found int"
+    "n_moments-huge": (lambda: O.central_moments(torch.empty(3, 0), 2**40), "n_moments"),  # a [2^40, 0] result
+    "dense-beyond-int64": (lambda: O.angular_adjacency(torch.empty(2, 2**31, 0), torch.tensor([2**31])),
+                           "features"),  # the allocator's "can't allocate memory"
+    "blocks-meta-lengths": (lambda: O.angular_adjacency(_F.to("meta"), _L.to("meta"), layout="blocks"),
+                            "lengths"),  # "You're trying to run this operator with meta Tensors ..."
+}
+
+
+@pytest.mark.parametrize("case", list(FOUND))
+def test_errors_found_by_the_fuzz_suite_name_the_argument(case):
+    call, name = FOUND[case]
+    with pytest.raises((ValueError, RuntimeError, TypeError)) as info:
+        call()
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("mmer_ext.") and _names_an_argument(first, (name,)), first
+
+
 def run_risky(ops: list[str], examples: int = RISKY_EXAMPLES) -> None:
     """The risky calls of ``ops``; prints each before running it, so that a crash names its call."""
     for op in ops:
