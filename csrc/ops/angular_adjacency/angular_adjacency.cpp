@@ -11,6 +11,8 @@
 #include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "common/checks.h"
 
 namespace mmer_ext::angular_adjacency {
@@ -150,10 +152,11 @@ NodeLayout node_layout(const at::Tensor& lengths, const at::Tensor& x, const Arg
   const int64_t nodes = x.size(0);
   const int64_t M = num_modalities;
   TORCH_CHECK(M >= 1, op, ": num_modalities must be >= 1, got ", M);
-  TORCH_CHECK(nodes % M == 0, op, ": ", x_name, " has ", nodes, " rows (nodes), not a multiple M * N of num_modalities M = ",
-              M);
+  TORCH_CHECK(nodes % M == 0, op, ": ", x_name, " has ", nodes,
+              " rows (nodes), not a multiple M * N of num_modalities M = ", M);
   const int64_t N = nodes / M;
-  NodeLayout layout{read_lengths(lengths, N, "x (rows / num_modalities)", op), M, N};
+  const std::string covered = std::string(x_name.base) + " (rows / num_modalities)";
+  NodeLayout layout{read_lengths(lengths, N, covered.c_str(), op), M, N};
   // M * Lmax <= M * N = nodes: no overflow.
   TORCH_CHECK(M * layout.dialogues.max_length == slots, op, ": blocks have ", slots,
               " slots per dialogue but M * Lmax = ", M, " * ", layout.dialogues.max_length, " = ",

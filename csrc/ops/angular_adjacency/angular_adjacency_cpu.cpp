@@ -83,7 +83,8 @@ MMER_EXT_CPU_MULTIVERSION acc_t dot(const acc_t* __restrict a, const acc_t* __re
   return s;
 }
 
-// unit[r] = x[r] / ||x[r]|| (0 for a zero row) and inv_norm[r] = 1 / ||x[r]|| for rows [begin, end) of a [rows, D] matrix.
+// unit[r] = x[r] / ||x[r]|| (0 for a zero row) and inv_norm[r] = 1 / ||x[r]|| for rows [begin, end) of a
+// [rows, D] matrix.
 template <typename scalar_t, typename acc_t>
 MMER_EXT_CPU_MULTIVERSION void normalize_rows(const scalar_t* __restrict x, int64_t begin, int64_t end, int64_t D,
                                               acc_t* __restrict unit, acc_t* __restrict inv_norm) {
