@@ -47,7 +47,7 @@ CPU_STEP_FLOATS = [F32, F64]  # the step ops take float16 / bfloat16 on CUDA onl
 
 VALID_EXAMPLES = 50
 DEVICE_EXAMPLES = 15
-RISKY_EXAMPLES = 80
+RISKY_EXAMPLES = 150
 
 FUZZ = settings(
     deadline=None,
