@@ -34,10 +34,22 @@ inline void check_floating(const at::Tensor& t, const char* op, const ArgName& n
               " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
+// Every tensor argument of an op lives on the device of its first one; meta counts as a device (a meta tensor mixed
+// with real ones must raise, as PyTorch's own ops do, not run a kernel on memory that does not exist). The fake
+// kernels in mmer_ext/ops/_checks.py apply the same rules with the same messages: with any meta argument the
+// dispatcher runs them instead of these C++ bodies.
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const ArgName& name,
                               const ArgName& ref_name) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; move them to one device");
+}
+
+// A tensor read on the host (dialogue lengths, 0-d step parameters) may also stay on the CPU whatever ref's device;
+// anywhere else it must be on ref's device. `what` says which tensors may stay on the CPU, for the message.
+inline void check_host_or_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const ArgName& name,
+                                      const ArgName& ref_name, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() || t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device(), "; pass ", what, " on the CPU or on ", ref_name, "'s device");
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const ArgName& name,

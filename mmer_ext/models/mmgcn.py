@@ -334,8 +334,8 @@ class MMGCN(MERModel):
             adj = _isolate_and_normalize(adj, present, lengths, layout)
         return adj
 
-    def _propagate(self, adj: Tensor, h: Tensor, lengths: Tensor) -> Tensor:
-        return block_graph_propagate(adj, h, lengths) if adj.dim() == 3 else adj @ h
+    def _propagate(self, adj: Tensor, h: Tensor, lengths: Tensor, num_modalities: int) -> Tensor:
+        return block_graph_propagate(adj, h, lengths, num_modalities) if adj.dim() == 3 else adj @ h
 
     def node_outputs(self, batch: Mapping[str, Tensor]) -> Tensor:
         """GCN node outputs ``[M, N, hidden + gcn_hidden]`` (``[dropout(x) || h]``)."""
@@ -349,7 +349,7 @@ class MMGCN(MERModel):
         h = h0
         for layer in self.layers:
             h = F.dropout(h, self.dropout, self.training)
-            h = F.relu(layer(self._propagate(adj, h, lengths), h0))
+            h = F.relu(layer(self._propagate(adj, h, lengths, m), h0))
         h = F.dropout(h, self.dropout, self.training)
         return torch.cat([x, h], -1).reshape(m, n, -1)
 

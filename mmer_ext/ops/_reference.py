@@ -97,9 +97,16 @@ def _dialogue_slots(lengths: Tensor, num_modalities: int, num_utterances: int) -
 
 
 def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x / ||x||, ||x|| > 0)`` over the last dim, with zero rows mapped to zero (gradient 0 there, no NaN)."""
+    """``(x / ||x||, ||x|| > 0)`` over the last dim, with zero rows mapped to zero (gradient 0 there, no NaN).
+
+    Each row is divided by its largest magnitude first, so the norm neither overflows nor underflows (float32 rows
+    of 1e-30 or 1e30 give the unit vectors of rows of 1). The divisor is detached: ``x / c`` has the same unit vector
+    and, for a constant ``c``, the same gradient of it."""
+    if x.shape[-1] > 0:
+        max_abs = x.detach().abs().amax(dim=-1, keepdim=True)
+        x = x / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    nonzero = norm > 0
+    nonzero = norm != 0  # a NaN norm (NaN or Inf features) is not a zero vector: NaN propagates
     unit = torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
     return unit, nonzero.squeeze(-1)
 
@@ -131,7 +138,7 @@ def angular_adjacency_ref(
     """
     if layout not in ("dense", "blocks"):
         raise ValueError(f"angular_adjacency_ref: layout must be 'dense' or 'blocks', got {layout!r}")
-    M, N, _ = features.shape
+    M, N, D = features.shape
     lengths = lengths.to(device=features.device, dtype=torch.int64)
     G = lengths.numel()
     node, valid, _ = _dialogue_slots(lengths, M, N)
@@ -139,7 +146,7 @@ def angular_adjacency_ref(
     unit, nonzero = _unit_rows(features)
     slots_valid = valid.reshape(G, M, l_max)
     # [G, M, Lmax, D] (padding = zero rows) and the per-slot "is a nonzero vector" flag.
-    u = unit.reshape(M * N, -1)[node].reshape(G, M, l_max, -1) * slots_valid[..., None]
+    u = unit.reshape(M * N, D)[node].reshape(G, M, l_max, D) * slots_valid[..., None]
     nz = nonzero.reshape(M * N)[node].reshape(G, M, l_max) & slots_valid
     eye_l = torch.eye(l_max, dtype=torch.bool, device=features.device)
     # Intra-modality cosines; the diagonal is replaced by its exact value (1, or 0 for a zero vector).
@@ -147,7 +154,7 @@ def angular_adjacency_ref(
     cos = torch.where(eye_l, torch.diag_embed(nz.to(cos.dtype)), cos)
     pos = torch.arange(l_max, device=features.device)
     intra_mask = slots_valid[..., :, None] & slots_valid[..., None, :]
-    if window is not None:
+    if window is not None and window < l_max:  # a wider window (2**63 too) keeps every pair
         intra_mask = intra_mask & ((pos[:, None] - pos[None, :]).abs() <= window)
     intra = _angular_weight(cos, scale) * intra_mask  # [G, M, Lmax, Lmax]
     # Inter-modality cosines of the same utterance: [G, M, M, Lmax].
@@ -219,17 +226,16 @@ def angular_adjacency_mmgcn_loop(
     return adj
 
 
-def block_graph_propagate_ref(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
-    """``A @ x`` for node features ``x`` ``[M * N, F]`` in the global node order, with ``A`` given as the padded
-    per-dialogue blocks ``[G, M * Lmax, M * Lmax]`` of :func:`angular_adjacency_ref` (``layout="blocks"``):
-    gather the nodes into ``[G, M * Lmax, F]``, batched matmul, gather the results back."""
+def block_graph_propagate_ref(blocks: Tensor, x: Tensor, lengths: Tensor, num_modalities: int) -> Tensor:
+    """``A @ x`` for node features ``x`` ``[M * N, F]`` in the global node order (``M = num_modalities``), with ``A``
+    given as the padded per-dialogue blocks ``[G, M * Lmax, M * Lmax]`` of :func:`angular_adjacency_ref`
+    (``layout="blocks"``): gather the nodes into ``[G, M * Lmax, F]``, batched matmul, gather the results back."""
     G, slots, _ = blocks.shape
-    num_nodes = x.shape[0]
-    M = slots // max(int(lengths.max()), 1) if G > 0 else 1
-    node, valid, slot_of_node = _dialogue_slots(lengths.to(device=x.device), M, num_nodes // M)
+    M = num_modalities
+    node, valid, slot_of_node = _dialogue_slots(lengths.to(device=x.device), M, x.shape[0] // M)
     gathered = x[node] * valid[..., None].to(x.dtype)  # [G, M * Lmax, F]
     out = torch.bmm(blocks, gathered)
-    return out.reshape(G * slots, -1)[slot_of_node]
+    return out.reshape(G * slots, x.shape[1])[slot_of_node]
 
 
 # ---- score-based sampling steps (IMDer's VE SDE, predictor-corrector, DDIM) ----------------------------------------

@@ -11,12 +11,19 @@ transposed blocks plus ``_block_graph_outer``), so both trace into ``torch.compi
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+from mmer_ext.ops._checks import check_dense, check_int64, register_fake
 
 __all__ = ["angular_adjacency", "block_graph_propagate"]
 
 _ops = torch.ops.mmer_ext
+_INT64_MAX = 2**63 - 1
+_INT64_MIN = -(2**63)
 
 
 def angular_adjacency(
@@ -46,7 +53,8 @@ def angular_adjacency(
             unbounded there: the backward floors ``1 - (scale * cos)^2`` at ``1e-12``, so gradients stay finite but
             reach ``~3e5`` per unit of upstream gradient at such pairs. Keep ``scale < 1`` for training.
         normalize: apply the symmetric degree normalisation.
-        window: ``None`` (every pair of a dialogue, MMGCN) or ``>= 0`` (``0``: self-loops only).
+        window: ``None`` (every pair of a dialogue, MMGCN) or ``>= 0`` (``0``: self-loops only). Any window of
+            ``N`` or more (``2**63 - 1`` included) is the same as ``None``.
         layout: ``"dense"``: ``[M * N, M * N]``, the whole graph. ``"blocks"``: ``[G, M * Lmax, M * Lmax]``, one
             zero-padded block per dialogue (``Lmax = max(lengths)``), modality-major inside the block:
             ``blocks[g, m * Lmax + i, n * Lmax + j]`` is the edge between utterance ``i`` of dialogue ``g`` in modality
@@ -57,7 +65,9 @@ def angular_adjacency(
         The adjacency in ``features.dtype``, exactly symmetric. Differentiable (first order) with respect to
         ``features``.
 
-    Conventions: a zero feature vector has cosine 0 with every vector, itself included (weight 0.5), and receives a
+    Conventions: the result does not depend on the scale of a feature vector (each row is divided by its largest
+    magnitude before its norm is taken, so float32 features of 1e-30 or 1e30 give the graph they give at 1). A zero
+    feature vector has cosine 0 with every vector, itself included (weight 0.5), and receives a
     zero gradient (MMGCN's code gives NaN). A self-loop's cosine is the constant 1, so self-loops carry no gradient.
 
     Implementation: per dialogue and modality, the cosines are one GEMM of the unit vectors (MKL on the CPU, one
@@ -67,12 +77,20 @@ def angular_adjacency(
     ``lengths`` are read on the host every call, so the op cannot be captured in a CUDA graph (it is tagged
     ``cudagraph_unsafe``). Memory: the blocks layout holds ``G * (M * Lmax)^2`` values, never ``(M * N)^2``.
     """
+    if window is not None and not isinstance(window, bool) and isinstance(window, int):
+        if window < _INT64_MIN:
+            raise ValueError(
+                f"mmer_ext.angular_adjacency: window must be None or >= 0 (0 keeps the self-loops only), got {window}"
+            )
+        # Any window >= N keeps every pair, as None does; a Python int beyond int64 means the same.
+        window = min(window, _INT64_MAX)
+    check_dense("mmer_ext.angular_adjacency", features=features, lengths=lengths)
     return _ops.angular_adjacency.default(
         features, lengths, scale=scale, normalize=normalize, window=window, layout=layout
     )
 
 
-def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
+def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor, num_modalities: int) -> Tensor:
     """``A @ x`` for node features ``x`` in the global node order, with ``A`` given as per-dialogue blocks.
 
     Args:
@@ -82,6 +100,9 @@ def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
         x: ``[M * N, F]``: row ``m * N + k`` holds utterance ``k`` in modality ``m`` (MMGCN's node order). Same
             dtype and device as ``blocks``.
         lengths: ``[G]`` int64 as for :func:`angular_adjacency`.
+        num_modalities: ``M >= 1``, the number of modalities (``features.shape[0]`` of the adjacency). Explicit
+            because ``x``'s rows and ``lengths`` alone can fit another ``M``: 12 rows with lengths ``[3, 3]`` read as
+            2 modalities of 6 utterances, with ``[2, 2]`` as 3 of 4, and both give blocks of 6 slots.
 
     Returns:
         ``[M * N, F]``, equal to ``dense_adjacency @ x`` but costing ``O(G * (M * Lmax)^2 * F)`` instead of
@@ -92,7 +113,15 @@ def block_graph_propagate(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
     gather); on CUDA the nodes are gathered into zero-padded slots for one batched GEMM. Like
     :func:`angular_adjacency`, the op reads ``lengths`` on the host every call (not CUDA-graph capturable).
     """
-    return _ops.block_graph_propagate.default(blocks, x, lengths)
+    if isinstance(num_modalities, bool) or not isinstance(num_modalities, (numbers.Integral, torch.SymInt)):
+        raise TypeError(
+            f"mmer_ext.block_graph_propagate: num_modalities must be an int, got {type(num_modalities).__name__}"
+        )
+    if isinstance(num_modalities, numbers.Integral):
+        num_modalities = int(num_modalities)  # a NumPy integer too
+    check_dense("mmer_ext.block_graph_propagate", blocks=blocks, x=x, lengths=lengths)
+    check_int64("mmer_ext.block_graph_propagate", "num_modalities", num_modalities)
+    return _ops.block_graph_propagate.default(blocks, x, lengths, num_modalities)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -107,7 +136,23 @@ def _check_features(features: Tensor, lengths: Tensor, op: str) -> None:
     torch._check(lengths.dim() == 1, lambda: f"{op}: lengths must be [G], got {tuple(lengths.shape)}")
 
 
-@torch.library.register_fake("mmer_ext::_angular_adjacency_forward")
+def _max_length(lengths: Tensor):
+    """Lmax = max(lengths), the blocks' size. Read when lengths hold values (CPU lengths next to meta features);
+    an unbacked size under torch.compile (fake lengths)."""
+    if not is_fake(lengths) and lengths.device.type == "cpu":
+        return int(lengths.max()) if lengths.numel() else 0
+    try:
+        return torch.library.get_ctx().new_dynamic_size()
+    except RuntimeError:  # a plain meta kernel call: no context for data-dependent sizes
+        raise RuntimeError(
+            f"mmer_ext.angular_adjacency: lengths is on {lengths.device}, so the size of the layout=\"blocks\" "
+            "output (max(lengths)) is unknown; pass lengths on the CPU"
+        ) from None
+
+
+@register_fake(
+    "mmer_ext::_angular_adjacency_forward", op_name="mmer_ext.angular_adjacency", host_ok=("lengths",)
+)
 def _angular_adjacency_forward_fake(
     features: Tensor, lengths: Tensor, scale: float, normalize: bool, window: int | None, layout: str
 ) -> tuple[Tensor, Tensor]:
@@ -115,14 +160,13 @@ def _angular_adjacency_forward_fake(
     M, N, _ = features.shape
     stats = features.new_empty((2, M, N), dtype=_opmath(features.dtype))
     if layout == "blocks":
-        # Lmax = max(lengths) is data: an unbacked size under torch.compile.
-        max_length = torch.library.get_ctx().new_dynamic_size()
+        max_length = _max_length(lengths)
         slots = M * max_length
         return features.new_empty((lengths.shape[0], slots, slots)), stats
     return features.new_empty((M * N, M * N)), stats
 
 
-@torch.library.register_fake("mmer_ext::_angular_adjacency_backward")
+@register_fake("mmer_ext::_angular_adjacency_backward", host_ok=("lengths",))
 def _angular_adjacency_backward_fake(
     grad: Tensor,
     features: Tensor,
@@ -136,15 +180,19 @@ def _angular_adjacency_backward_fake(
     return torch.empty_like(features, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("mmer_ext::block_graph_propagate")
-def _block_graph_propagate_fake(blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
+@register_fake("mmer_ext::block_graph_propagate", host_ok=("lengths",))
+def _block_graph_propagate_fake(blocks: Tensor, x: Tensor, lengths: Tensor, num_modalities: int) -> Tensor:
     torch._check(blocks.dim() == 3, lambda: f"mmer_ext.block_graph_propagate: blocks must be 3-d, got {blocks.shape}")
     torch._check(x.dim() == 2, lambda: f"mmer_ext.block_graph_propagate: x must be [nodes, F], got {x.shape}")
+    torch._check(
+        num_modalities >= 1,
+        lambda: f"mmer_ext.block_graph_propagate: num_modalities must be >= 1, got {num_modalities}",
+    )
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("mmer_ext::_block_graph_outer")
-def _block_graph_outer_fake(a: Tensor, b: Tensor, lengths: Tensor, slots) -> Tensor:
+@register_fake("mmer_ext::_block_graph_outer", host_ok=("lengths",))
+def _block_graph_outer_fake(a: Tensor, b: Tensor, lengths: Tensor, num_modalities: int, slots) -> Tensor:
     return a.new_empty((lengths.shape[0], slots, slots))
 
 
@@ -166,24 +214,26 @@ def _angular_adjacency_backward(ctx, grad, _grad_stats):
 
 
 def _block_graph_propagate_setup(ctx, inputs, output):
-    blocks, x, lengths = inputs
+    blocks, x, lengths, num_modalities = inputs
     ctx.save_for_backward(blocks if ctx.needs_input_grad[1] else None, x if ctx.needs_input_grad[0] else None, lengths)
     ctx.slots = blocks.shape[1]
+    ctx.num_modalities = num_modalities
 
 
 def _block_graph_propagate_backward(ctx, grad):
     blocks, x, lengths = ctx.saved_tensors
     grad_blocks = grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_blocks = _ops._block_graph_outer.default(grad, x, lengths, ctx.slots)
+        grad_blocks = _ops._block_graph_outer.default(grad, x, lengths, ctx.num_modalities, ctx.slots)
     if ctx.needs_input_grad[1]:
-        grad_x = _ops.block_graph_propagate.default(blocks.transpose(1, 2), grad, lengths)
-    return grad_blocks, grad_x, None
+        grad_x = _ops.block_graph_propagate.default(blocks.transpose(1, 2), grad, lengths, ctx.num_modalities)
+    return grad_blocks, grad_x, None, None
 
 
 def _block_graph_outer_setup(ctx, inputs, output):
-    a, b, lengths, _ = inputs
+    a, b, lengths, num_modalities, _ = inputs
     ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None, lengths)
+    ctx.num_modalities = num_modalities
 
 
 def _block_graph_outer_backward(ctx, grad):
@@ -191,10 +241,10 @@ def _block_graph_outer_backward(ctx, grad):
     a, b, lengths = ctx.saved_tensors
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_a = _ops.block_graph_propagate.default(grad, b, lengths)
+        grad_a = _ops.block_graph_propagate.default(grad, b, lengths, ctx.num_modalities)
     if ctx.needs_input_grad[1]:
-        grad_b = _ops.block_graph_propagate.default(grad.transpose(1, 2), a, lengths)
-    return grad_a, grad_b, None, None
+        grad_b = _ops.block_graph_propagate.default(grad.transpose(1, 2), a, lengths, ctx.num_modalities)
+    return grad_a, grad_b, None, None, None
 
 
 def _refuse_double_backward(ctx, *grads):

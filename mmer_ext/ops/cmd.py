@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mmer_ext.ops._checks import check_dense, check_int64, register_fake
+
 __all__ = ["central_moments", "cmd", "cmd_pairwise"]
 
 _ops = torch.ops.mmer_ext
@@ -29,13 +31,15 @@ def central_moments(x: Tensor, n_moments: int) -> Tensor:
     Args:
         x: ``[B, D]`` float tensor, ``B >= 1``. CUDA and CPU; float32, float64, float16 and bfloat16 (the last two
             accumulate in float32).
-        n_moments: ``K >= 1``.
+        n_moments: ``1 <= K <= 256``.
 
     Returns:
         ``[K, D]`` in ``x.dtype``: row 0 the mean over the batch, row ``k-1`` the central moment
         ``E[(x - mean)^k]`` for ``k = 2..K``. Computed in two passes about the first row, so data with a large mean
         (1e4 with unit spread) keeps full precision. Differentiable (first order).
     """
+    check_dense("mmer_ext.central_moments", x=x)
+    check_int64("mmer_ext.central_moments", "n_moments", n_moments)
     return _ops.central_moments.default(x, n_moments)
 
 
@@ -48,12 +52,14 @@ def cmd(x1: Tensor, x2: Tensor, n_moments: int = 5) -> Tensor:
     Args:
         x1: ``[B1, D]`` float tensor.
         x2: ``[B2, D]`` float tensor on the same device with the same dtype; ``B2`` may differ from ``B1``.
-        n_moments: ``K >= 1``.
+        n_moments: ``1 <= K <= 256``.
 
     Returns:
         A 0-d tensor in the inputs' dtype. Where two moments are equal the gradient of their norm is taken as 0,
         so identical inputs give a loss of 0 and zero gradients (the reference code gives NaN there).
     """
+    check_dense("mmer_ext.cmd", x1=x1, x2=x2)
+    check_int64("mmer_ext.cmd", "n_moments", n_moments)
     return _ops.cmd.default(x1, x2, n_moments)
 
 
@@ -64,7 +70,7 @@ def cmd_pairwise(xs: Tensor | Sequence[Tensor], n_moments: int = 5) -> Tensor:
 
     Args:
         xs: a ``[M, B, D]`` tensor, or a sequence of ``M >= 2`` tensors ``[B_i, D]`` (batch sizes may differ).
-        n_moments: ``K >= 1``.
+        n_moments: ``1 <= K <= 256``.
     """
     if isinstance(xs, Tensor):
         if xs.dim() != 3:
@@ -76,6 +82,8 @@ def cmd_pairwise(xs: Tensor | Sequence[Tensor], n_moments: int = 5) -> Tensor:
         xs = list(xs)
     else:
         raise TypeError(f"mmer_ext.cmd_pairwise: xs must be a tensor or a sequence of tensors, got {type(xs).__name__}")
+    check_dense("mmer_ext.cmd_pairwise", xs=xs)
+    check_int64("mmer_ext.cmd_pairwise", "n_moments", n_moments)
     return _ops.cmd_pairwise.default(xs, n_moments)
 
 
@@ -83,7 +91,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("mmer_ext::_central_moments_forward")
+@register_fake("mmer_ext::_central_moments_forward")
 def _central_moments_forward_fake(x: Tensor, n_moments: int) -> tuple[Tensor, Tensor]:
     torch._check(x.dim() == 2, lambda: f"mmer_ext.central_moments: x must be [batch, features], got {x.shape}")
     torch._check(n_moments >= 1, lambda: f"mmer_ext.central_moments: n_moments must be >= 1, got {n_moments}")
@@ -91,12 +99,12 @@ def _central_moments_forward_fake(x: Tensor, n_moments: int) -> tuple[Tensor, Te
     return x.new_empty((n_moments, x.shape[1])), stats
 
 
-@torch.library.register_fake("mmer_ext::_central_moments_backward")
+@register_fake("mmer_ext::_central_moments_backward")
 def _central_moments_backward_fake(grad: Tensor, x: Tensor, stats: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("mmer_ext::_cmd_pairwise_forward")
+@register_fake("mmer_ext::_cmd_pairwise_forward")
 def _cmd_pairwise_forward_fake(xs: list[Tensor], n_moments: int) -> tuple[Tensor, Tensor]:
     torch._check(len(xs) >= 2, lambda: "mmer_ext.cmd_pairwise: xs must hold at least 2 tensors")
     x = xs[0]
@@ -104,7 +112,7 @@ def _cmd_pairwise_forward_fake(xs: list[Tensor], n_moments: int) -> tuple[Tensor
     return x.new_empty(()), stats
 
 
-@torch.library.register_fake("mmer_ext::_cmd_pairwise_backward")
+@register_fake("mmer_ext::_cmd_pairwise_backward")
 def _cmd_pairwise_backward_fake(grad: Tensor, xs: list[Tensor], stats: Tensor) -> list[Tensor]:
     return [x.new_empty(x.shape) for x in xs]
 

@@ -13,7 +13,11 @@ Conventions shared by the step ops:
 * ``t`` / ``alpha_bar_*`` are a Python float, a 0-d tensor or a ``[B]`` tensor (one value per sample, broadcast over
   the trailing dimensions). A 0-d tensor may be on the CPU whatever ``x``'s device: it is read on the host, so a CUDA
   call does not sync and can be captured in a CUDA graph (its value is then fixed in the graph). A ``[B]`` tensor or
-  a 0-d tensor on ``x``'s device is read by the kernel. They are not differentiable.
+  a 0-d tensor on ``x``'s device is read by the kernel. They are not differentiable. Times must be finite and
+  ``>= 0`` (the VE SDE's std is NaN below 0); like ``alpha_bar`` in ``(0, 1]``, values on the host (floats, CPU
+  tensors) are checked, values on a GPU are not read back.
+* Every tensor argument is on ``x``'s device (meta included: a meta tensor among CPU ones raises), except that 0-d
+  ``t`` / ``alpha_bar_*`` may stay on the CPU.
 * Noise: ``noise=`` (an explicit tensor like ``x``: deterministic, differentiable) or ``generator=`` (standard normal
   noise drawn inside the kernel from a counter-based Philox stream: it never goes through memory), not both;
   neither draws from the default generator of ``x``'s device. On CUDA the draw takes its seed and offset from the
@@ -32,6 +36,8 @@ import numbers
 
 import torch
 from torch import Tensor
+
+from mmer_ext.ops._checks import check_dense, register_fake
 
 __all__ = [
     "ddim_step",
@@ -53,21 +59,38 @@ def _param(value: float | Tensor, op: str, name: str, dtype: torch.dtype = torch
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"mmer_ext.{op}: {name} must be a float or a tensor, got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=dtype)
+    return torch.tensor(_float(value, op, name), dtype=dtype)
+
+
+def _float(value: float, op: str, name: str) -> float:
+    """A scalar argument (sigma, dt, snr, eta) as a Python float; anything else is a TypeError naming it."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"mmer_ext.{op}: {name} must be a float, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range (10**400)
+        digits = len(str(abs(int(value))))
+        raise ValueError(f"mmer_ext.{op}: {name} is too large for a float, got an int of {digits} digits") from None
 
 
 def ve_marginal_std(t: float | Tensor, sigma: float = 25.0) -> Tensor:
     """Marginal standard deviation of IMDer's VE SDE, ``sqrt((sigma^(2t) - 1) / (2 ln sigma))``, elementwise.
 
     Args:
-        t: a float (gives a 0-d tensor of the default dtype) or a floating tensor of any shape and device.
+        t: a float (gives a 0-d tensor of the default dtype) or a floating tensor of any shape and device; finite
+            and ``>= 0`` (checked on the host; a GPU tensor is not read back).
         sigma: ``> 0``, ``!= 1`` (IMDer: 25).
 
     Returns:
         A tensor like ``t``. Computed with ``expm1`` in float32 (float64 for float64 ``t``), so small ``t`` keeps full
         relative precision. Differentiable in ``t``: ``d std / dt = sigma^(2t) / (2 std)`` (infinite at ``t = 0``).
     """
-    return _ops.ve_marginal_std.default(_param(t, "ve_marginal_std", "t", torch.get_default_dtype()), float(sigma))
+    check_dense("mmer_ext.ve_marginal_std", t=t)
+    return _ops.ve_marginal_std.default(
+        _param(t, "ve_marginal_std", "t", torch.get_default_dtype()), _float(sigma, "ve_marginal_std", "sigma")
+    )
 
 
 def ve_diffusion_coeff(t: float | Tensor, sigma: float = 25.0) -> Tensor:
@@ -75,8 +98,10 @@ def ve_diffusion_coeff(t: float | Tensor, sigma: float = 25.0) -> Tensor:
 
     ``t`` as in :func:`ve_marginal_std`.
     """
+    check_dense("mmer_ext.ve_diffusion_coeff", t=t)
     return _ops.ve_diffusion_coeff.default(
-        _param(t, "ve_diffusion_coeff", "t", torch.get_default_dtype()), float(sigma)
+        _param(t, "ve_diffusion_coeff", "t", torch.get_default_dtype()),
+        _float(sigma, "ve_diffusion_coeff", "sigma"),
     )
 
 
@@ -100,8 +125,9 @@ def ve_perturb(
     Returns:
         A new tensor like ``x``; differentiable in ``x`` and ``noise``.
     """
+    check_dense("mmer_ext.ve_perturb", x=x, t=t, noise=noise)
     return _ops.ve_perturb.default(
-        x, _param(t, "ve_perturb", "t"), float(sigma), noise=noise, generator=generator
+        x, _param(t, "ve_perturb", "t"), _float(sigma, "ve_perturb", "sigma"), noise=noise, generator=generator
     )
 
 
@@ -128,8 +154,15 @@ def ve_sde_em_step(
     Returns:
         ``(x_next, x_mean)``; differentiable in ``x``, ``score`` and ``noise``.
     """
+    check_dense("mmer_ext.ve_sde_em_step", x=x, score=score, t=t, noise=noise)
     return _ops.ve_sde_em_step.default(
-        x, score, _param(t, "ve_sde_em_step", "t"), float(dt), float(sigma), noise=noise, generator=generator
+        x,
+        score,
+        _param(t, "ve_sde_em_step", "t"),
+        _float(dt, "ve_sde_em_step", "dt"),
+        _float(sigma, "ve_sde_em_step", "sigma"),
+        noise=noise,
+        generator=generator,
     )
 
 
@@ -139,7 +172,10 @@ def ve_ode_step(x: Tensor, score: Tensor, t: float | Tensor, dt: float, sigma: f
     Arguments as in :func:`ve_sde_em_step`; differentiable in ``x`` and ``score``. (Heun's method is two of these
     steps plus an average, in :mod:`mmer_ext.sampling`.)
     """
-    return _ops.ve_ode_step.default(x, score, _param(t, "ve_ode_step", "t"), float(dt), float(sigma))
+    check_dense("mmer_ext.ve_ode_step", x=x, score=score, t=t)
+    return _ops.ve_ode_step.default(
+        x, score, _param(t, "ve_ode_step", "t"), _float(dt, "ve_ode_step", "dt"), _float(sigma, "ve_ode_step", "sigma")
+    )
 
 
 def langevin_corrector_step(
@@ -170,7 +206,10 @@ def langevin_corrector_step(
         in-kernel noise the backward recovers the noise term as ``x_next - x_mean``, which loses relative precision
         in float32 where ``|x| >> sqrt(2 eps) |z|``.
     """
-    return _ops.langevin_corrector_step.default(x, score, float(snr), noise=noise, generator=generator)
+    check_dense("mmer_ext.langevin_corrector_step", x=x, score=score, noise=noise)
+    return _ops.langevin_corrector_step.default(
+        x, score, _float(snr, "langevin_corrector_step", "snr"), noise=noise, generator=generator
+    )
 
 
 def ddim_step(
@@ -201,12 +240,15 @@ def ddim_step(
     Returns:
         ``(x_prev, x0_pred)``; differentiable in ``x_t``, ``eps`` and ``noise``.
     """
+    check_dense(
+        "mmer_ext.ddim_step", x_t=x_t, eps=eps, alpha_bar_t=alpha_bar_t, alpha_bar_prev=alpha_bar_prev, noise=noise
+    )
     return _ops.ddim_step.default(
         x_t,
         eps,
         _param(alpha_bar_t, "ddim_step", "alpha_bar_t"),
         _param(alpha_bar_prev, "ddim_step", "alpha_bar_prev"),
-        float(eta),
+        _float(eta, "ddim_step", "eta"),
         noise=noise,
         generator=generator,
     )
@@ -233,24 +275,24 @@ def _new_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("mmer_ext::ve_marginal_std")
+@register_fake("mmer_ext::ve_marginal_std")
 def _ve_marginal_std_fake(t, sigma=25.0):
     return _new_like(t)
 
 
-@torch.library.register_fake("mmer_ext::ve_diffusion_coeff")
+@register_fake("mmer_ext::ve_diffusion_coeff")
 def _ve_diffusion_coeff_fake(t, sigma=25.0):
     return _new_like(t)
 
 
-@torch.library.register_fake("mmer_ext::ve_perturb")
+@register_fake("mmer_ext::ve_perturb", host_scalar_ok=("t",))
 def _ve_perturb_fake(x, t, sigma=25.0, noise=None, generator=None):
     _check_param_fake(t, x, "ve_perturb", "t")
     _check_like_fake(noise, x, "ve_perturb", "noise")
     return _new_like(x)
 
 
-@torch.library.register_fake("mmer_ext::ve_sde_em_step")
+@register_fake("mmer_ext::ve_sde_em_step", host_scalar_ok=("t",))
 def _ve_sde_em_step_fake(x, score, t, dt, sigma=25.0, noise=None, generator=None):
     _check_like_fake(score, x, "ve_sde_em_step", "score")
     _check_like_fake(noise, x, "ve_sde_em_step", "noise")
@@ -258,21 +300,21 @@ def _ve_sde_em_step_fake(x, score, t, dt, sigma=25.0, noise=None, generator=None
     return _new_like(x), _new_like(x)
 
 
-@torch.library.register_fake("mmer_ext::ve_ode_step")
+@register_fake("mmer_ext::ve_ode_step", host_scalar_ok=("t",))
 def _ve_ode_step_fake(x, score, t, dt, sigma=25.0):
     _check_like_fake(score, x, "ve_ode_step", "score")
     _check_param_fake(t, x, "ve_ode_step", "t")
     return _new_like(x)
 
 
-@torch.library.register_fake("mmer_ext::langevin_corrector_step")
+@register_fake("mmer_ext::langevin_corrector_step")
 def _langevin_corrector_step_fake(x, score, snr, noise=None, generator=None):
     _check_like_fake(score, x, "langevin_corrector_step", "score")
     _check_like_fake(noise, x, "langevin_corrector_step", "noise")
     return _new_like(x), _new_like(x)
 
 
-@torch.library.register_fake("mmer_ext::ddim_step")
+@register_fake("mmer_ext::ddim_step", host_scalar_ok=("alpha_bar_t", "alpha_bar_prev"))
 def _ddim_step_fake(x_t, eps, alpha_bar_t, alpha_bar_prev, eta=0.0, noise=None, generator=None):
     _check_like_fake(eps, x_t, "ddim_step", "eps")
     _check_like_fake(noise, x_t, "ddim_step", "noise")

@@ -241,6 +241,15 @@ def test_large_window_equals_no_window(device):
         full = angular_adjacency(x, lengths, layout=layout)
         assert torch.equal(angular_adjacency(x, lengths, layout=layout, window=int(lengths.max()) - 1), full)
         assert torch.equal(angular_adjacency(x, lengths, layout=layout, window=10**9), full)
+        # i + window + 1 overflowed int64 here (the result differed from window=None by 0.42); a window beyond int64
+        # is the same "every pair".
+        assert torch.equal(angular_adjacency(x, lengths, layout=layout, window=2**63 - 1), full)
+        assert torch.equal(angular_adjacency(x, lengths, layout=layout, window=2**63 - 2), full)
+        assert torch.equal(angular_adjacency(x, lengths, layout=layout, window=2**70), full)
+        assert torch.equal(angular_adjacency(x, lengths, layout=layout, window=x.shape[1]), full)
+    (g_none,) = torch.autograd.grad(angular_adjacency(x.requires_grad_(), lengths).sum(), x)
+    (g_huge,) = torch.autograd.grad(angular_adjacency(x, lengths, window=2**63 - 1).sum(), x)
+    assert torch.equal(g_huge, g_none)
 
 
 def test_window_zero_keeps_self_loops_and_cross_edges(device):
@@ -353,6 +362,50 @@ def test_spec_anchor_values_are_exact_to_six_digits():
     assert round(a[0, 2].item(), 6) == 0.001424
 
 
+# ---- scale invariance ----------------------------------------------------------------------------------------------
+
+# Feature scales where sum x^2 overflows or underflows without the per-row scaling (float32: ~1e19 and ~1e-19).
+SCALES = {
+    torch.float32: [1e-30, 1e-25, 1e-20, 1e-10, 1e10, 1e19, 1e20, 1e25, 1e30],
+    torch.float64: [1e-300, 1e-200, 1e-160, 1e-100, 1e100, 1e160, 1e200, 1e300],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+def test_scale_invariance(dtype, layout, device):
+    # Cosines do not depend on the scale of the features: at 1e19 (float32) the norms overflowed, every cosine became
+    # 0 and the graph differed by 0.19 from the graph at scale 1. The gradient scales as 1 / s.
+    M, lengths, D = CASES["odd"]
+    values = _values(M, sum(lengths), D)
+    values[1, 4] = 0.0  # a zero vector keeps its conventions at every scale: weight 0.5, gradient 0
+    lengths_t = torch.tensor(lengths)
+    x1 = values.to(device=device, dtype=dtype).requires_grad_()
+    out1 = angular_adjacency(x1, lengths_t, layout=layout)
+    cot = torch.randn(out1.shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    (g1,) = torch.autograd.grad(out1, x1, cot)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    for scale in SCALES[dtype]:
+        xs = (values * scale).to(device=device, dtype=dtype).requires_grad_()
+        out = angular_adjacency(xs, lengths_t, layout=layout)
+        torch.testing.assert_close(out, out1, rtol=0, atol=rtol, msg=f"scale {scale}")
+        (g,) = torch.autograd.grad(out, xs, cot)
+        assert torch.isfinite(g).all(), f"scale {scale}"
+        assert (g[1, 4] == 0).all(), f"scale {scale}"
+        # g * scale in float64: g itself may be ~1e30 (scale 1e-30) or ~1e-30 (scale 1e30).
+        torch.testing.assert_close(g.double() * scale, g1.double(), rtol=0,
+                                   atol=rtol * float(g1.double().abs().max()), msg=f"scale {scale}")
+
+
+def test_reference_is_scale_invariant():
+    M, lengths, D = CASES["odd"]
+    x = _values(M, sum(lengths), D).float()
+    lengths_t = torch.tensor(lengths)
+    expected = angular_adjacency_ref(x, lengths_t)
+    for scale in SCALES[torch.float32]:
+        torch.testing.assert_close(angular_adjacency_ref(x * scale, lengths_t), expected, rtol=0, atol=1e-5)
+
+
 # ---- zero vectors and scale = 1 -----------------------------------------------------------------------------------
 
 
@@ -415,14 +468,15 @@ def test_block_graph_propagate_matches_dense(case, dtype, device):
     dense = angular_adjacency(x, lengths_t)
     h = torch.randn(M * sum(lengths), 7, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
     blocks = blocks.detach().requires_grad_()
-    out = block_graph_propagate(blocks, h, lengths_t)
+    out = block_graph_propagate(blocks, h, lengths_t, M)
     expected = dense @ h
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(out.cpu(), block_graph_propagate_ref(blocks.cpu(), h.cpu(), lengths_t))
+    torch.testing.assert_close(out.cpu(), block_graph_propagate_ref(blocks.cpu(), h.cpu(), lengths_t, M))
     cot = torch.randn_like(out)
     g_blocks, g_h = torch.autograd.grad(out, (blocks, h), cot)
     b64, h64 = blocks.detach().cpu().double().requires_grad_(), h.detach().cpu().double().requires_grad_()
-    r_blocks, r_h = torch.autograd.grad(block_graph_propagate_ref(b64, h64, lengths_t), (b64, h64), cot.cpu().double())
+    r_out = block_graph_propagate_ref(b64, h64, lengths_t, M)
+    r_blocks, r_h = torch.autograd.grad(r_out, (b64, h64), cot.cpu().double())
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
     torch.testing.assert_close(g_blocks.cpu().double(), r_blocks, **tol)
     torch.testing.assert_close(g_h.cpu().double(), r_h, **tol)
@@ -442,15 +496,16 @@ def test_block_graph_propagate_ignores_padding_values(device):
         mask[slots[:, None], slots[None, :]] = False
         noisy[g][~mask.to(device)] = blocks[g][~mask.to(device)]
     assert pad.any()
-    torch.testing.assert_close(block_graph_propagate(noisy, h, lengths), block_graph_propagate(blocks, h, lengths))
+    torch.testing.assert_close(block_graph_propagate(noisy, h, lengths, M),
+                               block_graph_propagate(blocks, h, lengths, M))
 
 
 def test_block_graph_propagate_lengths_on_device_or_cpu(device):
     x, lengths = sample_inputs(CASES["odd"], device, torch.float32)
     blocks = angular_adjacency(x, lengths.to(device), layout="blocks")
     h = torch.randn(3 * 11, 4, device=device)
-    on_device = block_graph_propagate(blocks, h, lengths.to(device))
-    torch.testing.assert_close(block_graph_propagate(blocks, h, lengths), on_device)
+    on_device = block_graph_propagate(blocks, h, lengths.to(device), 3)
+    torch.testing.assert_close(block_graph_propagate(blocks, h, lengths, 3), on_device)
 
 
 # ---- opcheck: schemas, fake kernels, autograd registration, AOT dispatch -------------------------------------------
@@ -476,9 +531,9 @@ def _opcheck_cases(device):
         x, lengths = feats()
         blocks = angular_adjacency(x, lengths, layout="blocks").requires_grad_(rg)
         h = torch.randn(3 * 11, 5, device=device, requires_grad=rg)
-        cases.append((f"block_graph_propagate-{tag}", ops.block_graph_propagate, (blocks, h, lengths), {}))
+        cases.append((f"block_graph_propagate-{tag}", ops.block_graph_propagate, (blocks, h, lengths, 3), {}))
         a = torch.randn(3 * 11, 5, device=device, requires_grad=rg)
-        cases.append((f"_block_graph_outer-{tag}", ops._block_graph_outer, (a, h, lengths, blocks.shape[1]), {}))
+        cases.append((f"_block_graph_outer-{tag}", ops._block_graph_outer, (a, h, lengths, 3, blocks.shape[1]), {}))
     for layout in LAYOUTS:
         x, lengths = feats()
         out, stats = ops._angular_adjacency_forward(x, lengths, SCALE, False, 2, layout)
@@ -528,10 +583,10 @@ def test_gradcheck_block_graph_propagate():
     x, lengths = sample_inputs((2, [3, 1, 2], 4), "cpu", torch.float64)
     blocks = angular_adjacency(x, lengths, layout="blocks").requires_grad_()
     h = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda b, v: block_graph_propagate(b, v, lengths), (blocks, h))
-    assert torch.autograd.gradgradcheck(lambda b, v: block_graph_propagate(b, v, lengths), (blocks, h))
+    assert torch.autograd.gradcheck(lambda b, v: block_graph_propagate(b, v, lengths, 2), (blocks, h))
+    assert torch.autograd.gradgradcheck(lambda b, v: block_graph_propagate(b, v, lengths, 2), (blocks, h))
     a = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda p, q: ops._block_graph_outer(p, q, lengths, blocks.shape[1]), (a, h))
+    assert torch.autograd.gradcheck(lambda p, q: ops._block_graph_outer(p, q, lengths, 2, blocks.shape[1]), (a, h))
 
 
 def test_gradcheck_through_propagate():
@@ -539,7 +594,7 @@ def test_gradcheck_through_propagate():
     x, lengths = sample_inputs((3, [2, 3], 4), "cpu", torch.float64, requires_grad=True)
     h = torch.randn(15, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda v, w: block_graph_propagate(angular_adjacency(v, lengths, layout="blocks"), w, lengths), (x, h)
+        lambda v, w: block_graph_propagate(angular_adjacency(v, lengths, layout="blocks"), w, lengths, 3), (x, h)
     )
 
 
@@ -558,7 +613,7 @@ def test_double_backward_is_refused():
 def _gcn_step(x, lengths, h, weights):
     dense = angular_adjacency(x, lengths, window=2)
     blocks = angular_adjacency(x, lengths, layout="blocks")
-    return (dense * weights).sum() + block_graph_propagate(blocks, h, lengths).square().sum()
+    return (dense * weights).sum() + block_graph_propagate(blocks, h, lengths, x.shape[0]).square().sum()
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
@@ -636,7 +691,7 @@ def test_meta_tensors_give_shapes():
     lengths = torch.empty(4, dtype=torch.int64, device="meta")
     assert angular_adjacency(x, lengths).shape == (33, 33)
     assert block_graph_propagate(torch.empty(4, 15, 15, device="meta"), torch.empty(33, 6, device="meta"),
-                                 lengths).shape == (33, 6)
+                                 lengths, 3).shape == (33, 6)
 
 
 def _x(*shape, dtype=torch.float32):
@@ -680,18 +735,55 @@ def test_block_graph_propagate_bad_arguments():
     x, lengths = sample_inputs(CASES["odd"], "cpu", torch.float32)
     blocks = angular_adjacency(x, lengths, layout="blocks")
     h = torch.randn(33, 4)
-    with pytest.raises(RuntimeError, match=r"x has 32 rows \(nodes\), not a multiple M \* N of the N = 11"):
-        block_graph_propagate(blocks, h[:32], lengths)
+    with pytest.raises(RuntimeError, match=r"x has 32 rows \(nodes\), not a multiple M \* N of num_modalities M = 3"):
+        block_graph_propagate(blocks, h[:32], lengths, 3)
     with pytest.raises(RuntimeError, match=r"blocks have 15 slots per dialogue but M \* Lmax = 3 \* 6 = 18"):
-        block_graph_propagate(blocks, h, torch.tensor([3, 1, 6, 1]))
+        block_graph_propagate(blocks, h, torch.tensor([3, 1, 6, 1]), 3)
     with pytest.raises(RuntimeError, match=r"blocks hold 4 dialogues but lengths has 3"):
-        block_graph_propagate(blocks, h, torch.tensor([3, 3, 5]))
+        block_graph_propagate(blocks, h, torch.tensor([3, 3, 5]), 3)
     with pytest.raises(RuntimeError, match=r"x has dtype Double but blocks has Float"):
-        block_graph_propagate(blocks, h.double(), lengths)
+        block_graph_propagate(blocks, h.double(), lengths, 3)
     with pytest.raises(RuntimeError, match=r"blocks must be \[G, M \* Lmax, M \* Lmax\]"):
-        block_graph_propagate(blocks[:, :, :14], h, lengths)
+        block_graph_propagate(blocks[:, :, :14], h, lengths, 3)
     with pytest.raises(RuntimeError, match=r"lengths\[0\] is 0"):
-        block_graph_propagate(blocks, h, torch.tensor([0, 6, 5, 0]))
+        block_graph_propagate(blocks, h, torch.tensor([0, 6, 5, 0]), 3)
+    with pytest.raises(RuntimeError, match=r"block_graph_propagate: num_modalities must be >= 1, got 0"):
+        block_graph_propagate(blocks, h, lengths, 0)
+    with pytest.raises(RuntimeError, match=r"lengths sum to 10 but x \(rows / num_modalities\) holds N = 11"):
+        block_graph_propagate(blocks, h, torch.tensor([3, 1, 4, 2]), 3)
+    with pytest.raises(TypeError, match=r"block_graph_propagate: num_modalities must be an int, got float"):
+        block_graph_propagate(blocks, h, lengths, 3.0)
+
+
+def test_block_graph_propagate_rejects_lengths_that_fit_another_modality_count():
+    # 12 nodes as 3 modalities of 4 utterances (lengths [2, 2]): blocks [2, 6, 6]. lengths [3, 3] reads the same rows
+    # as 2 modalities of 6 utterances, also with 6 slots per dialogue; inferring M from rows / sum(lengths) accepted
+    # it and mixed up the nodes.
+    x = torch.randn(3, 4, 5)
+    blocks = angular_adjacency(x, torch.tensor([2, 2]), layout="blocks")
+    h = torch.randn(12, 3)
+    expected = angular_adjacency(x, torch.tensor([2, 2])) @ h
+    torch.testing.assert_close(block_graph_propagate(blocks, h, torch.tensor([2, 2]), 3), expected)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] is 3 but x \(rows / num_modalities\) holds N = 4 "
+                                           r"utterances and lengths\[:1\] already take 3"):
+        block_graph_propagate(blocks, h, torch.tensor([3, 3]), 3)
+    with pytest.raises(RuntimeError, match=r"blocks have 6 slots per dialogue but M \* Lmax = 2 \* 2 = 4"):
+        block_graph_propagate(blocks, h, torch.tensor([2, 2, 2]), 2)
+
+
+@pytest.mark.parametrize("op", ["angular_adjacency", "block_graph_propagate"])
+def test_lengths_whose_sum_wraps_are_rejected(op):
+    # 2^62 * 4 + 11 wraps to 11 in int64: a plain sum passed the check and failed later with an internal error.
+    huge = 2**62
+    lengths = torch.tensor([huge, huge, huge, huge, 3, 1, 5, 2])
+    x, good = sample_inputs(CASES["odd"], "cpu", torch.float32)
+    assert int(lengths.sum()) == int(good.sum())
+    with pytest.raises(RuntimeError, match=rf"{op}: lengths\[0\] is {huge} but .* holds N = 11 utterances"):
+        if op == "angular_adjacency":
+            angular_adjacency(x, lengths)
+        else:
+            blocks = angular_adjacency(x, good, layout="blocks")
+            block_graph_propagate(blocks, torch.randn(33, 4), lengths, 3)
 
 
 def test_backward_op_checks_its_arguments():

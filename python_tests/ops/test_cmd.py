@@ -796,6 +796,19 @@ def test_n_moments_below_one(n_moments):
         cmd_pairwise([x, x], n_moments)
 
 
+@pytest.mark.parametrize("n_moments", [257, 2**62, 2**63 - 1])
+def test_n_moments_above_the_bound(n_moments):
+    # 2^62 moments of zero-width features failed in the allocator, or looped over the moments for ever.
+    for x in (_t(5, 3), _t(5, 0)):
+        pattern = rf"n_moments must be <= 256 \(higher moments overflow float32\), got {n_moments}"
+        with pytest.raises(RuntimeError, match=r"central_moments: " + pattern):
+            central_moments(x, n_moments)
+        with pytest.raises(RuntimeError, match=r"cmd: " + pattern):
+            cmd(x, x, n_moments)
+        with pytest.raises(RuntimeError, match=r"cmd_pairwise: " + pattern):
+            cmd_pairwise([x, x], n_moments)
+
+
 def test_empty_batch():
     _assert_each_op_names(_t(0, 3), _t(5, 3), r"has an empty batch \(shape \[0, 3\]\); moments need at least one row")
 

@@ -420,6 +420,40 @@ def test_negative_dt():
         ve_ode_step(x, x, 0.5, float("nan"))
 
 
+T_OPS = {
+    "ve_marginal_std": lambda x, t: ve_marginal_std(t),
+    "ve_diffusion_coeff": lambda x, t: ve_diffusion_coeff(t),
+    "ve_perturb": lambda x, t: ve_perturb(x, t, noise=torch.ones_like(x)),
+    "ve_sde_em_step": lambda x, t: ve_sde_em_step(x, x, t, DT, noise=torch.ones_like(x)),
+    "ve_ode_step": lambda x, t: ve_ode_step(x, x, t, DT),
+}
+
+
+@pytest.mark.parametrize("form", ["float", "0d", "batch", "0d-float32"])
+@pytest.mark.parametrize("bad", [-0.1, -1e-30, -math.inf, math.inf, math.nan])
+@pytest.mark.parametrize("name", list(T_OPS))
+def test_time_must_be_finite_and_nonnegative(name, bad, form):
+    # t < 0 was never checked: ve_perturb(x, -0.1, noise=z) was all NaN, ve_marginal_std(-0.1) NaN.
+    x = _x(4, 3)
+    t = {
+        "float": bad,
+        "0d": torch.tensor(bad, dtype=torch.float64),
+        "batch": torch.tensor([0.5, 0.2, bad, 0.1], dtype=torch.float64),
+        "0d-float32": torch.tensor(bad, dtype=torch.float32),
+    }[form]
+    where = r" at flat index 2" if form == "batch" else r"$"
+    pattern = rf"mmer_ext\.{name}: t must be finite and >= 0 \(time runs forward from 0\), got -?(nan|inf|[0-9.e-]+)"
+    with pytest.raises(RuntimeError, match=pattern + where):
+        T_OPS[name](x, t)
+
+
+@pytest.mark.parametrize("name", list(T_OPS))
+def test_time_zero_is_accepted(name):
+    out = T_OPS[name](_x(4, 3), torch.zeros(4, dtype=torch.float64))
+    out = out[0] if isinstance(out, tuple) else out
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
 def test_alpha_bar_outside_unit_interval(bad):
     x = _x(4, 3)

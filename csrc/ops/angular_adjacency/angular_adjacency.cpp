@@ -8,7 +8,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
+
+#include <string>
 
 #include "common/checks.h"
 
@@ -32,9 +35,7 @@ void check_arguments(const at::Tensor& features, const at::Tensor& lengths, doub
   TORCH_CHECK(lengths.dim() == 1, op, ": ", kLengths, " must be a 1-d tensor [dialogues G], got shape ",
               lengths.sym_sizes());
   TORCH_CHECK(lengths.scalar_type() == at::kLong, op, ": ", kLengths, " must be int64, got ", lengths.scalar_type());
-  TORCH_CHECK(lengths.device().is_cpu() || lengths.device() == features.device(), op, ": ", kLengths, " is on ",
-              lengths.device(), " but ", kFeatures, " is on ", features.device(),
-              "; pass lengths on the CPU (no device sync) or on the features' device");
+  check_host_or_same_device(lengths, features, op, kLengths, kFeatures, "lengths (read on the host)");
   TORCH_CHECK(scale > 0.0 && scale <= 1.0, op, ": scale must be in (0, 1] (MMGCN uses 0.99999), got ", scale);
   TORCH_CHECK(!window.has_value() || *window >= 0, op,
               ": window must be None or >= 0 (0 keeps the self-loops only), got ", window.value_or(0));
@@ -42,8 +43,11 @@ void check_arguments(const at::Tensor& features, const at::Tensor& lengths, doub
               "\"");
 }
 
-// Reads lengths on the host (a device sync when they live on a GPU) and checks them against N.
-Dialogues read_dialogues(const at::Tensor& lengths, int64_t num_utterances, const char* op) {
+// Reads lengths on the host (a device sync when they live on a GPU) and checks that they cover exactly
+// num_utterances (`covered` names what holds them, for the message). Each length is checked against what is left
+// before it is added, so the running sum never exceeds num_utterances: lengths of 2^62 cannot wrap the int64 sum
+// around to a value that passes.
+Dialogues read_lengths(const at::Tensor& lengths, int64_t num_utterances, const char* covered, const char* op) {
   auto host = lengths.to(at::kCPU).contiguous();
   const int64_t* p = host.const_data_ptr<int64_t>();
   const int64_t G = host.numel();
@@ -52,16 +56,44 @@ Dialogues read_dialogues(const at::Tensor& lengths, int64_t num_utterances, cons
   d.offsets[0] = 0;
   for (int64_t g = 0; g < G; ++g) {
     TORCH_CHECK(p[g] >= 1, op, ": ", kLengths, "[", g, "] is ", p[g], "; every dialogue needs at least one utterance");
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(p[g] <= num_utterances - d.offsets[g], op, ": ", kLengths, "[", g, "] is ", p[g], " but ", covered,
+                " holds N = ", num_utterances, " utterances and lengths[:", g, "] already take ", d.offsets[g],
+                "; the dialogues must cover the utterance axis exactly");
     d.offsets[g + 1] = d.offsets[g] + p[g];
     d.max_length = std::max(d.max_length, p[g]);
   }
-  TORCH_CHECK(d.offsets[G] == num_utterances, op, ": ", kLengths, " sum to ", d.offsets[G], " but ", kFeatures,
+  TORCH_CHECK(d.offsets[G] == num_utterances, op, ": ", kLengths, " sum to ", d.offsets[G], " but ", covered,
               " holds N = ", num_utterances, " utterances; the dialogues must cover the utterance axis exactly");
   return d;
 }
 
-Options make_options(double scale, bool normalize, std::optional<int64_t> window, c10::string_view layout) {
-  return Options{scale, normalize, window.value_or(-1), layout == "blocks"};
+Dialogues read_dialogues(const at::Tensor& lengths, int64_t num_utterances, const char* op) {
+  return read_lengths(lengths, num_utterances, "features", op);
+}
+
+// The adjacency's element count must fit in int64 (features of zero width make huge M * N cheap to pass), or the
+// allocation fails with a message that names no argument.
+void check_output_size(int64_t M, int64_t N, const Dialogues& dialogues, bool blocks, const char* op) {
+  int64_t side = 0, area = 0, total = 0;
+  bool overflow = false;
+  if (blocks) {
+    overflow = c10::mul_overflows(M, dialogues.max_length, &side) || c10::mul_overflows(side, side, &area) ||
+               c10::mul_overflows(area, dialogues.count(), &total);
+  } else {
+    overflow = c10::mul_overflows(M, N, &side) || c10::mul_overflows(side, side, &total);
+  }
+  TORCH_CHECK(!overflow, op, ": ", kFeatures, " has M = ", M, " modalities of N = ", N,
+              " utterances: the ", blocks ? "blocks" : "dense", " adjacency would hold more than 2^63 elements");
+}
+
+// A window of N or more keeps every pair of a dialogue, as no window does; taken as "no window" so that
+// i + window + 1 cannot overflow int64 (window = 2^63 - 1).
+Options make_options(double scale, bool normalize, std::optional<int64_t> window, c10::string_view layout,
+                     int64_t num_utterances) {
+  const int64_t w = window.has_value() && *window < num_utterances ? *window : -1;
+  return Options{scale, normalize, w, layout == "blocks"};
 }
 
 }  // namespace
@@ -73,7 +105,8 @@ std::tuple<at::Tensor, at::Tensor> angular_adjacency_forward(const DeviceKernels
   constexpr const char* op = "mmer_ext.angular_adjacency";
   check_arguments(features, lengths, scale, window, layout, op);
   const auto dialogues = read_dialogues(lengths, features.size(1), op);
-  return k.forward(features.contiguous(), dialogues, make_options(scale, normalize, window, layout));
+  check_output_size(features.size(0), features.size(1), dialogues, layout == "blocks", op);
+  return k.forward(features.contiguous(), dialogues, make_options(scale, normalize, window, layout, features.size(1)));
 }
 
 at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& grad, const at::Tensor& features,
@@ -83,7 +116,7 @@ at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& 
   check_arguments(features, lengths, scale, window, layout, op);
   const auto dialogues = read_dialogues(lengths, features.size(1), op);
   const int64_t M = features.size(0), N = features.size(1);
-  const auto options = make_options(scale, normalize, window, layout);
+  const auto options = make_options(scale, normalize, window, layout, N);
   check_defined(grad, op, kGrad);
   check_floating(grad, op, kGrad);
   check_same_device(grad, features, op, kGrad, kFeatures);
@@ -108,34 +141,26 @@ at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& 
 
 namespace {
 
-NodeLayout node_layout(const at::Tensor& lengths, int64_t nodes, int64_t slots, const at::Device& device,
-                       const char* op) {
+// The node layout of `nodes` rows = M modalities of N utterances, M given by the caller (inferring it from
+// rows / sum(lengths) would accept lengths that fit another M). `x` names the node tensor in messages.
+NodeLayout node_layout(const at::Tensor& lengths, const at::Tensor& x, const ArgName& x_name, int64_t num_modalities,
+                       int64_t slots, const char* op) {
   check_defined(lengths, op, kLengths);
   TORCH_CHECK(lengths.dim() == 1 && lengths.scalar_type() == at::kLong, op, ": ", kLengths,
               " must be a 1-d int64 tensor [dialogues G], got shape ", lengths.sizes(), " ", lengths.scalar_type());
-  TORCH_CHECK(lengths.device().is_cpu() || lengths.device() == device, op, ": ", kLengths, " is on ",
-              lengths.device(), " but the nodes are on ", device,
-              "; pass lengths on the CPU (no device sync) or on the nodes' device");
-  auto host = lengths.to(at::kCPU).contiguous();
-  const int64_t* len = host.const_data_ptr<int64_t>();
-  const int64_t G = host.numel();
-  NodeLayout layout{Dialogues{}, 0, 0};
-  auto& d = layout.dialogues;
-  d.offsets.assign(1, 0);
-  for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK(len[g] >= 1, op, ": ", kLengths, "[", g, "] is ", len[g],
-                "; every dialogue needs at least one utterance");
-    d.offsets.push_back(d.offsets.back() + len[g]);
-    d.max_length = std::max(d.max_length, len[g]);
-  }
-  const int64_t N = d.offsets.back();
-  const int64_t M = N > 0 ? nodes / N : 0;
-  TORCH_CHECK(N > 0 ? M * N == nodes && M >= 1 : nodes == 0, op, ": x has ", nodes, " rows (nodes), not a multiple ",
-              "M * N of the N = ", N, " utterances in lengths");
-  TORCH_CHECK(M * d.max_length == slots, op, ": blocks have ", slots, " slots per dialogue but M * Lmax = ", M, " * ",
-              d.max_length, " = ", M * d.max_length, " for these lengths and x");
-  layout.M = M;
-  layout.N = N;
+  check_host_or_same_device(lengths, x, op, kLengths, x_name, "lengths (read on the host)");
+  const int64_t nodes = x.size(0);
+  const int64_t M = num_modalities;
+  TORCH_CHECK(M >= 1, op, ": num_modalities must be >= 1, got ", M);
+  TORCH_CHECK(nodes % M == 0, op, ": ", x_name, " has ", nodes,
+              " rows (nodes), not a multiple M * N of num_modalities M = ", M);
+  const int64_t N = nodes / M;
+  const std::string covered = std::string(x_name.base) + " (rows / num_modalities)";
+  NodeLayout layout{read_lengths(lengths, N, covered.c_str(), op), M, N};
+  // M * Lmax <= M * N = nodes: no overflow.
+  TORCH_CHECK(M * layout.dialogues.max_length == slots, op, ": blocks have ", slots,
+              " slots per dialogue but M * Lmax = ", M, " * ", layout.dialogues.max_length, " = ",
+              M * layout.dialogues.max_length, " for these lengths and num_modalities");
   return layout;
 }
 
@@ -181,7 +206,7 @@ at::Tensor outer_padded(const at::Tensor& a, const at::Tensor& b, const NodeLayo
 }
 
 at::Tensor block_graph_propagate(const DeviceKernels& k, const at::Tensor& blocks, const at::Tensor& x,
-                                 const at::Tensor& lengths) {
+                                 const at::Tensor& lengths, int64_t num_modalities) {
   constexpr const char* op = "mmer_ext.block_graph_propagate";
   const ArgName kBlocks{"blocks"}, kX{"x"};
   check_defined(blocks, op, kBlocks);
@@ -189,21 +214,21 @@ at::Tensor block_graph_propagate(const DeviceKernels& k, const at::Tensor& block
               " must be [G, M * Lmax, M * Lmax], got shape ", blocks.sizes());
   check_floating(blocks, op, kBlocks);
   check_nodes(x, blocks, op, kX, kBlocks);
-  const auto layout = node_layout(lengths, x.size(0), blocks.size(1), x.device(), op);
+  const auto layout = node_layout(lengths, x, kX, num_modalities, blocks.size(1), op);
   TORCH_CHECK(blocks.size(0) == layout.dialogues.count(), op, ": ", kBlocks, " hold ", blocks.size(0),
               " dialogues but lengths has ", layout.dialogues.count());
   return k.propagate(blocks, x, layout);
 }
 
 at::Tensor block_graph_outer(const DeviceKernels& k, const at::Tensor& a, const at::Tensor& b,
-                             const at::Tensor& lengths, int64_t slots) {
+                             const at::Tensor& lengths, int64_t num_modalities, int64_t slots) {
   constexpr const char* op = "mmer_ext._block_graph_outer";
   const ArgName kA{"a"}, kB{"b"};
   check_nodes(a, a, op, kA, kA);
   check_nodes(b, a, op, kB, kA);
   TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) == b.size(1), op, ": ", kA, " ", a.sizes(), " and ", kB, " ",
               b.sizes(), " must have the same shape");
-  return k.outer(a, b, node_layout(lengths, a.size(0), slots, a.device(), op));
+  return k.outer(a, b, node_layout(lengths, a, kA, num_modalities, slots, op));
 }
 
 namespace {
@@ -233,12 +258,14 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& features, cons
   return angular_adjacency_backward(kCpuKernels, grad, features, lengths, stats, scale, normalize, window, layout);
 }
 
-at::Tensor propagate_cpu(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths) {
-  return block_graph_propagate(kCpuKernels, blocks, x, lengths);
+at::Tensor propagate_cpu(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths,
+                         c10::SymInt num_modalities) {
+  return block_graph_propagate(kCpuKernels, blocks, x, lengths, num_modalities.expect_int());
 }
 
-at::Tensor outer_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths, c10::SymInt slots) {
-  return block_graph_outer(kCpuKernels, a, b, lengths, slots.expect_int());
+at::Tensor outer_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths,
+                     c10::SymInt num_modalities, c10::SymInt slots) {
+  return block_graph_outer(kCpuKernels, a, b, lengths, num_modalities.expect_int(), slots.expect_int());
 }
 
 }  // namespace
@@ -263,10 +290,14 @@ TORCH_LIBRARY_FRAGMENT(mmer_ext, m) {
       "_angular_adjacency_backward(Tensor grad, Tensor features, Tensor lengths, Tensor stats, float scale, "
       "bool normalize, int? window, str layout) -> Tensor",
       host_reads);
-  m.def("block_graph_propagate(Tensor blocks, Tensor x, Tensor lengths) -> Tensor", host_reads);
+  // num_modalities is explicit: x's rows are M * N, and lengths alone can fit another M. A SymInt, so that a size
+  // of a traced tensor (features.shape[0] under torch.compile(dynamic=True)) can be passed.
+  m.def("block_graph_propagate(Tensor blocks, Tensor x, Tensor lengths, SymInt num_modalities) -> Tensor",
+        host_reads);
   // [G, slots, slots]: a_g b_g^T over each dialogue's padded slots (the gradient of block_graph_propagate with
   // respect to blocks).
-  m.def("_block_graph_outer(Tensor a, Tensor b, Tensor lengths, SymInt slots) -> Tensor", host_reads);
+  m.def("_block_graph_outer(Tensor a, Tensor b, Tensor lengths, SymInt num_modalities, SymInt slots) -> Tensor",
+        host_reads);
 }
 
 TORCH_LIBRARY_IMPL(mmer_ext, CompositeImplicitAutograd, m) {

@@ -65,9 +65,9 @@ at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& 
                                       bool normalize, std::optional<int64_t> window, c10::string_view layout);
 
 at::Tensor block_graph_propagate(const DeviceKernels& k, const at::Tensor& blocks, const at::Tensor& x,
-                                 const at::Tensor& lengths);
+                                 const at::Tensor& lengths, int64_t num_modalities);
 at::Tensor block_graph_outer(const DeviceKernels& k, const at::Tensor& a, const at::Tensor& b,
-                             const at::Tensor& lengths, int64_t slots);
+                             const at::Tensor& lengths, int64_t num_modalities, int64_t slots);
 
 // propagate / outer for any device from ATen ops: the nodes gathered into zero-padded slots [G, S, F], one batched
 // matmul, gathered back (the CUDA kernels use these; the CPU has per-dialogue GEMMs without the padding).

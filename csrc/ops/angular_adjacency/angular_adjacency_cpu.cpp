@@ -83,23 +83,29 @@ MMER_EXT_CPU_MULTIVERSION acc_t dot(const acc_t* __restrict a, const acc_t* __re
   return s;
 }
 
-// unit[r] = x[r] / ||x[r]|| (0 for a zero row) and inv_norm[r] for rows [begin, end) of a [rows, D] matrix.
+// unit[r] = x[r] / ||x[r]|| (0 for a zero row) and inv_norm[r] = 1 / ||x[r]|| for rows [begin, end) of a
+// [rows, D] matrix.
 template <typename scalar_t, typename acc_t>
 MMER_EXT_CPU_MULTIVERSION void normalize_rows(const scalar_t* __restrict x, int64_t begin, int64_t end, int64_t D,
                                               acc_t* __restrict unit, acc_t* __restrict inv_norm) {
   for (int64_t r = begin; r < end; ++r) {
     const scalar_t* xr = x + r * D;
     acc_t* ur = unit + r * D;
+    // Scaled by the row's largest magnitude first (see angular_adjacency_math.h): scale-invariant.
+    acc_t max_abs = 0;
+#pragma omp simd reduction(max : max_abs)
+    for (int64_t d = 0; d < D; ++d) max_abs = max_magnitude(max_abs, static_cast<acc_t>(xr[d]));
+    const acc_t divisor = row_divisor(max_abs);
     acc_t ss = 0;
 #pragma omp simd reduction(+ : ss)
     for (int64_t d = 0; d < D; ++d) {
-      const acc_t v = static_cast<acc_t>(xr[d]);
+      const acc_t v = static_cast<acc_t>(xr[d]) / divisor;
       ss += v * v;
     }
     const acc_t inv = inverse_norm(ss);
-    inv_norm[r] = inv;
+    inv_norm[r] = unscaled_inverse_norm(inv, divisor);
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) ur[d] = static_cast<acc_t>(xr[d]) * inv;
+    for (int64_t d = 0; d < D; ++d) ur[d] = unit_component(static_cast<acc_t>(xr[d]), divisor, inv);
   }
 }
 

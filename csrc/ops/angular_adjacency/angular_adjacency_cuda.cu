@@ -42,6 +42,16 @@ __device__ inline T warp_sum(T v) {
   return v;
 }
 
+template <typename T>
+__device__ inline T warp_max(T v) {
+  MMER_UNROLL
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    const T o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
 // The dialogue holding utterance k: the largest g with offsets[g] <= k (binary search over G + 1 offsets).
 __device__ inline int64_t dialogue_of(const int64_t* __restrict__ offsets, int64_t G, int64_t k) {
   int64_t lo = 0, hi = G;  // offsets[lo] <= k < offsets[hi]
@@ -88,16 +98,20 @@ __global__ void unit_vectors_kernel(const scalar_t* __restrict__ x, Geometry geo
   if (node >= geo.M * geo.N) return;
   const int64_t m = node / geo.N, k = node % geo.N;
   const scalar_t* xr = x + node * geo.D;
+  // Scaled by the row's largest magnitude first (see angular_adjacency_math.h): scale-invariant.
+  acc_t max_abs = 0;
+  for (int64_t d = threadIdx.x; d < geo.D; d += kWarp) max_abs = max_magnitude(max_abs, static_cast<acc_t>(xr[d]));
+  const acc_t divisor = row_divisor(warp_max(max_abs));
   acc_t ss = 0;
   for (int64_t d = threadIdx.x; d < geo.D; d += kWarp) {
-    const acc_t v = static_cast<acc_t>(xr[d]);
+    const acc_t v = static_cast<acc_t>(xr[d]) / divisor;
     ss += v * v;
   }
   const acc_t inv = inverse_norm(warp_sum(ss));
   const Utterance u = locate(geo, k);
   acc_t* ur = U + ((u.g * geo.M + m) * geo.Lmax + u.i) * geo.D;
-  for (int64_t d = threadIdx.x; d < geo.D; d += kWarp) ur[d] = static_cast<acc_t>(xr[d]) * inv;
-  if (threadIdx.x == 0) inv_norm[node] = inv;
+  for (int64_t d = threadIdx.x; d < geo.D; d += kWarp) ur[d] = unit_component(static_cast<acc_t>(xr[d]), divisor, inv);
+  if (threadIdx.x == 0) inv_norm[node] = unscaled_inverse_norm(inv, divisor);
 }
 
 // One warp per (utterance k, modality pair p): cross_cos[p, k] = u_m . u_n.
@@ -486,15 +500,16 @@ at::Tensor angular_adjacency_backward_cuda(const at::Tensor& grad, const at::Ten
   return angular_adjacency_backward(kCudaKernels, grad, features, lengths, stats, scale, normalize, window, layout);
 }
 
-at::Tensor block_graph_propagate_cuda(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths) {
+at::Tensor block_graph_propagate_cuda(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths,
+                                      c10::SymInt num_modalities) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
-  return block_graph_propagate(kCudaKernels, blocks, x, lengths);
+  return block_graph_propagate(kCudaKernels, blocks, x, lengths, num_modalities.expect_int());
 }
 
 at::Tensor block_graph_outer_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths,
-                                  c10::SymInt slots) {
+                                  c10::SymInt num_modalities, c10::SymInt slots) {
   const at::cuda::OptionalCUDAGuard guard(a.device());
-  return block_graph_outer(kCudaKernels, a, b, lengths, slots.expect_int());
+  return block_graph_outer(kCudaKernels, a, b, lengths, num_modalities.expect_int(), slots.expect_int());
 }
 
 }  // namespace

@@ -88,17 +88,51 @@ MMER_HD inline T angular_weight_grad(T c, T scale) {
 // The weight of a self-loop, whose cosine is the constant 1 (0 for a zero vector, inv_norm = 0). unit_weight is
 // angular_weight(1, scale) evaluated in float64 (see unit_self_weight): in float32, scale = 0.99999 itself is off by
 // 3e-8, which the arccos slope of 224 there would turn into an error of 2e-6.
+// A NaN row (NaN or Inf features) counts as non-zero, as in the reference: its other edges are NaN.
 template <typename T>
 MMER_HD inline T self_weight(T inv_norm, T unit_weight) {
-  return inv_norm > T(0) ? unit_weight : T(0.5);
+  return inv_norm != T(0) ? unit_weight : T(0.5);
 }
 
 inline double unit_self_weight(double scale) { return angular_weight(1.0, scale); }
 
-// 1 / ||x||, or 0 for a zero vector: its unit vector is 0, so every cosine with it is 0 (weight 0.5).
+// Unit vectors without overflow or underflow. Cosines do not depend on the scale of the features, but sum x^2 does:
+// in float32 it overflows at |x| ~ 1e19 and underflows below ~1e-19 (float64: 1e154 / 1e-154), which would make
+// every cosine 0. So each row is first divided by its largest magnitude a = max_d |x_d| (the scaled row has
+// entries in [-1, 1], one of them +-1, so 1 <= sum <= D), and then
+//   u_d = (x_d / a) / ||x / a||,   1 / ||x|| = (1 / ||x / a||) / a.
+// A zero row has a = 0: its divisor is taken as 1, and inverse_norm gives 0 (unit vector 0, every cosine with it 0,
+// weight 0.5).
+
+// Running max of |v| (a NaN compares false and is skipped here; it still poisons the sum of squares).
+template <typename T>
+MMER_HD inline T max_magnitude(T running, T v) {
+  const T a = v < T(0) ? -v : v;
+  return a > running ? a : running;
+}
+
+// What a row is divided by before its sum of squares: its largest magnitude, or 1 for a zero row.
+template <typename T>
+MMER_HD inline T row_divisor(T max_abs) {
+  return max_abs > T(0) ? max_abs : T(1);
+}
+
+// 1 / ||y||, or 0 for a zero vector, from the sum of squares of y (y = x / row_divisor: never over- or underflows).
 template <typename T>
 MMER_HD inline T inverse_norm(T sum_of_squares) {
   return sum_of_squares > T(0) ? T(1) / sqrt_(sum_of_squares) : T(0);
+}
+
+// 1 / ||x|| from the scaled row's inverse norm (0 for a zero vector).
+template <typename T>
+MMER_HD inline T unscaled_inverse_norm(T scaled_inverse_norm, T divisor) {
+  return scaled_inverse_norm / divisor;
+}
+
+// u_d from x_d, the row's divisor and the scaled row's inverse norm.
+template <typename T>
+MMER_HD inline T unit_component(T v, T divisor, T scaled_inverse_norm) {
+  return (v / divisor) * scaled_inverse_norm;
 }
 
 // d^-1/2 of a degree. Every real node has d >= its self-loop weight >= 1/2 (scale in (0, 1]), so d > 0.

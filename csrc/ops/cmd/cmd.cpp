@@ -17,8 +17,15 @@ namespace {
 
 const ArgName kX[] = {{"x"}};
 
+// An upper bound keeps the [n_moments + 1, D] statistics and the per-moment loops of a huge n_moments (2^62) from
+// failing inside the allocator or running for ever. Moments of order 256 already overflow float32 unless
+// |x - mean| < 1.42 (float32's max is 1.42^256), so no meaningful call is refused.
+constexpr int64_t kMaxMoments = 256;
+
 void check_n_moments(int64_t n_moments, const char* op) {
   TORCH_CHECK(n_moments >= 1, op, ": n_moments must be >= 1 (1 compares means only), got ", n_moments);
+  TORCH_CHECK(n_moments <= kMaxMoments, op, ": n_moments must be <= ", kMaxMoments,
+              " (higher moments overflow float32), got ", n_moments);
 }
 
 // Every input is a [B, D] floating matrix with B >= 1, and all share D, dtype and device.
@@ -75,6 +82,8 @@ at::Tensor central_moments_backward(const DeviceKernels& k, const at::Tensor& gr
                   grad.dim() == 2 && grad.size(0) == stats.size(0) - 1 && grad.size(1) == x.size(1),
               op, ": grad ", grad.sizes(), " must be [n_moments, ", x.size(1), "] and stats ", stats.sizes(),
               " [n_moments + 1, ", x.size(1), "] as returned by _central_moments_forward");
+  check_same_device(grad, x, op, {"grad"}, kX[0]);
+  check_same_device(stats, x, op, {"stats"}, kX[0]);
   const auto acc = opmath_type(x.scalar_type());
   auto s = stats.to(x.device(), acc).contiguous();
   // moment_coefficients reads c_k (k >= 2) from rows 1.. of its second argument, i.e. stats rows 2..K.
@@ -104,6 +113,8 @@ std::vector<at::Tensor> cmd_pairwise_backward(const DeviceKernels& k, const at::
               stats.sizes());
   check_pairwise_inputs(xs, stats.size(1) - 1, op);
   TORCH_CHECK(grad.numel() == 1, op, ": grad must hold one value (the loss is a scalar), got shape ", grad.sizes());
+  check_same_device(grad, xs[0], op, {"grad"}, {"xs", 0});
+  check_same_device(stats, xs[0], op, {"stats"}, {"xs", 0});
   // On the statistics' device: a CUDA kernel reads the upstream gradient from device memory.
   auto coef = k.pairwise_coefficients(grad.to(stats.device(), stats.scalar_type()).reshape({}), stats.contiguous());
   std::vector<at::Tensor> grads;

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 #include "common/checks.h"
 
@@ -64,6 +65,27 @@ void check_alpha_bar(const ParamArg& p, const char* op, const char* name) {
   }
 }
 
+// Times of the VE SDE must be finite and >= 0: below 0, sigma^(2t) - 1 < 0 and the marginal std is NaN. Values
+// are checked where they are on the host (a tensor on a GPU is not read back, as for alpha_bar).
+void check_time_values(const at::Tensor& t, const char* op, const char* name) {
+  if (!t.is_cpu() || t.numel() == 0) return;
+  const auto flat = t.reshape({-1});
+  const auto bad = at::logical_not(at::isfinite(flat)).logical_or_(flat < 0);
+  if (!bad.any().item<bool>()) return;
+  const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
+  TORCH_CHECK(false, op, ": ", name, " must be finite and >= 0 (time runs forward from 0), got ",
+              flat[i].item<double>(), t.dim() > 0 ? " at flat index " : "", t.dim() > 0 ? std::to_string(i) : "");
+}
+
+void check_time(const ParamArg& p, const char* op, const char* name) {
+  if (!p.tensor.defined()) {
+    TORCH_CHECK(std::isfinite(p.value) && p.value >= 0.0, op, ": ", name,
+                " must be finite and >= 0 (time runs forward from 0), got ", p.value);
+  } else {
+    check_time_values(p.tensor, op, name);
+  }
+}
+
 double checked_log_sigma(double sigma, const char* op) {
   TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0 && sigma != 1.0, op,
               ": sigma must be positive, finite and != 1 (the VE SDE divides by ln sigma), got ", sigma);
@@ -112,6 +134,7 @@ at::Tensor ve_coefficient(const at::Tensor& t, double sigma, bool marginal_std, 
   check_defined(t, op, {"t"});
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": t must be a Python float or a floating-point tensor, got ",
               t.scalar_type());
+  check_time_values(t, op, "t");
   const double log_sigma = checked_log_sigma(sigma, op);
   const auto acc = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto tt = t.to(acc);
@@ -135,6 +158,7 @@ at::Tensor ve_perturb(const DeviceKernels& k, const at::Tensor& x, const at::Ten
   constexpr const char* op = "mmer_ext.ve_perturb";
   check_state(x, op, "x");
   auto p0 = make_param(t, x, op, "t", "x");
+  check_time(p0, op, "t");
   const double log_sigma = checked_log_sigma(sigma, op);
   const auto source = noise_source(noise, generator, x, op, "x");
   auto plan = base_plan(StepKind::kPerturb, x, nullptr, noise, source, generator);
@@ -153,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor> ve_sde_em_step(const DeviceKernels& k, const 
   check_state(x, op, "x");
   check_like(score, x, op, "score", "x");
   auto p0 = make_param(t, x, op, "t", "x");
+  check_time(p0, op, "t");
   check_dt(dt, op);
   const double log_sigma = checked_log_sigma(sigma, op);
   const auto source = noise_source(noise, generator, x, op, "x");
@@ -172,6 +197,7 @@ at::Tensor ve_ode_step(const DeviceKernels& k, const at::Tensor& x, const at::Te
   check_state(x, op, "x");
   check_like(score, x, op, "score", "x");
   auto p0 = make_param(t, x, op, "t", "x");
+  check_time(p0, op, "t");
   check_dt(dt, op);
   const double log_sigma = checked_log_sigma(sigma, op);
   auto plan = base_plan(StepKind::kOde, x, &score, std::nullopt, NoiseSource::kNone, std::nullopt);
