@@ -319,6 +319,21 @@ def load_msp_improv(
     return _load("msp", path, cv, splits, norm_method, dims, tuple(class_names))
 
 
+def data_kind(spec: str) -> str | None:
+    """The kind of dataset ``spec`` loads -- ``"utterances"``, ``"dialogues"`` or ``"sequences"`` -- without loading
+    it; None for a source :func:`load_dataset` does not know (it will say so)."""
+    from mmer_ext.data.dialogue import DIALOGUE_SOURCES
+
+    source = spec.partition(":")[0].strip().lower()
+    if source in ("synthetic-mosi", "synthetic-mosi-small", "mmsa", "mmsa-cache"):
+        return "sequences"
+    if source in DIALOGUE_SOURCES or source in ("synthetic-dialogues", "iemocap_erc"):
+        return "dialogues"
+    if source in ("synthetic", "iemocap", "msp", "msp_improv", "msp-improv", "cache"):
+        return "utterances"
+    return None
+
+
 def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[str, Any]:
     """Load a split dict ``{"train", "val", "test"}`` from a source string.
 
