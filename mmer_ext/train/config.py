@@ -94,11 +94,11 @@ class TrainConfig:
     hparams: dict[str, Any] = field(default_factory=dict)
     # IMDer (sequence data): the missing rate MR of the missing-data stage, and how missingness is drawn --
     # "per-sample" (each sample its own pattern) or "per-batch" (the authors': whole batches share one pattern).
-    missing_rate: float = _limited(0.1, choices=_missing_rate_choices())
+    missing_rate: float = _limited(0.1, choices=_missing_rate_choices(), what="IMDer's missing rates")
     missing_protocol: str = _limited("per-sample", choices=MISSING_PROTOCOLS)
     # The MRs the test split is evaluated at (IMDer's sweep).
     eval_missing_rates: list[float] = _limited(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
-                                               choices=_missing_rate_choices(), each=True)
+                                               choices=_missing_rate_choices(), what="IMDer's missing rates", each=True)
     # IMDer's recovery sampler and its number of steps (None keeps the recipe's: 100-step Euler-Maruyama).
     sampler: str | None = _limited(None, choices=SAMPLER_NAMES)
     sampler_steps: int | None = _limited(None, ge=1)
@@ -157,7 +157,7 @@ def _check_value(name: str, value: Any, limits: Limits) -> None:
                  for c in limits.choices)
         if not ok:
             shown = ", ".join(str(c) for c in limits.choices)
-            raise ConfigError(f"{name} {value!r} is not one of {shown}")
+            raise ConfigError(f"{name} {value!r} is not one of {limits.what + ' ' if limits.what else ''}{shown}")
     if limits.pattern is not None and not (isinstance(value, str) and re.fullmatch(limits.pattern, value)):
         raise ConfigError(f"{name} {value!r} must be {limits.what or f'of the form {limits.pattern}'}")
     if isinstance(value, (int, float)):

@@ -235,8 +235,8 @@ def check_model_metadata(path: str | Path, meta: dict[str, Any]) -> dict[str, An
     dims = meta["dims"]
     if not (isinstance(dims, list) and len(dims) == 3 and all(_is_int(d, 1) for d in dims)):
         raise CheckpointError(f"{where}: dims must be three positive integers (A, V, L), got {dims!r}")
-    if not _is_int(meta["num_classes"], 2):
-        raise CheckpointError(f"{where}: num_classes must be an integer >= 2, got {meta['num_classes']!r}")
+    if not _is_int(meta["num_classes"], 1):
+        raise CheckpointError(f"{where}: num_classes must be a positive integer, got {meta['num_classes']!r}")
     if not (isinstance(meta["class_names"], list) and len(meta["class_names"]) == meta["num_classes"]):
         raise CheckpointError(f"{where}: class_names must list num_classes={meta['num_classes']} names, got "
                               f"{meta['class_names']!r:.80}")
@@ -562,14 +562,18 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
 def _dry_build(stages: tuple[Stage, ...], train: Any) -> None:
     """Construct every stage's model on the meta device (no memory, no time) so that bad hyper-parameters are named
     before anything is written."""
-    try:
-        with torch.device("meta"):
-            build_models(stages, train.dims, train.num_classes,
-                         {k: v for s in stages for k, v in data_kwargs(s.model, train).items()})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"hparams: the {'/'.join(s.name for s in stages)} models reject them: {e}") from e
-    except (NotImplementedError, RuntimeError):
-        pass  # a constructor that needs real data cannot run on meta; the real build below reports its errors
+    teacher = None
+    with torch.device("meta"):
+        for stage in stages:
+            kwargs = {**data_kwargs(stage.model, train), **stage.hparams}
+            if teacher is not None:
+                kwargs["teacher"] = teacher
+            try:
+                teacher = stage.model(train.dims, train.num_classes, **kwargs)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"hparams.{stage.name}: {stage.model.__name__} rejects them: {e}") from e
+            except (NotImplementedError, RuntimeError):
+                return  # a constructor that needs real data cannot run on meta; the real build reports its errors
 
 
 def _fit(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, Any], teacher: torch.nn.Module | None,
