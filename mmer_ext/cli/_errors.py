@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import warnings
 from collections.abc import Callable
 
 from mmer_ext.data import DataFormatError
@@ -60,9 +61,18 @@ def describe(exc: BaseException) -> tuple[str, int]:
 
 
 def run_reported(command: str, func: Callable[[], int], *, debug: bool = False) -> int:
-    """Run ``func``; turn any failure into one line on stderr and an exit code (``debug``: let it propagate)."""
+    """Run ``func``; turn any failure into one line on stderr and an exit code (``debug``: let it propagate).
+    Warnings are printed as one line each too (``mmer-ext CMD: warning: ...``)."""
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        where = f" [{category.__name__} at {filename}:{lineno}]" if debug else f" [{category.__name__}]"
+        return f"mmer-ext {command}: warning: {one_line(message)}{where}\n"
+
     try:
-        return func()
+        with warnings.catch_warnings():
+            # formatwarning, not showwarning: a caller recording warnings (pytest.warns) still records them.
+            warnings.formatwarning = format_warning
+            return func()
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure gets its one line; --debug shows the traceback

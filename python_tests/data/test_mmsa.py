@@ -432,3 +432,22 @@ def test_cli_convert_sniffs_dialogue_pickles(tmp_path, capsys, monkeypatch):
     (tmp_path / "garbage.pkl").write_bytes(b"\xff\xfe")
     assert main(["convert", "garbage.pkl", "x"]) == 2
     assert "not a pickle file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [3.5, -3.25])
+def test_labels_outside_the_sentiment_scale_are_refused(tmp_path, value):
+    tables = _tables()
+    tables["valid"]["regression_labels"][2] = value
+    path = _write(tmp_path, tables)
+    with pytest.raises(DataFormatError, match=rf"split 'valid': key 'regression_labels': row 2 is {value}, "
+                                              r"outside \[-3, 3\]"):
+        _quiet(load_mmsa, path)
+    with pytest.raises(DataFormatError, match="row 2"):
+        _quiet(convert_mmsa, path, tmp_path / "safe")
+
+
+def test_sample_ids_twice_or_in_two_splits_are_refused(tmp_path):
+    tables = _tables()
+    tables["test"]["id"][2] = tables["train"]["id"][5]
+    with pytest.raises(DataFormatError, match=rf"sample id '{tables['train']['id'][5]}' is in both train and test"):
+        _quiet(load_mmsa, _write(tmp_path, tables))
