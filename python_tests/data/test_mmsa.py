@@ -448,6 +448,8 @@ def test_labels_outside_the_sentiment_scale_are_refused(tmp_path, value):
 
 def test_sample_ids_twice_or_in_two_splits_are_refused(tmp_path):
     tables = _tables()
-    tables["test"]["id"][2] = tables["train"]["id"][5]
-    with pytest.raises(DataFormatError, match=rf"sample id '{tables['train']['id'][5]}' is in both train and test"):
+    ids = tables["test"]["id"].tolist()
+    ids[2] = tables["train"]["id"][3]  # a list: assigning into the fixed-width str array would truncate the id
+    tables["test"]["id"] = ids
+    with pytest.raises(DataFormatError, match=rf"sample id '{tables['train']['id'][3]}' is in both train and test"):
         _quiet(load_mmsa, _write(tmp_path, tables))
