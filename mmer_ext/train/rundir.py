@@ -1,9 +1,9 @@
 """A run directory stays the user's: its location is checked before anything is written, the paths its pointer files
-name never leave it, and one training at a time holds it (an advisory ``flock`` on ``<out>/.lock``).
+name never leave it, and one training at a time holds it (an advisory ``flock`` on the directory).
 
 The lock is released by the kernel when its holder exits, however it exits, so a killed run never leaves a stale
-lock behind; the file itself stays and says who held it last (pid, host, start time), which is what a second
-training on the same directory reports.
+lock behind; ``<out>/.lock`` says who took it last (pid, host, start time), which is what a second training on the
+same directory reports.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, run directories are not guarded
     fcntl = None
 
-__all__ = ["LOCK_NAME", "RunDirectoryBusy", "check_out_dir", "inside", "run_lock"]
+__all__ = ["LOCK_NAME", "RunDirectoryBusy", "check_out_dir", "inside", "run_lock", "stamp_lock"]
 
 LOCK_NAME = ".lock"
 
@@ -79,26 +79,33 @@ def _holder(lock_path: Path) -> str:
 
 @contextlib.contextmanager
 def run_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Hold ``<out_dir>/.lock`` for the body; raise :class:`RunDirectoryBusy` naming the holder if it is taken."""
+    """Hold an exclusive lock on ``out_dir`` for the body; raise :class:`RunDirectoryBusy` naming the holder if
+    another process holds it. The lock is taken on the directory itself; once it is ours, ``<out_dir>/.lock`` says who
+    holds it. (The trainer checks everything it can before, so a refused run writes nothing.)"""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = out_dir / LOCK_NAME
     if fcntl is None:  # pragma: no cover
-        yield lock_path
+        yield out_dir / LOCK_NAME
         return
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(out_dir, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise RunDirectoryBusy(f"--out {str(out_dir)!r} is in use by another training ({_holder(lock_path)}); "
-                                   "wait for it to finish or train into another --out") from None
-        stamp = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(stamp) + "\n").encode(), 0)
-        yield lock_path
+            raise RunDirectoryBusy(f"--out {str(out_dir)!r} is in use by another training "
+                                   f"({_holder(out_dir / LOCK_NAME)}); wait for it to finish or train into another "
+                                   "--out") from None
+        stamp_lock(out_dir / LOCK_NAME)
+        yield out_dir / LOCK_NAME
     finally:
-        os.close(fd)  # closing the descriptor releases the flock
+        os.close(fd)  # closing the descriptor releases the flock, as does the process's death
+
+
+def stamp_lock(lock_path: Path) -> None:
+    """Say who holds the lock (pid, host, start time), for a second training to report."""
+    from mmer_ext._atomic import atomic_write_text
+
+    atomic_write_text(lock_path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")

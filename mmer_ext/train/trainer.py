@@ -551,11 +551,15 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
             raise CheckpointError(f"teacher checkpoint {str(teacher_checkpoint)!r} holds a {type(teacher).__name__}, "
                                   f"stage {stages[0].name!r} of {cfg.model} needs a {stages[0].model.__name__}")
     ctx = init_distributed(device)
+
+    def check_stage_dirs() -> None:
+        for index, stage in enumerate(stages):
+            if cfg.resume and not (index == 0 and teacher is not None):
+                _check_stage_dir(out_dir / stage.name, _stage_fingerprint(cfg, stage), True)
+
+    check_stage_dirs()
     with run_lock(out_dir) if ctx.is_main else contextlib.nullcontext():
-        if cfg.resume:
-            for index, stage in enumerate(stages):
-                if not (index == 0 and teacher is not None):
-                    _check_stage_dir(out_dir / stage.name, _stage_fingerprint(cfg, stage), True)
+        check_stage_dirs()  # again: another run may have changed them before the lock was ours
         return _fit(cfg, stages, splits, teacher, teacher_checkpoint, device, ctx, out_dir, log)
 
 
