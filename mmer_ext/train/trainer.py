@@ -104,8 +104,8 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
             stage,
             epochs=epochs,
             epochs_decay=decay,
-            batch_size=cfg.batch_size or stage.batch_size,
-            lr=cfg.lr or stage.lr,
+            batch_size=stage.batch_size if cfg.batch_size is None else cfg.batch_size,
+            lr=stage.lr if cfg.lr is None else cfg.lr,
             corruption=cfg.corruption or stage.corruption,
             hparams=hparams,
         ))
