@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from mmer_ext.train.distributed import resolve_device
 
     # An explicit value, zero included, is used as given (and checked like the training flag); None means "as trained".
-    for name, value in (("fold", args.fold), ("noise_steps", args.noise_steps), ("eval_missing_rates", args.missing_rates)):
+    explicit = (("fold", args.fold), ("noise_steps", args.noise_steps), ("eval_missing_rates", args.missing_rates))
+    for name, value in explicit:
         if value is not None:
             check_field(name, value)
     device = resolve_device(args.device)

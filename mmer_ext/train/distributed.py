@@ -45,7 +45,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} was asked for but this torch sees no CUDA GPU; use --device cpu or auto")
+            raise ConfigError(f"device {name!r} was asked for but this torch sees no CUDA GPU; use --device cpu or "
+                              "auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         if device.index >= torch.cuda.device_count():

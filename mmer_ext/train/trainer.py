@@ -226,7 +226,8 @@ def check_model_metadata(path: str | Path, meta: dict[str, Any]) -> dict[str, An
         raise CheckpointError(f"{where} names an unknown recipe {meta['recipe']!r}")
     names = [s.name for s in recipe]
     hparams = meta["hparams"]
-    if not (isinstance(hparams, list) and 1 <= len(hparams) <= len(recipe) and all(isinstance(h, dict) for h in hparams)):
+    if not (isinstance(hparams, list) and 1 <= len(hparams) <= len(recipe)
+            and all(isinstance(h, dict) for h in hparams)):
         raise CheckpointError(f"{where}: hparams must be a list of 1..{len(recipe)} objects (one per stage of "
                               f"{meta['recipe']}), got {hparams!r:.80}")
     if meta["stages"] != names[: len(hparams)]:

@@ -452,5 +452,6 @@ def test_sample_ids_twice_or_in_two_splits_are_refused(tmp_path):
     ids = tables["test"]["id"].tolist()
     ids[2] = tables["train"]["id"][3]  # a list: assigning into the fixed-width str array would truncate the id
     tables["test"]["id"] = ids
-    with pytest.raises(DataFormatError, match=rf"sample id '{re.escape(tables['train']['id'][3])}' is in both train and test"):
+    leaked = re.escape(tables["train"]["id"][3])
+    with pytest.raises(DataFormatError, match=rf"sample id '{leaked}' is in both train and test"):
         _quiet(load_mmsa, _write(tmp_path, tables))
