@@ -145,3 +145,39 @@ def test_interrupt_says_how_to_resume(in_tmp, capsys, monkeypatch):
     monkeypatch.setattr(mmer_ext.train, "fit", interrupted)
     assert main([*TRAIN, *DATA_FLAGS, "--out", "run"]) == 130
     assert "interrupted; a train run resumes" in _one_line_error(capsys, "train")
+
+
+class _WritesMarker:
+    """Unpickling this runs code (it creates a file): what a malicious pickle holds."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_convert_warns_before_it_unpickles(in_tmp, capsys):
+    import pickle
+    import subprocess
+    import sys
+    import warnings
+
+    from mmer_ext.data import UnsafePickleWarning
+
+    marker = in_tmp / "code-ran"
+    with open("evil.pkl", "wb") as f:
+        pickle.dump({"train": _WritesMarker(marker)}, f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsafePickleWarning)
+        with pytest.raises(UnsafePickleWarning, match="evil.pkl: reading a pickle file executes"):
+            main(["--debug", "convert", "evil.pkl", "out"])
+    assert not marker.exists()  # the warning comes first: as an error, nothing was unpickled
+    # From a shell: the warning is one line on stderr, then the conversion (of a file the user chose to trust).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mmer_ext", "convert", "evil.pkl", "out"], cwd=in_tmp, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 2, proc.stderr
+    assert lines[0].startswith("mmer-ext convert: warning: evil.pkl: reading a pickle file executes")
+    assert lines[0].endswith("[UnsafePickleWarning]") and lines[1].startswith("mmer-ext convert: error: ")
