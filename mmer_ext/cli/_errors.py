@@ -68,11 +68,12 @@ def run_reported(command: str, func: Callable[[], int], *, debug: bool = False) 
         where = f" [{category.__name__} at {filename}:{lineno}]" if debug else f" [{category.__name__}]"
         return f"mmer-ext {command}: warning: {one_line(message)}{where}\n"
 
+    # formatwarning, not showwarning: a caller recording warnings (pytest.warns) still records them. catch_warnings
+    # does not restore formatwarning, hence the finally.
+    original_format = warnings.formatwarning
+    warnings.formatwarning = format_warning
     try:
-        with warnings.catch_warnings():
-            # formatwarning, not showwarning: a caller recording warnings (pytest.warns) still records them.
-            warnings.formatwarning = format_warning
-            return func()
+        return func()
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure gets its one line; --debug shows the traceback
@@ -81,3 +82,5 @@ def run_reported(command: str, func: Callable[[], int], *, debug: bool = False) 
         message, code = describe(exc)
         print(f"mmer-ext {command}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        warnings.formatwarning = original_format

@@ -181,3 +181,12 @@ def test_convert_warns_before_it_unpickles(in_tmp, capsys):
     assert proc.returncode == 2 and len(lines) == 2, proc.stderr
     assert lines[0].startswith("mmer-ext convert: warning: evil.pkl: reading a pickle file executes")
     assert lines[0].endswith("[UnsafePickleWarning]") and lines[1].startswith("mmer-ext convert: error: ")
+
+
+def test_the_warning_format_is_the_commands_only(in_tmp, capsys):
+    import warnings
+
+    before = warnings.formatwarning
+    assert main(["info", "--json"]) == 0
+    assert main([*TRAIN, "--lr", "inf"]) == 2
+    assert warnings.formatwarning is before  # an embedding program keeps its own format
