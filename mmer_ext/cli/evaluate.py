@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from mmer_ext.data import DataFormatError, data_kind
     from mmer_ext.report import format_results
     from mmer_ext.train import evaluate_model, load_model
-    from mmer_ext.train.config import check_field
+    from mmer_ext.train.config import ConfigError, check_field
     from mmer_ext.train.evaluation import evaluate_missing_rates
     from mmer_ext.train.trainer import load_data
     from mmer_ext.train.views import check_data_kind, views_for
@@ -56,7 +56,15 @@ def run(args: argparse.Namespace) -> int:
 
         raise CheckpointError(f"the model expects feature dims {tuple(meta['dims'])} (A, V, L); "
                               f"{data!r} has {tuple(dataset.dims)}")
-    if views_for(dataset).kind == "sequences":
+    # A flag the model has no use for would be ignored without a word: say so instead.
+    sequences = views_for(dataset).kind == "sequences"
+    unused = ([("--corruption", args.corruption), ("--noise-steps", args.noise_steps)] if sequences
+              else [("--missing-rates", args.missing_rates)])
+    for flag, value in unused:
+        if value is not None:
+            raise ConfigError(f"{flag} does not apply to {meta['recipe']} ("
+                              f"{'IMDer evaluates at missing rates' if sequences else 'it is not an IMDer model'})")
+    if sequences:
         rates = cfg["eval_missing_rates"] if args.missing_rates is None else args.missing_rates
         metrics = evaluate_missing_rates(model, dataset, rates=rates, protocol=cfg["missing_protocol"],
                                          device=device, seed=cfg["seed"])

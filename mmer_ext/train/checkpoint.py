@@ -71,6 +71,8 @@ def save_weights(path: str | Path, module: torch.nn.Module, metadata: dict[str, 
 
 def read_weights_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory; give the model.safetensors in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:

@@ -194,6 +194,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 _check_value(f"{f.name}.{key}" if isinstance(value, dict) else f.name, item, limits)
         else:
             _check_value(f.name, value, limits)
+    for stage, given in cfg.hparams.items():
+        if not isinstance(given, dict):
+            raise ConfigError(f"hparams.{stage} must map constructor arguments to values (hparams.{stage}.NAME=VALUE), "
+                              f"got {given!r}")
     if not cfg.eval_missing_rates:
         raise ConfigError("eval_missing_rates must name at least one missing rate")
     return cfg

@@ -190,3 +190,13 @@ def test_the_warning_format_is_the_commands_only(in_tmp, capsys):
     assert main(["info", "--json"]) == 0
     assert main([*TRAIN, "--lr", "inf"]) == 2
     assert warnings.formatwarning is before  # an embedding program keeps its own format
+
+
+def test_malformed_overrides_are_named(in_tmp, capsys):
+    assert main([*TRAIN, *DATA_FLAGS, "--out", "run", "--set", "hparams.main=3"]) == 2
+    assert "hparams.main must map constructor arguments to values" in _one_line_error(capsys, "train")
+    for override, key in (("data_options=5", "data_options"), ("eval_missing_rates=0.3", "eval_missing_rates"),
+                          ("stage_epochs.main=abc", "stage_epochs.main")):
+        assert main([*TRAIN, *DATA_FLAGS, "--out", "run", "--set", override]) == 2
+        assert f"full_key: {key}" in _one_line_error(capsys, "train")
+    assert not (in_tmp / "run").exists()

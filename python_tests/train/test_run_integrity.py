@@ -269,3 +269,10 @@ def test_the_lock_holds_across_processes(run, capsys):
         holder.kill()
         holder.wait()
     assert main([*TRAIN, "--out", "run"]) == 0  # killed holder: the lock went with it
+
+
+def test_evaluate_names_flags_the_model_cannot_use_and_a_directory(run, capsys):
+    code, err = _evaluate(capsys, "--missing-rates", "0.3")
+    assert code == 2 and "--missing-rates does not apply to baseline (it is not an IMDer model)" in err, err
+    assert main(["evaluate", "run"]) == 2
+    assert "checkpoint 'run' is a directory; give the model.safetensors in it" in capsys.readouterr().err
