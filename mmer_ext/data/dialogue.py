@@ -505,14 +505,18 @@ def warn_untrusted_pickle(path: str, *, advice: str, stacklevel: int = 4) -> Non
         f"source you trust. Safer: {advice}.", UnsafePickleWarning, stacklevel=stacklevel)
 
 
-def read_untrusted_pickle(path: str, convert: str = "convert_pickle", safe_spec: str = "dialogues") -> Any:
+def read_untrusted_pickle(path: str, convert: str = "convert_pickle", safe_spec: str = "dialogues", *,
+                          converting: bool = False) -> Any:
     """Unpickle ``path`` after an :class:`UnsafePickleWarning` naming the safe route (``mmer_ext.data.<convert>``,
     then ``'<safe_spec>:DIR'``); a missing or unreadable file is a :class:`DataFormatError`."""
     if not os.path.isfile(path):
         raise DataFormatError(f"{path}: file not found")
-    warn_untrusted_pickle(path, advice=f"convert it once to the safe format with mmer_ext.data.{convert}(src, "
-                                       f"dst_dir) (CLI: `mmer-ext convert SRC DST_DIR`) and then load "
-                                       f"'{safe_spec}:DST_DIR', which never unpickles", stacklevel=5)
+    if converting:  # the conversion itself: this is the one time the file is unpickled
+        advice = f"this conversion unpickles it once; then share and load '{safe_spec}:DST_DIR', which never does"
+    else:
+        advice = (f"convert it once to the safe format with mmer_ext.data.{convert}(src, dst_dir) (CLI: `mmer-ext "
+                  f"convert SRC DST_DIR`) and then load '{safe_spec}:DST_DIR', which never unpickles")
+    warn_untrusted_pickle(path, advice=advice, stacklevel=5)
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")
@@ -845,7 +849,7 @@ def convert_pickle(src: str | os.PathLike, dst_dir: str | os.PathLike, *, kind: 
     code once (hence the warning): convert only files you trust, then share the converted directory.
     """
     src = os.fspath(src)
-    obj = read_untrusted_pickle(src)
+    obj = read_untrusted_pickle(src, converting=True)
     if kind is None:
         kinds = {v: k for k, v in _TUPLE_LEN.items()}
         n = len(obj) if isinstance(obj, (tuple, list)) else None

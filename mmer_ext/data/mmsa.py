@@ -497,7 +497,7 @@ def convert_mmsa(pkl_path: str | os.PathLike, out_dir: str | os.PathLike, *, non
     """
     src = os.fspath(pkl_path)
     out_dir = os.fspath(out_dir)
-    obj = read_untrusted_pickle(src, "convert_mmsa", "mmsa-cache")
+    obj = read_untrusted_pickle(src, "convert_mmsa", "mmsa-cache", converting=True)
     has_bert = isinstance(obj, Mapping) and all(
         isinstance(obj.get(k), Mapping) and "text_bert" in obj[k] for k in ("train", "valid", "test"))
     splits = _parse_mmsa(obj, src, True if has_bert else False, nonfinite)

@@ -181,6 +181,7 @@ def test_convert_warns_before_it_unpickles(in_tmp, capsys):
     assert proc.returncode == 2 and len(lines) == 2, proc.stderr
     assert lines[0].startswith("mmer-ext convert: warning: evil.pkl: reading a pickle file executes")
     assert lines[0].endswith("[UnsafePickleWarning]") and lines[1].startswith("mmer-ext convert: error: ")
+    assert "this conversion unpickles it once; then share and load 'mmsa-cache:DST_DIR'" in lines[0]
 
 
 def test_the_warning_format_is_the_commands_only(in_tmp, capsys):
