@@ -49,8 +49,12 @@ class Limits:
     each: bool = False
 
 
-def _limited(default: Any = MISSING, *, default_factory: Any = MISSING, **limits: Any) -> Any:
-    return field(default=default, default_factory=default_factory, metadata={"limits": Limits(**limits)})
+def _limited(default: Any = MISSING, *, default_factory: Any = MISSING, metadata: dict[str, Any] | None = None,
+             **limits: Any) -> Any:
+    """A dataclass field whose ``metadata["limits"]`` holds its :class:`Limits` (other metadata, such as help text,
+    passes through)."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={**(metadata or {}), "limits": Limits(**limits)})
 
 
 def _missing_rate_choices() -> tuple[float, ...]:
