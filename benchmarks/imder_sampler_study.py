@@ -34,6 +34,7 @@ import torch
 
 from mmer_ext._atomic import atomic_write_text
 from mmer_ext.data import load_dataset
+from mmer_ext.sampling import CONDITION_MODES
 from mmer_ext.train import fit, load_config, load_model
 from mmer_ext.train.evaluation import MR_KEY, evaluate_missing_rates
 
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--work", default="runs/imder_sampler_study", help="where the trained models go")
     p.add_argument("--tiny", action="store_true", help="smoke mode: tiny model and data, 1 epoch")
-    p.add_argument("--condition-noise", choices=("shared", "independent"), default="shared",
-                   help="how the score-matching loss perturbs the condition (shared: the authors')")
+    p.add_argument("--condition-noise", choices=CONDITION_MODES, default="shared",
+                   help="how training and sampling perturb the condition (shared: the authors', which this study "
+                        "measured first; clean: the package's IMDer default)")
     p.add_argument("--reuse", action="store_true",
                    help="keep the models trained in --work by an earlier run (same settings): only evaluate again")
     args = p.parse_args(argv)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = ("-tiny" if args.tiny else "") + ("-independent" if args.condition_noise == "independent" else "")
+    tag = ("-tiny" if args.tiny else "") + ("" if args.condition_noise == "shared" else f"-{args.condition_noise}")
     base = out / f"imder_sampler_study-{dev}-{stamp}{tag}"
     atomic_write_text(base.with_suffix(".json"), json.dumps(payload, indent=2, default=float) + "\n")
     atomic_write_text(base.with_suffix(".md"), render_markdown(payload))

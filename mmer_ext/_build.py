@@ -7,7 +7,9 @@ error from the dynamic loader.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from types import ModuleType
 
 import torch
@@ -73,6 +75,13 @@ def load_library() -> ModuleType:
             "directory. " + REBUILD_HINT
         ) from e
     check_compatible(_build_info)
+    import importlib.util
+
+    if importlib.util.find_spec("mmer_ext._C") is None:
+        raise ImportError(
+            f"mmer_ext's compiled library (_C*.so) is missing from {os.path.dirname(_build_info.__file__)}, though "
+            f"its build record is there (built against torch {_build_info.torch_version}). " + REBUILD_HINT
+        )
     try:
         from mmer_ext import _C
     except (ImportError, OSError) as e:
@@ -82,3 +91,33 @@ def load_library() -> ModuleType:
             f"(CUDA {torch.version.cuda}) is running. " + REBUILD_HINT
         ) from e
     return _C
+
+
+def started_as_cli(argv0: str | None = None, orig_argv: list[str] | None = None) -> bool:
+    """Whether this process is the ``mmer-ext`` command (the console script, or ``python -m mmer_ext``).
+
+    Only then may the package import without its compiled library: the command line explains the problem instead of
+    a traceback. While ``-m`` imports the package, ``sys.argv[0]`` is ``"-m"``, so the module name comes from
+    ``sys.orig_argv``.
+    """
+    argv0 = sys.argv[0] if argv0 is None and sys.argv else (argv0 or "")
+    orig_argv = list(getattr(sys, "orig_argv", [])) if orig_argv is None else orig_argv
+    if os.path.basename(argv0) in ("mmer-ext", "mmer-ext.exe"):
+        return True
+    return any(a == "-m" and b in ("mmer_ext", "mmer_ext.cli") for a, b in zip(orig_argv, orig_argv[1:]))
+
+
+def version_without_library() -> str:
+    """The package version when ``_C`` cannot be loaded: the build's record, else the installed metadata."""
+    try:
+        from mmer_ext import _build_info
+
+        return _build_info.version
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("mmer_ext")
+    except PackageNotFoundError:
+        return "unknown"

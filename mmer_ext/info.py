@@ -81,3 +81,40 @@ def format_build_info(info: dict[str, Any]) -> str:
         verdict = "supported by this build" if gpu["supported_by_build"] else "NOT among the built archs"
         lines.append(f"  GPU {gpu['index']}               : {gpu['name']} (sm {gpu['capability']}), {verdict}")
     return "\n".join(lines)
+
+
+def broken_build_info(error: BaseException) -> dict[str, Any]:
+    """What can be said without the compiled library (``mmer-ext info`` when ``import mmer_ext`` would fail)."""
+    from mmer_ext._build import REBUILD_HINT, version_without_library
+
+    info: dict[str, Any] = {
+        "mmer_ext": version_without_library(),
+        "library_loaded": False,
+        "problem": str(error).replace(REBUILD_HINT, "").strip(),  # the hint is its own entry
+        "fix": REBUILD_HINT,
+        "torch_built_against": None,
+        "torch_cuda_built_against": None,
+        "cuda_kernels": None,
+        "torch_running": torch.__version__,
+        "torch_cuda_running": torch.version.cuda,
+    }
+    try:
+        from mmer_ext import _build_info
+    except ImportError:
+        return info
+    info.update(torch_built_against=_build_info.torch_version, torch_cuda_built_against=_build_info.torch_cuda_version,
+                cuda_kernels=bool(_build_info.with_cuda))
+    return info
+
+
+def format_broken_build_info(info: dict[str, Any]) -> str:
+    built = "unknown (no build record)" if info["torch_built_against"] is None else (
+        f"{info['torch_built_against']} (CUDA {info['torch_cuda_built_against']}), CUDA kernels "
+        f"{'on' if info['cuda_kernels'] else 'off'}")
+    return "\n".join([
+        f"mmer_ext {info['mmer_ext']}: the compiled library cannot be used",
+        f"  torch built against : {built}",
+        f"  torch running       : {info['torch_running']} (CUDA {info['torch_cuda_running']})",
+        f"  problem             : {info['problem']}",
+        f"  fix                 : {info['fix']}",
+    ])

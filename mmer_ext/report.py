@@ -53,6 +53,8 @@ __all__ = [
     "missing_rate_table",
     "markdown_table",
     "plot_embedding_projection",
+    "plot_missing_rate_curve",
+    "plot_training_curves",
     "plot_ua_per_condition",
     "results_table",
     "table_columns",
@@ -593,6 +595,90 @@ def plot_embedding_projection(
     ax.set_title(title or f"{method_name} of imagined vs real joint embeddings ({n_keep} utterances)")
     _save_png(fig, path, dpi)
     return {"index": index, "imagined": p_im, "target": p_tg}
+
+
+def plot_training_curves(
+    path: PathLike,
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    select: Mapping[str, tuple[str, str]] | None = None,
+    *,
+    dpi: int = 110,
+) -> Path:
+    """Per stage (a column each): the training losses (top) and the validation metrics (bottom) per epoch (PNG).
+
+    ``histories``: ``{stage: [{"epoch", "train": {loss part: value}, "val": {metric: value}}, ...]}``, the trainer's
+    per-epoch records. ``select``: ``{stage: (metric, "max" or "min")}``, the validation metric that selects the
+    best epoch, drawn bold with its best epoch marked.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    stages = [s for s, h in histories.items() if h]
+    if not stages:
+        raise ValueError("no stage has any epoch to plot")
+    select = dict(select or {})
+    fig = _new_figure((max(5.0, 4.2 * len(stages)), 6.0))
+    axes = fig.subplots(2, len(stages), squeeze=False)
+    for col, stage in enumerate(stages):
+        records = histories[stage]
+        epochs = [int(r["epoch"]) for r in records]
+        selected, mode = select.get(stage, (None, "max"))
+        for row, group in enumerate(("train", "val")):
+            ax = axes[row][col]
+            names = list(dict.fromkeys(k for r in records for k, v in (r.get(group) or {}).items()
+                                       if isinstance(v, (int, float)) and not isinstance(v, bool)))
+            for name in names:
+                values = [float((r.get(group) or {}).get(name, math.nan)) for r in records]
+                bold = (group == "train" and name == "loss") or (group == "val" and name == selected)
+                ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, ms=3, lw=2.2 if bold else 1.0,
+                        alpha=1.0 if bold else 0.7, label=name)
+            if group == "val" and selected in names:
+                values = np.array([float(r["val"].get(selected, math.nan)) for r in records])
+                if np.isfinite(values).any():
+                    best = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
+                    ax.axvline(epochs[best], color="0.5", ls="--", lw=0.8)
+                    ax.annotate(f"best {selected} @ {epochs[best]}", (epochs[best], values[best]), fontsize=8,
+                                textcoords="offset points", xytext=(4, 4))
+            if group == "train" and names:
+                # Loss parts can differ by orders of magnitude (a cycle loss beside a cross-entropy).
+                finite = np.array([float(r["train"][n]) for r in records for n in names if n in r["train"]])
+                finite = finite[np.isfinite(finite)]
+                if finite.size and finite.min() > 0 and finite.max() / finite.min() > 100:
+                    ax.set_yscale("log")
+            ax.set_title(f"{stage}: {'training losses' if group == 'train' else 'validation'}", fontsize=10)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if names:
+                ax.legend(fontsize=7, frameon=False)
+    return _save_png(fig, path, dpi)
+
+
+def plot_missing_rate_curve(
+    path: PathLike,
+    results: Mapping[str, Mapping[str, Any]],
+    metrics: Sequence[str] = ("Acc2_non0", "F1_non0", "Acc7"),
+    *,
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """IMDer's counterpart of :func:`plot_ua_per_condition`: each metric (percent) against the missing rate, one
+    line per model and metric (PNG)."""
+    rows = missing_rate_table(results, metrics)
+    fig = _new_figure((7.0, 4.2))
+    ax = fig.add_subplot()
+    models = list(dict.fromkeys(r[0] for r in rows[1:]))
+    for model in models:
+        mine = [r for r in rows[1:] if r[0] == model]
+        rates = [float(r[1].split("=", 1)[1]) for r in mine]
+        for j, metric in enumerate(metrics):
+            ax.plot(rates, [r[2 + j] for r in mine], marker="o", label=f"{model} {metric}" if len(models) > 1
+                    else metric)
+    ax.set_xlabel("missing rate MR")
+    ax.set_ylabel("%")
+    ax.set_title(title or "test metrics per missing rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    return _save_png(fig, path, dpi)
 
 
 # --------------------------------------------------------------------------------------------------------------------

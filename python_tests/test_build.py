@@ -272,3 +272,105 @@ def test_build_supports_the_visible_gpus():
 )
 def test_arch_supported(capability, arch_list, expected):
     assert arch_supported(capability, arch_list) is expected
+
+
+# ---- the command line without a usable compiled library -------------------------------------------------------------
+
+
+def _run_cli(site: Path, cwd: Path, args: list[str], torch_version: str | None = None) -> subprocess.CompletedProcess:
+    """Run the command line from the package copy in ``site``: as ``python -m mmer_ext`` or, when the running torch
+    version is to be faked, through a console script named ``mmer-ext`` (as pip writes it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    if torch_version is None:
+        command = [sys.executable, "-m", "mmer_ext", *args]
+    else:
+        script = cwd / "bin" / "mmer-ext"
+        script.parent.mkdir(exist_ok=True)
+        script.write_text(f"import sys\nimport torch\ntorch.__version__ = {torch_version!r}\n"
+                          "from mmer_ext.cli import main\nsys.exit(main())\n")
+        command = [sys.executable, str(script), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def site_without_library(tmp_path):
+    site = _copy_package(tmp_path)
+    libraries = list((site / "mmer_ext").glob("_C*.so"))
+    assert libraries, f"no compiled library in {PACKAGE_DIR}"
+    for lib in libraries:
+        lib.unlink()
+    return site
+
+
+def test_cli_help_without_the_library(tmp_path, site_without_library):
+    proc = _run_cli(site_without_library, tmp_path, ["--help"])
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "evaluate", "demo", "convert", "info"):
+        assert command in proc.stdout
+    proc = _run_cli(site_without_library, tmp_path, ["train", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--model" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_cli_info_without_the_library_says_what_is_wrong(tmp_path, site_without_library):
+    proc = _run_cli(site_without_library, tmp_path, ["info"])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "compiled library (_C*.so) is missing" in proc.stdout
+    assert str(site_without_library) in proc.stdout  # where it looked
+    _assert_rebuild_hint(proc.stdout)
+    report = json.loads(_run_cli(site_without_library, tmp_path, ["info", "--json"]).stdout)
+    assert report["library_loaded"] is False
+    assert report["torch_built_against"] == _build_info.torch_version
+    assert report["torch_running"] == torch.__version__
+    assert report["mmer_ext"] == _build_info.version
+
+
+def test_cli_other_commands_without_the_library_fail_in_one_line(tmp_path, site_without_library):
+    proc = _run_cli(site_without_library, tmp_path, ["train", "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("mmer-ext train: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_info_with_another_torch_names_both_versions(tmp_path):
+    site = _copy_package(tmp_path)
+    proc = _run_cli(site, tmp_path, ["info"], torch_version="2.99.0")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "2.99.0" in proc.stdout and _build_info.torch_version in proc.stdout
+    _assert_rebuild_hint(proc.stdout)
+    proc = _run_cli(site, tmp_path, ["--help"], torch_version="2.99.0")
+    assert proc.returncode == 0 and "usage: mmer-ext" in proc.stdout, proc.stderr
+
+
+def test_cli_info_with_a_working_library_still_reports_the_build(tmp_path):
+    # The console-script path with the real torch version: the ordinary report, exit 0.
+    proc = _run_cli(_copy_package(tmp_path), tmp_path, ["info"], torch_version=torch.__version__)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"mmer_ext {_build_info.version}")
+
+
+def test_library_users_still_get_the_import_error(tmp_path, site_without_library):
+    # Only the command line may start without the library; `import mmer_ext` from code must fail loudly.
+    result = _import_result(_run_python(_IMPORT_AND_REPORT, tmp_path, path_first=site_without_library))
+    assert result["error"] == "ImportError" and "missing" in result["message"], result
+
+
+@pytest.mark.parametrize(
+    "argv0, orig_argv, expected",
+    [
+        ("/venv/bin/mmer-ext", ["/venv/bin/python", "/venv/bin/mmer-ext", "info"], True),
+        ("-m", ["python", "-m", "mmer_ext", "info"], True),
+        ("-m", ["python", "-X", "dev", "-m", "mmer_ext", "--help"], True),
+        ("-c", ["python", "-c", "import mmer_ext"], False),
+        ("train.py", ["python", "train.py"], False),
+        ("-m", ["python", "-m", "pytest", "mmer_ext"], False),
+    ],
+)
+def test_started_as_cli(argv0, orig_argv, expected):
+    from mmer_ext._build import started_as_cli
+
+    assert started_as_cli(argv0, orig_argv) is expected

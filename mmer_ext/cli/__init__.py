@@ -8,6 +8,7 @@
     mmer-ext demo [--out runs/demo] [--quick]
     mmer-ext convert IEMOCAP_features.pkl|aligned_50.pkl DIR
     mmer-ext info [--json]
+    mmer-ext --version; mmer-ext COMMAND --help (flags, data sources, examples)
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmer-ext", description="Multimodal emotion recognition with missing or "
-                                     "noisy modalities: train, evaluate, the demo, and the build report.")
+    from mmer_ext.cli._help import HelpFormatter, VersionAction
+
+    parser = argparse.ArgumentParser(
+        prog="mmer-ext", formatter_class=HelpFormatter,
+        description="Multimodal emotion recognition with missing or noisy modalities: train, evaluate, the demo, "
+                    "data conversion and the build report.",
+        epilog="examples:\n  mmer-ext train --model mmin --data synthetic:small --epochs 2\n"
+               "  mmer-ext evaluate runs/train/model.safetensors --corruption gaussian\n"
+               "  mmer-ext demo --quick\n\n`mmer-ext COMMAND --help` lists a command's flags, data sources and "
+               "examples.")
+    parser.add_argument("--version", action=VersionAction, help="print mmer_ext's version and build, torch, CUDA "
+                        "and Python, then exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
     for module in (train, evaluate, demo, convert, info):
         module.add_parser(sub)
     for command in sub.choices.values():
@@ -35,9 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import mmer_ext
     from mmer_ext.cli._errors import run_reported
 
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if mmer_ext.load_error is not None and args.command != "info":
+        # Without the compiled library only --help and `info` work (mmer_ext/__init__.py).
+        print(f"mmer-ext {args.command}: error: {mmer_ext.load_error}", file=sys.stderr)
+        return 2
     # Every failure is one line naming what went wrong (exit 2: fix the input, 1: the run failed); --debug re-raises.
     return run_reported(args.command, lambda: args.func(args), debug=args.debug)

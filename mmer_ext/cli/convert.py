@@ -1,9 +1,12 @@
-"""``mmer-ext convert``: turn a pickled dataset into a safe format once (pickles run code when loaded).
+"""``mmer-ext convert``: turn a pickled dataset into a safe format once (pickles run code when loaded), or an IMDer
+checkpoint of the authors (``pretrained-mosi.pth``, ...) into a package model.
 
 Two kinds of pickles: MMSA's ``aligned_50.pkl`` / ``unaligned_50.pkl`` (MOSI / MOSEI, a dict of splits) and the
 DialogueGCN-style IEMOCAP / MELD feature tuples. ``--format auto`` tells them apart by the pickle's first opcodes
 (a dict or a tuple), read with :mod:`pickletools`, which parses and never executes, so the file is unpickled only
-once, by the conversion itself.
+once, by the conversion itself. A ``*.pth`` / ``*.pt`` file (``--format imder``) is the authors' IMDer state dict,
+read with ``torch.load(weights_only=True)`` and written as ``DEST/model.safetensors``
+(:mod:`mmer_ext.models.imder_convert`).
 """
 
 from __future__ import annotations
@@ -12,21 +15,33 @@ import argparse
 import os
 import pickletools
 
-FORMATS = ("auto", "mmsa", "dialogue")
+FORMATS = ("auto", "mmsa", "dialogue", "imder")
 
 
 def add_parser(sub) -> None:
+    from mmer_ext.cli._help import HelpFormatter
+
     p = sub.add_parser("convert", help="rewrite an MMSA (MOSI / MOSEI) or DialogueGCN-style (IEMOCAP / MELD) pickle "
                                        "as safetensors + JSON",
                        description="Unpickling runs whatever code the file holds: convert only files you trust, "
                                    "once, then load and share the converted directory (--data mmsa-cache:DIR for "
-                                   "MMSA pickles, --data dialogues:DIR for dialogue pickles).")
+                                   "MMSA pickles, --data dialogues:DIR for dialogue pickles).",
+                       formatter_class=HelpFormatter,
+                       epilog="examples:\n  mmer-ext convert aligned_50.pkl data/mosi && "
+                              "mmer-ext train --model imder --data mmsa-cache:data/mosi\n"
+                              "  mmer-ext convert IEMOCAP_features.pkl data/iemocap-erc && "
+                              "mmer-ext train --model mmgcn --data dialogues:data/iemocap-erc\n")
     p.add_argument("source", help="aligned_50.pkl / unaligned_50.pkl (MMSA), IEMOCAP_features.pkl (9-tuple) or "
                                   "MELD_features_raw1.pkl (10-tuple)")
     p.add_argument("destination", help="output directory")
     p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="pickle layout; auto (default): a dict of splits is MMSA, a tuple is a dialogue pickle")
+                   help="input layout; auto (default): *.pth / *.pt is an IMDer checkpoint of the authors, a pickled "
+                        "dict of splits is MMSA, a pickled tuple a dialogue pickle")
     p.add_argument("--kind", choices=("iemocap-erc", "meld"), help="dialogue pickles: default from the tuple length")
+    p.add_argument("--text-encoder", help="IMDer checkpoints: a local BERT directory to load the checkpoint's BERT "
+                                          "into (default: drop it; the model then reads that BERT's features as L)")
+    p.add_argument("--dataset", choices=("mosi", "mosei"),
+                   help="IMDer checkpoints: the authors' configuration to use (default: from the feature sizes)")
     p.set_defaults(func=run)
 
 
@@ -54,9 +69,21 @@ def sniff_pickle(path: str) -> str:
     return "dialogue"
 
 
+def _run_imder(args: argparse.Namespace) -> int:
+    from mmer_ext.models.imder_convert import convert_authors_checkpoint
+
+    out = convert_authors_checkpoint(args.source, args.destination, text_encoder=args.text_encoder,
+                                     dataset=args.dataset)
+    print(f"wrote {out} (the authors' IMDer, their condition mode 'shared'); evaluate it with "
+          f"mmer-ext evaluate {out} --data mmsa:aligned_50.pkl")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from mmer_ext.data import convert_mmsa, convert_pickle
 
+    if args.format == "imder" or (args.format == "auto" and args.source.endswith((".pth", ".pt"))):
+        return _run_imder(args)
     fmt = sniff_pickle(args.source) if args.format == "auto" else args.format
     if fmt == "mmsa" and args.kind is not None:
         print(f"mmer-ext convert: --kind {args.kind} applies to dialogue pickles only; ignored for an MMSA pickle")

@@ -6,15 +6,22 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train and compare every model on the embedded data; write a report")
+    from mmer_ext.cli._help import HelpFormatter, config_help
+
+    p = sub.add_parser("demo", help="train and compare every model on the embedded data; write a report",
+                       formatter_class=HelpFormatter,
+                       description="Train every model on the embedded synthetic data and write report.md with its "
+                                   "tables and figures (about an hour on a CPU; --quick: a smoke run in minutes).",
+                       epilog="examples:\n  mmer-ext demo --quick --out runs/demo-quick\n"
+                              "  mmer-ext demo --models baseline mmin --device cuda\n")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data and every model (default 0)")
+    p.add_argument("--device", default="auto", help=config_help("device"))
     p.add_argument("--quick", action="store_true", help="a tiny smoke run of the whole pipeline (not a result)")
     p.add_argument("--models", nargs="+",
                    choices=("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "imder"),
                    help="a subset of the models (default all)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=run)
 
 

@@ -1,46 +1,115 @@
-"""``mmer-ext train``: one model's whole recipe (teacher, then student) on one data source and fold."""
+"""``mmer-ext train``: one model's whole recipe (teacher, then student) on one data source and fold.
+
+The flags are generated from :class:`mmer_ext.train.TrainConfig`'s fields and their help metadata, so a config key,
+its flag and its help cannot drift apart; only what is not a config key (``--config``, ``--set``, ``--teacher``,
+``--select-on-test``) is declared here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import textwrap
+import types
+import typing
+from typing import Any
 
-from mmer_ext.train.config import MISSING_PROTOCOLS, MODELS, SAMPLER_NAMES
+from mmer_ext.cli._help import HelpFormatter
+from mmer_ext.data.specs import data_spec_help
+from mmer_ext.train.config import TrainConfig
+
+EXAMPLES = """\
+examples:
+  # a minute on a CPU: MMIN, 2 epochs per stage, on the small synthetic preset
+  mmer-ext train --model mmin --data synthetic:small --epochs 2 --out runs/mmin-try
+  # the paper's recipe on IEMOCAP features, fold 3, from a YAML file with one override
+  mmer-ext train --config mmin.yaml --data iemocap:/data/IEMOCAP --fold 3 --set hparams.student.cycle_weight=1
+  # IMDer at missing rate 0.3 with a 10-step DDIM sampler
+  mmer-ext train --model imder --data synthetic-mosi:small --missing-rate 0.3 --sampler ddim --steps 10
+"""
+
+_BOOL_FLAG_HELP = {True: "--no-{name} turns it off", False: "--{name} turns it on"}
+
+
+def _flag_type(hint: Any) -> tuple[type, bool]:
+    """``(element type, is_list)`` of a field annotation such as ``int | None`` or ``list[float]``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _default_text(f: dataclasses.Field) -> str | None:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    else:
+        value = f.default_factory()  # type: ignore[misc]
+    if value is None or isinstance(value, bool):
+        return None  # the help says what None means; a bool flag's help names its negation
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def config_flag_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", {}).get("flag", "") is not None]
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field that has one; every default is ``None`` so an unset flag leaves the
+    config file's value alone."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("configuration (each flag sets the config key of its name)")
+    for f in config_flag_fields():
+        cli = f.metadata["cli"]
+        flag = cli.get("flag") or "--" + f.name.replace("_", "-")
+        kind, is_list = _flag_type(hints[f.name])
+        help_text = f.metadata["help"]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            help_text += f" (default: {'on' if f.default else 'off'})"
+        else:
+            kwargs["type"] = kind
+            if "choices" in cli:
+                kwargs["choices"] = cli["choices"]
+            if "metavar" in cli:
+                kwargs["metavar"] = cli["metavar"]
+            if is_list:
+                kwargs["nargs"] = "+"
+            default = _default_text(f)
+            if default is not None:
+                help_text += f" (default: {default})"
+        group.add_argument(flag, help=help_text, **kwargs)
+
+
+def _set_only_keys() -> str:
+    keys = [f for f in dataclasses.fields(TrainConfig) if f not in config_flag_fields()]
+    return "\n".join(textwrap.fill(f"{f.name}: {f.metadata['help']}", width=100, initial_indent="  ",
+                                   subsequent_indent="    ") for f in keys)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model (both stages of a two-stage recipe) and evaluate it on the test split",
-                       description="Flags override the config file; --set KEY=VALUE overrides both "
-                                   "(e.g. --set data_options.preset=small --set hparams.student.cycle_weight=1).")
-    p.add_argument("--model", choices=MODELS)
-    p.add_argument("--data", help="synthetic (default), synthetic:small, iemocap:PATH or msp:PATH; for mmgcn "
-                   "synthetic-dialogue, iemocap-erc:PATH, meld:PATH or dialogues:DIR")
-    p.add_argument("--fold", type=int, help="cross-validation fold of the real data (1-based)")
-    p.add_argument("--config", help="a YAML or TOML file with TrainConfig fields")
-    p.add_argument("--out", dest="out_dir", help="run directory (default runs/train)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--epochs", type=int, help="epochs per stage (the recipe's constant/decay split is kept)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--corruption", choices=("zero", "gaussian", "impulse"),
-                   help="how missing modalities are presented (default: the recipe's)")
-    p.add_argument("--noise-steps", type=int, help="NMER noise scheduler intensity T (default 100)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES,
-                   help="imder: the recovery sampler -- em (Euler-Maruyama, the authors'), pc (predictor-corrector), "
-                        "ode (probability-flow Euler), ode-heun, ddim (default: the recipe's em)")
-    p.add_argument("--steps", dest="sampler_steps", type=int, help="imder: sampler steps (default 100)")
-    p.add_argument("--missing-rate", type=float,
-                   help="imder: missing rate MR of the missing-data stage, one of 0.0 ... 0.7 (default 0.1)")
-    p.add_argument("--missing-protocol", choices=MISSING_PROTOCOLS,
-                   help="imder: per-sample missing patterns (default) or the authors' per-batch ones")
+    p = sub.add_parser(
+        "train", help="train a model (both stages of a two-stage recipe) and evaluate it on the test split",
+        formatter_class=HelpFormatter,
+        description="Train one model's recipe and evaluate it on the test split. Settings come from the "
+                    "defaults, then --config FILE, then the flags, then --set KEY=VALUE. The plan (stages, "
+                    "epochs, data sizes, steps) is printed before training starts.",
+        epilog=f"data sources (--data SPEC):\n{data_spec_help()}\n\n"
+               f"config keys without a flag (set them with --set or in the config file):\n{_set_only_keys()}\n\n"
+               + EXAMPLES)
+    p.add_argument("--config", metavar="FILE", help="a YAML or TOML file with TrainConfig keys (see --set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key, dotted for nested ones (--set data_options.preset=small "
+                        "--set hparams.student.cycle_weight=1); beats --config and the flags; repeatable")
+    p.add_argument("--teacher", metavar="MODEL",
+                   help="model.safetensors of an already trained first stage (skips training it)")
     p.add_argument("--select-on-test", action="store_true",
                    help="dialogue data: the MMGCN authors' protocol, no validation split, epochs selected on the "
                         "test set (optimistic; the default carves a validation split from train)")
-    p.add_argument("--teacher", help="model.safetensors of an already trained first stage (skips training it)")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
-    p.add_argument("--no-resume", dest="resume", action="store_const", const=False,
-                   help="retrain from scratch even if OUT holds checkpoints")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_flags(p)
     p.set_defaults(func=run)
 
 
@@ -48,9 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from mmer_ext.report import format_results
     from mmer_ext.train import fit, load_config
 
-    fields = {k: getattr(args, k) for k in ("model", "data", "fold", "out_dir", "seed", "device", "epochs",
-                                            "batch_size", "lr", "corruption", "noise_steps", "progress", "resume", "sampler",
-                                            "sampler_steps", "missing_rate", "missing_protocol")}
+    fields = {f.name: getattr(args, f.name) for f in config_flag_fields()}
     overrides = list(args.overrides)
     if args.select_on_test:
         overrides.insert(0, "data_options.val_from=test")

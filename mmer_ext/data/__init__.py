@@ -45,6 +45,7 @@ from mmer_ext.data.mmsa import (
     convert_mmsa,
     load_mmsa,
     load_mmsa_cache,
+    save_sequence_splits,
 )
 from mmer_ext.data.protocols import (
     ALL_CONDITIONS,
@@ -59,6 +60,7 @@ from mmer_ext.data.protocols import (
     PROTOCOL_MODES,
     MissingConditionDataset,
     NoiseScheduler,
+    authors_batch_counts,
     condition_index,
     corrupt_batch,
     missing_rate_fractions,
@@ -95,5 +97,6 @@ __all__ = [
     "load_msp_improv", "load_splits", "make_synthetic_utterances", "save_splits", "split_dataset",
     "MISSING_RATES", "MMSA_SPLITS", "MR_PROTOCOLS", "SEQUENCE_PRESETS", "SequenceDataset", "collate_sequences",
     "convert_mmsa", "load_mmsa", "load_mmsa_cache", "make_synthetic_sequences", "missing_rate_fractions",
-    "missing_rate_patterns", "realized_missing_rate", "regression_calibration_report",
+    "missing_rate_patterns", "save_sequence_splits", "realized_missing_rate", "regression_calibration_report",
+    "authors_batch_counts",
 ]

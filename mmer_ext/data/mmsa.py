@@ -66,6 +66,7 @@ __all__ = [
     "convert_mmsa",
     "load_mmsa",
     "load_mmsa_cache",
+    "save_sequence_splits",
 ]
 
 _FORMAT = "mmer_ext.SequenceDataset/1"
@@ -496,17 +497,37 @@ def convert_mmsa(pkl_path: str | os.PathLike, out_dir: str | os.PathLike, *, non
     once (hence the warning): convert only files you trust, then share the converted directory. Returns ``out_dir``.
     """
     src = os.fspath(pkl_path)
-    out_dir = os.fspath(out_dir)
     obj = read_untrusted_pickle(src, "convert_mmsa", "mmsa-cache", converting=True)
     has_bert = isinstance(obj, Mapping) and all(
         isinstance(obj.get(k), Mapping) and "text_bert" in obj[k] for k in ("train", "valid", "test"))
     splits = _parse_mmsa(obj, src, True if has_bert else False, nonfinite)
+    return save_sequence_splits(splits, out_dir, source=os.path.basename(src))
+
+
+def save_sequence_splits(splits: Mapping[str, SequenceDataset], out_dir: str | os.PathLike, *,
+                         source: str | None = None) -> str:
+    """Write ``{"train", "val", "test"}`` :class:`SequenceDataset` splits in the format of :func:`convert_mmsa`
+    (``out_dir/{train,val,test}.safetensors`` + ``meta.json``), so your own sequences load with
+    ``--data mmsa-cache:OUT_DIR`` like a converted MMSA pickle. ``text_bert`` is recorded as available when every
+    split has it. Each file is written atomically, the JSON last. Returns ``out_dir``.
+    """
+    out_dir = os.fspath(out_dir)
+    if sorted(splits) != sorted(_SPLITS):
+        raise ValueError(f"save_sequence_splits: splits must be exactly {list(_SPLITS)}, got {sorted(splits)}")
+    first = splits["train"]
+    for name, ds in splits.items():
+        if not isinstance(ds, SequenceDataset):
+            raise ValueError(f"save_sequence_splits: split {name!r} is a {type(ds).__name__}, not a SequenceDataset")
+        if ds.dims != first.dims:
+            raise ValueError(f"save_sequence_splits: split {name!r} has dims {tuple(ds.dims)}, train has "
+                             f"{tuple(first.dims)}")
+    has_bert = all(ds.text_bert is not None for ds in splits.values())
     token = uuid.uuid4().hex
     for name, ds in splits.items():
+        ds = ds if has_bert else ds.without_text_bert()
         atomic_write_bytes(os.path.join(out_dir, f"{name}.safetensors"), ds._serialise({"token": token}))
-    first = splits["train"]
     meta = {
-        "format": _CACHE_FORMAT, "token": token, "source": os.path.basename(src),
+        "format": _CACHE_FORMAT, "token": token, "source": source,
         "aligned": all(ds.aligned for ds in splits.values()), "dims": list(first.dims),
         "seq_len": list(first.seq_len), "sizes": {k: len(ds) for k, ds in splits.items()},
         "text_bert": has_bert,

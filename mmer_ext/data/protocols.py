@@ -53,12 +53,15 @@ IMDer#2/#6); here ``MR = 0.0`` means complete data, ``(a, b) = (0, 0)``.
 
 :func:`missing_rate_patterns` turns ``(a, b)`` into an availability mask, under one of two protocols:
 
-* ``"per-batch"`` (the authors): items are cut, in the order given, into batches of ``batch_size``; the first
-  ``round(a * nb)`` of the ``nb`` batches miss two modalities, the next ``round(b * nb)`` miss one, the rest are
-  complete, and every item of a batch misses the same modalities. The authors round ``nb`` to a multiple of ten
-  first (``round(len(loader) / 10) * 10``), which can make the counts disagree with the actual number of batches;
-  here the actual ``nb`` is used. With shuffled loaders the items in each group change every epoch, but the
-  realised rate depends on the batch count (9 batches at MR 0.1 -> round(0.9) = 1 batch of 9 misses two).
+* ``"per-batch"`` (the authors): items are cut, in the order given, into batches of ``batch_size``, and every item
+  of a batch misses the same modalities. The batches are counted as the authors count them: with ``nb`` batches
+  and ``N = round(nb / 10) * 10`` (Python's / numpy's round, half to even), batch ``k`` (in order) misses two
+  modalities while ``k2 / N < a`` (``k2`` the batches that already did), then one while ``k1 / N < b``, and the rest
+  are complete; the comparisons run in float64 on the authors' float fractions, as theirs do. So the MOSI test set
+  (686 rows, batches of 32: ``nb = 22``, ``N = 20``) at MR 0.7 has 20 batches missing two modalities and 2 complete
+  ones, and 25 batches count as ``N = 20``, 35 as ``N = 40``. Up to 5 batches ``N`` would be 0 (the authors' code
+  then divides by zero and misses nothing); there ``N = nb`` is used. With shuffled loaders the items
+  in each group change every epoch, but the realised rate depends on the batch count.
 * ``"per-sample"``: exactly ``round(a * N)`` rows miss two and ``round(b * N)`` miss one, at shuffled positions, each
   row with its own modalities, so the realised rate matches the table for any ``N`` and any batch size.
 
@@ -350,6 +353,24 @@ def missing_rate_fractions(mr: float) -> tuple[float, float]:
     return float(a), float(b)
 
 
+def authors_batch_counts(num_batches: int, mr: float) -> tuple[int, int]:
+    """``(n2, n1)``: how many of ``num_batches`` batches (the first ones, in order) miss two and one modalities at
+    missing rate ``mr`` under the authors' per-batch protocol (module docstring): they count against
+    ``N = round(num_batches / 10) * 10`` (``N = num_batches`` when that is 0)."""
+    if isinstance(num_batches, bool) or int(num_batches) != num_batches or num_batches < 0:
+        raise ValueError(f"num_batches must be a non-negative integer, got {num_batches!r}")
+    nb = int(num_batches)
+    a, b = (float(f) for f in _mr_row(mr))
+    denom = float(round(nb / 10) * 10) or float(nb)
+    n2 = 0
+    while n2 < nb and n2 / denom < a:
+        n2 += 1
+    n1 = 0
+    while n2 + n1 < nb and n1 / denom < b:
+        n1 += 1
+    return n2, n1
+
+
 def _round_half_up(x: Fraction) -> int:
     return math.floor(x + Fraction(1, 2))
 
@@ -410,8 +431,7 @@ def missing_rate_patterns(
         raise ValueError(f"the per-batch protocol needs a positive integer batch_size, got {batch_size!r}")
     bs = int(batch_size)
     nb = -(-n // bs)
-    n2 = _round_half_up(a * nb)
-    n1 = min(_round_half_up(b * nb), nb - n2)
+    n2, n1 = authors_batch_counts(nb, mr)
     kinds = torch.cat([torch.full((n2,), 2), torch.full((n1,), 1), torch.zeros(nb - n2 - n1)]).to(torch.int64)
     choice = torch.randint(0, 3, (nb,), generator=generator, device=dev).cpu()
     per_batch = _masks_from_kinds(kinds, choice)

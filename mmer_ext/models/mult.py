@@ -4,11 +4,14 @@
 key/value sequence) is scaled by ``sqrt(d)``, gets sinusoidal positions and embedding dropout; every layer normalises
 query and key/value with the *same* LayerNorm, attends under an optional causal mask and applies a ReLU feed-forward
 block (4d); a final LayerNorm closes the stack. The key/value sequence is normalised afresh by every layer but never
-updated (it is the source modality). The same encoder is the cross-attention of the IMDer score network.
+updated (it is the source modality). As in the authors' code, keys and values are embedded separately, so each gets
+its own embedding-dropout mask, and every projection (attention in/out, feed-forward) starts Xavier-uniform with zero
+bias. The same encoder is the cross-attention of the IMDer score network.
 
 :class:`MulT` is the recognition backbone: six cross-modal encoders (each target modality attends to each source),
-three self-attention "memory" encoders over the concatenated pair (width 2d), the last time step of each, a residual
-MLP head and the output layer.
+three self-attention "memory" encoders over the concatenated pair (width 2d) in the authors' order (L from
+[L<-A, L<-V], A from [A<-L, A<-V], V from [V<-L, V<-A]: the order matters, the memory encoder adds positions over the
+concatenated channels), the last time step of each, a residual MLP head and the output layer.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["MulT", "TransformerEncoder", "future_mask", "sinusoidal_positions"]
+__all__ = ["MEM_SOURCES", "MulT", "TransformerEncoder", "future_mask", "sinusoidal_positions"]
 
 _MODALITIES = ("A", "V", "L")
+# The two cross-modal outputs each memory encoder concatenates, in the authors' order (their trans_{m}_mem inputs).
+MEM_SOURCES = {"L": ("A", "V"), "A": ("L", "V"), "V": ("L", "A")}
 
 
 def sinusoidal_positions(length: int, dim: int, *, device=None, dtype=torch.float32) -> Tensor:
@@ -73,14 +78,22 @@ class _EncoderLayer(nn.Module):
         self.fc1 = nn.Linear(dim, 4 * dim)
         self.fc2 = nn.Linear(4 * dim, dim)
         self.relu_dropout, self.res_dropout = float(relu_dropout), float(res_dropout)
-        for fc in (self.fc1, self.fc2):
+        # The authors' init: Xavier-uniform weights, zero biases, for the feed-forward block and the attention's output
+        # projection too (nn.MultiheadAttention initialises in_proj the same way but leaves out_proj at Linear's
+        # default).
+        for fc in (self.fc1, self.fc2, self.attn.out_proj):
             nn.init.xavier_uniform_(fc.weight)
             nn.init.zeros_(fc.bias)
 
-    def forward(self, x: Tensor, kv: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor | None, v: Tensor | None, mask: Tensor | None) -> Tensor:
         q = self.norm_attn(x)
-        k = q if kv is None else self.norm_attn(kv)
-        a, _ = self.attn(q, k, k, attn_mask=mask, need_weights=False)
+        if k is None:  # self-attention
+            k = v = q
+        elif v is k:  # one embedding serves both (no embedding dropout)
+            k = v = self.norm_attn(k)
+        else:
+            k, v = self.norm_attn(k), self.norm_attn(v)
+        a, _ = self.attn(q, k, v, attn_mask=mask, need_weights=False)
         x = x + F.dropout(a, self.res_dropout, self.training)
         y = F.dropout(F.relu(self.fc1(self.norm_ffn(x))), self.relu_dropout, self.training)
         return x + F.dropout(self.fc2(y), self.res_dropout, self.training)
@@ -134,12 +147,16 @@ class TransformerEncoder(nn.Module):
             raise ValueError(f"TransformerEncoder: kv must be [{x.shape[0]}, L, {self.embed_dim}], got "
                              f"{tuple(kv.shape)}")
         h = self._embed(x)
-        src = None if kv is None else self._embed(kv)
+        keys = values = None
+        if kv is not None:
+            keys = self._embed(kv)
+            # Keys and values are embedded apart (the authors' x_k, x_v): their own embedding-dropout masks.
+            values = self._embed(kv) if self.training and self.embed_dropout > 0 else keys
         mask = None
         if self.attn_mask:
-            mask = future_mask(h.shape[1], h.shape[1] if src is None else src.shape[1], device=h.device)
+            mask = future_mask(h.shape[1], h.shape[1] if keys is None else keys.shape[1], device=h.device)
         for layer in self.layers:
-            h = layer(h, src, mask)
+            h = layer(h, keys, values, mask)
         return self.norm(h)
 
 
@@ -147,10 +164,13 @@ class MulT(nn.Module):
     """MulT fusion backbone over channel-first features ``a, v, l`` ``[B, d, T]``.
 
     For each target modality ``m`` (A, V, L) and each other modality ``o``: a cross-modal encoder ``m <- o``
-    (queries ``m``, keys/values ``o``; width d, ``nlevels`` layers); the two outputs are concatenated (2d) and run
+    (queries ``m``, keys/values ``o``; width d, ``nlevels`` layers); the two outputs are concatenated (2d) in the
+    authors' order (:data:`MEM_SOURCES`: L from [L<-A, L<-V], A from [A<-L, A<-V], V from [V<-L, V<-A]) and run
     through ``m``'s self-attention memory encoder (``mem_layers`` layers, default ``max(nlevels, 3)``); its last time
     step is kept. The three ``[B, 2d]`` vectors are concatenated in A, V, L order (``combined_dim = 6d``, 192 at
-    d = 32), passed through ``proj2(dropout(relu(proj1(h)))) + h`` and ``Linear(6d -> output_dim)``.
+    d = 32; the authors concatenate L, A, V, which only permutes the head's weights, see
+    :mod:`mmer_ext.models.imder_convert`), passed through ``proj2(dropout(relu(proj1(h)))) + h`` and
+    ``Linear(6d -> output_dim)``.
 
     The attention dropout of a cross-modal encoder follows its *source* modality as in the authors' code
     (``attn_dropout_a`` for sources A, ``attn_dropout_v`` for V, ``attn_dropout`` for L and the memory encoders).
@@ -210,7 +230,7 @@ class MulT(nn.Module):
             raise ValueError("MulT: a, v and l must have the same batch size")
         last = []
         for m in _MODALITIES:
-            pair = [self.cross[f"{m}{o}"](seqs[m], seqs[o]) for o in _MODALITIES if o != m]
+            pair = [self.cross[f"{m}{o}"](seqs[m], seqs[o]) for o in MEM_SOURCES[m]]
             last.append(self.mem[m](torch.cat(pair, dim=2))[:, -1])
         return torch.cat(last, dim=1)
 

@@ -51,7 +51,10 @@ imder          32     2e-3  24        1.0       4             0.2 / 0.2 (MOSI)
 imder-mosei    128    2e-3  5         0.6       6             0 / 0 (MOSEI)
 =============  =====  ====  ========  ========  ============  ==============================================
 
-The authors train until early stopping; the recipes cap each stage at 100 epochs. The recovery sampler is the
+``imder-authors`` is ``imder`` with the authors' condition mode (``condition_noise="shared"``: the condition is
+perturbed with the target's noise in training and re-noised in sampling); ``imder`` and ``imder-mosei`` keep the
+condition clean (see :class:`~mmer_ext.models.imder.IMDer`). The authors train until early stopping; the recipes cap
+each stage at 100 epochs. The recovery sampler is the
 authors' 100-step Euler-Maruyama unless ``TrainConfig.sampler`` / ``sampler_steps`` (``--sampler``, ``--steps``) say
 otherwise.
 
@@ -179,9 +182,12 @@ def _imder_stages(batch_size: int, patience: int, hparams: dict[str, Any]) -> tu
     return (Stage("pretrain", data="complete", **common), Stage("main", data="missing-rate", **common))
 
 
-RECIPES["imder"] = _imder_stages(32, 24, {})
+# The condition mode is stated in every IMDer recipe (and so in every checkpoint's metadata); "clean" is ours,
+# "shared" the authors' (see IMDer's notes: their mode reads the condition with the wrong sign).
+RECIPES["imder"] = _imder_stages(32, 24, {"condition_noise": "clean"})
 RECIPES["imder-mosei"] = _imder_stages(128, 5, {"nlevels": 6, "attn_dropout_a": 0.0, "embed_dropout": 0.0,
-                                                "clip_grad_value": 0.6})
+                                                "clip_grad_value": 0.6, "condition_noise": "clean"})
+RECIPES["imder-authors"] = _imder_stages(32, 24, {"condition_noise": "shared"})
 
 
 def get_recipe(name: str) -> tuple[Stage, ...]:

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from mmer_ext.models.mult import TransformerEncoder
 from mmer_ext.ops import ve_marginal_std, ve_perturb
+from mmer_ext.sampling.functional import CONDITION_MODES
 
 __all__ = ["GaussianFourierProjection", "ScoreNet", "dsm_loss"]
 
@@ -217,8 +218,9 @@ class ScoreNet(nn.Module):
         return h / self.marginal_std(t).view(b, 1, 1)
 
 
-#: How :func:`dsm_loss` perturbs the condition: the authors' shared noise, or independent noise.
-CONDITION_NOISE = ("shared", "independent")
+#: How :func:`dsm_loss` perturbs the condition: the authors' shared noise, independent noise, or not at all
+#: (the same modes the samplers take, :data:`mmer_ext.sampling.CONDITION_MODES`).
+CONDITION_NOISE = CONDITION_MODES
 
 
 def dsm_loss(
@@ -237,19 +239,26 @@ def dsm_loss(
     device) or the default generator. Gradients reach the net's parameters and ``cond`` (IMDer's trainable
     two-modality fusion), not ``x`` unless it requires them.
 
-    ``condition_noise`` says how the condition is perturbed:
+    ``condition_noise`` says how the condition is perturbed (sample with the same mode: the samplers'
+    ``condition_noise=``):
 
-    * ``"shared"`` (the authors): with the **same** ``z``, ``c_t = c + std(t) z``. Then ``c_t - x_t = c - x`` for
-      every ``t``, so the net can learn the unconditional score of ``x`` shifted by a known offset, and the samplers
-      (which re-noise the condition with fresh noise, as the authors' sampler does) feed it condition/sample pairs
-      it never saw in training. With ``x = c`` the condition carries no information at all in training.
-    * ``"independent"``: with its own ``z'``, ``c_t = c + std(t) z'``: the pairs the samplers produce, so the score
-      net learns ``p(x_t | c_t)`` and the recovery uses the condition.
+    * ``"shared"`` (default, the authors'): with the **same** ``z``, ``c_t = c + std(t) z``. Then ``c_t - x_t = c - x``
+      for every ``t``, and the samplers (which re-noise the condition with fresh noise, as the authors' sampler does)
+      feed the net condition/sample pairs it never saw in training. Worse, the loss's optimum uses the condition with
+      the wrong sign: for scalar zero-mean jointly Gaussian ``x``, ``c`` (variances ``a``, ``b``, covariance ``r``),
+      ``E[z | x_t, c_t] = std (( b - r) x_t + (a - r) c_t) / det`` with
+      ``det = (a + std^2)(b + std^2) - (r + std^2)^2``, so the optimal score is ``-((b - r) x_t + (a - r) c_t) / det``
+      and a larger condition pulls ``x`` *down* when ``r > 0``; the exact conditional score
+      ``-(x_t - r c / b) / (a - r^2 / b + std^2)`` pulls it up. Kept to reproduce the authors.
+    * ``"independent"``: with its own ``z'``, ``c_t = c + std(t) z'``: the pairs the re-noising samplers produce, so
+      the net learns the score of ``p(x_t | c_t)``, which blurs the condition by the noise at ``t``.
+    * ``"clean"``: ``c_t = c``, never perturbed (the standard conditional diffusion): the net learns the score of
+      ``p(x_t | c)``; sample with ``condition_noise="clean"`` so it sees the condition as in training.
     """
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"dsm_loss: x must be a non-empty batch [B, ...], got {tuple(x.shape)}")
     if cond is not None and cond.shape != x.shape:
-        raise ValueError(f"dsm_loss: cond must have x's shape {tuple(x.shape)} (it shares x's noise), got "
+        raise ValueError(f"dsm_loss: cond must have x's shape {tuple(x.shape)} (it may share x's noise), got "
                          f"{tuple(cond.shape)}")
     if not 0.0 < eps < 1.0:
         raise ValueError(f"dsm_loss: eps must be in (0, 1), got {eps}")
@@ -261,6 +270,8 @@ def dsm_loss(
     x_t = ve_perturb(x, t, sigma, noise=z)
     if cond is None:
         c_t = None
+    elif condition_noise == "clean":
+        c_t = cond
     elif condition_noise == "shared":
         c_t = ve_perturb(cond, t, sigma, noise=z)
     else:

@@ -1,11 +1,13 @@
 """Typed wrappers of the ``torch.ops.mmer_ext`` operators, usable from any project.
 
-Each op family has its own module (schema and kernels under ``csrc/ops/<family>/``); pure-PyTorch references
-of every op are in :mod:`mmer_ext.ops._reference`.
+Each op family has its own module (schema and kernels under ``csrc/ops/<family>/``); pure-PyTorch references of every
+op are in :mod:`mmer_ext.ops._reference`; ``nn.Module`` forms (:class:`CMDLoss`, :class:`AngularAdjacency`,
+:class:`BlockGraphPropagate`) in :mod:`mmer_ext.ops.modules`.
 """
 
 from mmer_ext.ops.angular_adjacency import angular_adjacency, block_graph_propagate
 from mmer_ext.ops.cmd import central_moments, cmd, cmd_pairwise
+from mmer_ext.ops.modules import AngularAdjacency, BlockGraphPropagate, CMDLoss
 from mmer_ext.ops.diffusion_steps import (
     ddim_step,
     langevin_corrector_step,
@@ -17,6 +19,9 @@ from mmer_ext.ops.diffusion_steps import (
 )
 
 __all__ = [
+    "AngularAdjacency",
+    "BlockGraphPropagate",
+    "CMDLoss",
     "angular_adjacency",
     "block_graph_propagate",
     "central_moments",

@@ -9,6 +9,7 @@
 
 from mmer_ext.sampling.cuda_graph import CUDAGraphSampler, clear_cuda_graph_cache
 from mmer_ext.sampling.functional import (
+    CONDITION_MODES,
     SAMPLERS,
     sample,
     sample_ddim,
@@ -21,6 +22,7 @@ from mmer_ext.sampling.functional import (
 from mmer_ext.sampling.schedulers import VEScheduler, VESchedulerOutput, sample_with_scheduler
 
 __all__ = [
+    "CONDITION_MODES",
     "SAMPLERS",
     "CUDAGraphSampler",
     "VEScheduler",

@@ -45,7 +45,7 @@ from mmer_ext.sampling import functional as F
 
 __all__ = ["CUDAGraphSampler", "clear_cuda_graph_cache", "graphed_sample"]
 
-_COMMON = ("steps", "sigma", "eps", "schedule")
+_COMMON = ("steps", "sigma", "eps", "schedule", "condition_noise")
 _OPTION_NAMES = {
     "em": _COMMON,
     "pc": _COMMON + ("snr", "corrector_steps"),
@@ -54,7 +54,7 @@ _OPTION_NAMES = {
     "ddim": _COMMON + ("eta",),
 }
 _DEFAULTS = {"steps": 100, "sigma": 25.0, "eps": 1e-3, "schedule": "imder", "snr": 0.16, "corrector_steps": 1,
-             "eta": 0.0}
+             "eta": 0.0, "condition_noise": "shared"}
 
 
 def _require_cuda(cond: Tensor) -> None:
@@ -149,7 +149,7 @@ class CUDAGraphSampler:
         warmup: eager runs on a side stream before the capture (``>= 0``).
         clone_output: return a copy of the graph's output buffer (default) instead of the buffer itself, which the
             next replay of the same graph overwrites.
-        **options: the sampler's options (``steps``, ``sigma``, ``eps``, ``schedule``; ``snr`` and
+        **options: the sampler's options (``steps``, ``sigma``, ``eps``, ``schedule``, ``condition_noise``; ``snr`` and
             ``corrector_steps`` for pc, ``eta`` for ddim), checked now.
 
     ``sampler(cond, generator=None, x_init=None)`` returns the sample; ``cond`` must be a CUDA tensor. Equal to

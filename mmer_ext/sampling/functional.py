@@ -20,14 +20,23 @@ Common conventions (IMDer's, kept for every sampler so they are interchangeable)
   ``schedule="linear"`` / ``"karras"`` end the last step at ``t = 0`` instead, for few-step sampling (see ``schedule``
   in the samplers' arguments).
 * Start: ``x ~ N(0, std(1)^2 I)`` of ``cond``'s shape (IMDer ignores the data mean here), or ``x_init``.
-* Conditioning: *every* evaluation of the score sees a freshly re-noised condition ``c_t = cond + std(t') z`` at its
-  own time ``t'`` (:func:`mmer_ext.ops.ve_perturb`), as IMDer trains and samples.
+* Conditioning (``condition_noise``, the mode the score network was trained in, see
+  :func:`mmer_ext.models.score_net.dsm_loss`): ``"shared"`` (default, the authors') and ``"independent"``: *every*
+  evaluation of the score sees a freshly re-noised condition ``c_t = cond + std(t') z`` at its own time ``t'``
+  (:func:`mmer_ext.ops.ve_perturb`), as IMDer's sampler does; ``"clean"``: the score sees ``cond`` itself, never
+  perturbed (the standard conditional diffusion; no condition noise is drawn).
 * Randomness: ``generator`` (a ``torch.Generator`` on ``cond``'s device; ``None``: the device's default generator) is
   passed to every noisy op. The same generator state gives the same result, draw for draw. ``noise_sampler`` instead
   supplies each standard-normal tensor explicitly (``noise_sampler(like) -> Tensor`` shaped like ``like``), in this
-  order: the start (like ``cond``), then per score evaluation the condition noise (like ``cond``), then per noisy
-  update its noise (like ``x``). It exists for exact comparisons with a hand-written loop; it is slower.
+  order: the start (like ``cond``), then per score evaluation the condition noise (like ``cond``; none with
+  ``condition_noise="clean"``), then per noisy update its noise (like ``x``). It exists for exact comparisons with a
+  hand-written loop; it is slower.
 * The loop runs under ``torch.no_grad()`` unless ``grad=True`` (the ops are differentiable).
+* ``callback``: k-diffusion's per-step hook, ``callback({"x", "i", "t", "sigma", "score", "denoised"})``, called once
+  per grid step after the step's (first) score evaluation and before the update: ``x`` the sample at ``t = ts[i]``,
+  ``sigma = std(t)`` (0-d tensor), ``score`` the score there, ``denoised = x + sigma^2 * score`` (the Tweedie ``x0``
+  estimate, k-diffusion's ``denoised``). For progress bars and for watching ``x0`` form; it must not modify the
+  tensors (they are the loop's own).
 * ``B = 0``: an empty result is returned without calling ``score_fn`` (networks with norms over the batch often refuse
   empty inputs, and there is nothing to sample).
 
@@ -50,6 +59,7 @@ from torch import Tensor
 from mmer_ext import ops as _ops
 
 __all__ = [
+    "CONDITION_MODES",
     "SAMPLERS",
     "ScoreFn",
     "sample",
@@ -62,9 +72,15 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+StepCallback = Callable[[dict], object]
 NoiseSampler = Callable[[Tensor], Tensor]
 
 _METHODS = ("em", "pc", "ode", "ode-heun", "ddim")
+
+#: The condition modes of the score loss (:func:`mmer_ext.models.score_net.dsm_loss`) and the samplers. In sampling,
+#: ``"shared"`` and ``"independent"`` both re-noise the condition with fresh noise (there is no target noise to share);
+#: ``"clean"`` never perturbs it.
+CONDITION_MODES = ("shared", "independent", "clean")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,6 +214,7 @@ class _Plan:
     snr: float = 0.16
     corrector_steps: int = 1
     eta: float = 0.0
+    renoise_condition: bool = True  # False with condition_noise="clean"
     # DDIM through the VP parametrisation (``alpha_bar = 1 / (1 + std^2)``), per step i:
     ddim_in: Tensor | None = None  # 1 / sqrt(1 + std_i^2): VE -> VP
     ddim_eps: Tensor | None = None  # -std_i: score -> eps prediction
@@ -208,7 +225,7 @@ class _Plan:
 
 def _make_plan(method: str, batch: int, device: torch.device, dtype: torch.dtype, *, steps: int, sigma: float,
                eps: float, schedule: str = "imder", snr: float = 0.16, corrector_steps: int = 1,
-               eta: float = 0.0) -> _Plan:
+               eta: float = 0.0, condition_noise: str = "shared") -> _Plan:
     tdtype = _time_dtype(dtype)
     ts = ve_timesteps(steps, eps, device=device, dtype=tdtype, schedule=schedule, sigma=sigma)
     if schedule == "imder":
@@ -230,7 +247,8 @@ def _make_plan(method: str, batch: int, device: torch.device, dtype: torch.dtype
         extra = dict(ddim_in=ab.sqrt(), ddim_eps=-std, ddim_ab=ab, ddim_ab_next=ab_next,
                      ddim_out=ab_next.rsqrt())
     return _Plan(method=method, steps=steps, sigma=sigma, eps=eps, schedule=schedule, dts=dts, ts=ts,
-                 t_batch=t_batch, snr=snr, corrector_steps=corrector_steps, eta=eta, **extra)
+                 t_batch=t_batch, snr=snr, corrector_steps=corrector_steps, eta=eta,
+                 renoise_condition=condition_noise != "clean", **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,8 +280,14 @@ def _initial_sample(shape: torch.Size, dtype: torch.dtype, device: torch.device,
     return _ops.ve_perturb(zeros, 1.0, sigma, **noise(zeros))
 
 
-def _condition(cond: Tensor, t: Tensor, sigma: float, noise: _Noise) -> Tensor:
+def _condition(cond: Tensor, t: Tensor, sigma: float, noise: _Noise, renoise: bool = True) -> Tensor:
+    if not renoise:
+        return cond
     return _ops.ve_perturb(cond, t, sigma, **noise(cond))
+
+
+def _plan_condition(plan: _Plan, cond: Tensor, t: Tensor, noise: _Noise) -> Tensor:
+    return _condition(cond, t, plan.sigma, noise, plan.renoise_condition)
 
 
 def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
@@ -272,6 +296,13 @@ def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
         raise ValueError(f"score_fn must return a tensor shaped like x {tuple(x.shape)}, got {got}")
     return s
+
+
+def _report(callback: StepCallback | None, i: int, x: Tensor, t: Tensor, sigma: float, s: Tensor) -> None:
+    if callback is None:
+        return
+    std = _ops.ve_marginal_std(t, sigma)
+    callback({"x": x, "i": i, "t": t, "sigma": std, "score": s, "denoised": x + (std * std).to(x.dtype) * s})
 
 
 def _em_update(x: Tensor, score: Tensor, t: Tensor, dt: float, sigma: float, noise: _Noise) -> tuple[Tensor, Tensor]:
@@ -309,42 +340,50 @@ def _ddim_update(x: Tensor, score: Tensor, plan: _Plan, i: int, noise: _Noise) -
 # the loops (capturable: no host reads, no allocation that depends on data)
 
 
-def _loop_em(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_em(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+             callback: StepCallback | None = None) -> Tensor:
     mean = x
     for i in range(plan.steps):
         t = plan.ts[i]
-        s = _score(score_fn, x, plan.t_batch[i], _condition(cond, t, plan.sigma, noise))
+        s = _score(score_fn, x, plan.t_batch[i], _plan_condition(plan, cond, t, noise))
+        _report(callback, i, x, t, plan.sigma, s)
         x, mean = _em_update(x, s, t, plan.dts[i], plan.sigma, noise)
     return mean
 
 
-def _loop_pc(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_pc(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+             callback: StepCallback | None = None) -> Tensor:
     mean = x
     for i in range(plan.steps):
         t, tb = plan.ts[i], plan.t_batch[i]
         # Corrector first, then predictor (Song et al. 2021's pc_sampler order): the Langevin moves relax x towards
         # p_t before the EM step moves it to the next time.
         for _ in range(plan.corrector_steps):
-            s = _score(score_fn, x, tb, _condition(cond, t, plan.sigma, noise))
+            s = _score(score_fn, x, tb, _plan_condition(plan, cond, t, noise))
             x, _ = _langevin_update(x, s, plan.snr, noise)
-        s = _score(score_fn, x, tb, _condition(cond, t, plan.sigma, noise))
+        s = _score(score_fn, x, tb, _plan_condition(plan, cond, t, noise))
+        _report(callback, i, x, t, plan.sigma, s)
         x, mean = _em_update(x, s, t, plan.dts[i], plan.sigma, noise)
     return mean
 
 
-def _loop_ode(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_ode(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+              callback: StepCallback | None = None) -> Tensor:
     for i in range(plan.steps):
         t = plan.ts[i]
-        s = _score(score_fn, x, plan.t_batch[i], _condition(cond, t, plan.sigma, noise))
+        s = _score(score_fn, x, plan.t_batch[i], _plan_condition(plan, cond, t, noise))
+        _report(callback, i, x, t, plan.sigma, s)
         x = _ode_update(x, s, t, plan.dts[i], plan.sigma)
     return x
 
 
-def _loop_ode_heun(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_ode_heun(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+                   callback: StepCallback | None = None) -> Tensor:
     last = plan.steps - 1
     for i in range(plan.steps):
         t = plan.ts[i]
-        s = _score(score_fn, x, plan.t_batch[i], _condition(cond, t, plan.sigma, noise))
+        s = _score(score_fn, x, plan.t_batch[i], _plan_condition(plan, cond, t, noise))
+        _report(callback, i, x, t, plan.sigma, s)
         x_e = _ode_update(x, s, t, plan.dts[i], plan.sigma)
         if i == last:
             # The last step ends at t = 0 (or below, on IMDer's grid), where the score is not defined (the network
@@ -352,14 +391,16 @@ def _loop_ode_heun(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, nois
             x = x_e
             break
         t2 = plan.ts[i + 1]
-        s2 = _score(score_fn, x_e, plan.t_batch[i + 1], _condition(cond, t2, plan.sigma, noise))
+        s2 = _score(score_fn, x_e, plan.t_batch[i + 1], _plan_condition(plan, cond, t2, noise))
         x = _heun_average(x, _ode_update(x_e, s2, t2, plan.dts[i], plan.sigma))
     return x
 
 
-def _loop_ddim(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise) -> Tensor:
+def _loop_ddim(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _Noise,
+               callback: StepCallback | None = None) -> Tensor:
     for i in range(plan.steps):
-        s = _score(score_fn, x, plan.t_batch[i], _condition(cond, plan.ts[i], plan.sigma, noise))
+        s = _score(score_fn, x, plan.t_batch[i], _plan_condition(plan, cond, plan.ts[i], noise))
+        _report(callback, i, x, plan.ts[i], plan.sigma, s)
         x, _ = _ddim_update(x, s, plan, i, noise)
     return x
 
@@ -367,18 +408,26 @@ def _loop_ddim(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x: Tensor, noise: _
 _LOOPS = {"em": _loop_em, "pc": _loop_pc, "ode": _loop_ode, "ode-heun": _loop_ode_heun, "ddim": _loop_ddim}
 
 
-def _run(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x_init: Tensor | None, noise: _Noise) -> Tensor:
-    """The capturable part of a sampler call: start sample, then the loop."""
+def _run(plan: _Plan, score_fn: ScoreFn, cond: Tensor, x_init: Tensor | None, noise: _Noise,
+         callback: StepCallback | None = None) -> Tensor:
+    """The capturable part of a sampler call (without ``callback``): start sample, then the loop."""
     x = x_init if x_init is not None else _initial_sample(cond.shape, cond.dtype, cond.device, plan.sigma, noise)
-    return _LOOPS[plan.method](plan, score_fn, cond, x, noise)
+    return _LOOPS[plan.method](plan, score_fn, cond, x, noise, callback)
+
+
+def _check_condition_noise(condition_noise: object) -> str:
+    if condition_noise not in CONDITION_MODES:
+        raise ValueError(f"condition_noise must be one of {list(CONDITION_MODES)}, got {condition_noise!r}")
+    return str(condition_noise)
 
 
 def _checked_options(method: str, *, steps, sigma, eps, schedule="imder", snr=0.16, corrector_steps=1,
-                     eta=0.0) -> dict:
+                     eta=0.0, condition_noise="shared") -> dict:
     steps, sigma, eps = _check_common(steps, sigma, eps)
     if schedule not in _SCHEDULES:
         raise ValueError(f"schedule must be one of {list(_SCHEDULES)}, got {schedule!r}")
-    opts = dict(steps=steps, sigma=sigma, eps=eps, schedule=schedule)
+    opts = dict(steps=steps, sigma=sigma, eps=eps, schedule=schedule,
+                condition_noise=_check_condition_noise(condition_noise))
     if method == "pc":
         opts["snr"] = _check_float("snr", snr, low=0.0)
         opts["corrector_steps"] = _check_int("corrector_steps", corrector_steps, 0)
@@ -389,9 +438,11 @@ def _checked_options(method: str, *, steps, sigma, eps, schedule="imder", snr=0.
 
 
 def _sample(method: str, score_fn: ScoreFn, cond: Tensor, *, generator, x_init, noise_sampler, grad, cuda_graph,
-            **options) -> Tensor:
+            callback=None, **options) -> Tensor:
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable (x, t, cond) -> score, got {type(score_fn).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     cond = _check_cond(cond)
     _check_x_init(x_init, cond)
     _check_randomness(generator, noise_sampler, cond)
@@ -402,12 +453,15 @@ def _sample(method: str, score_fn: ScoreFn, cond: Tensor, *, generator, x_init, 
         if noise_sampler is not None or grad:
             raise ValueError("cuda_graph=True draws its noise inside the graph and runs without autograd: "
                              "noise_sampler and grad=True are not supported with it")
+        if callback is not None:
+            raise ValueError("cuda_graph=True replays the loop without running Python: callback is not supported "
+                             "with it")
         return _cg.graphed_sample(method, score_fn, cond, generator=generator, x_init=x_init, **opts)
     if cond.shape[0] == 0:
         return torch.empty_like(cond)
     plan = _make_plan(method, cond.shape[0], cond.device, cond.dtype, **opts)
     with contextlib.nullcontext() if grad else torch.no_grad():
-        return _run(plan, score_fn, cond, x_init, _Noise(generator, noise_sampler))
+        return _run(plan, score_fn, cond, x_init, _Noise(generator, noise_sampler), callback)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,10 +483,14 @@ _COMMON_DOC = """
             about ``dt / (2 s^2)`` for data of std ``s`` with the deterministic samplers (a few percent at 20 steps):
             prefer ``"linear"`` for few-step ODE/Heun/EM and ``"karras"`` for few-step DDIM. DDIM's last step always
             lands on ``std = 0``, so ``"imder"`` and ``"linear"`` are the same for it.
+        condition_noise: the mode the score network was trained in (:data:`CONDITION_MODES`). ``"shared"``
+            (default, the authors' sampler) and ``"independent"``: every score evaluation sees the condition
+            re-noised with fresh noise at its time; ``"clean"``: it sees ``cond`` as is (draws no condition noise).
         generator: ``torch.Generator`` on ``cond``'s device for every noise draw (``None``: the device's default).
         x_init: start sample shaped like ``cond`` (default: ``N(0, std(1)^2)``, drawn from ``generator``).
         noise_sampler: ``f(like) -> standard normal tensor shaped like like``, replacing ``generator`` (exact tests).
         grad: run with autograd enabled (default: under ``torch.no_grad()``).
+        callback: ``callback(info)`` once per grid step, k-diffusion's convention (see the module docstring).
         cuda_graph: capture the whole loop in a CUDA graph on the first call with this score_fn / shape / dtype /
             options, replay it on later calls (:mod:`mmer_ext.sampling.cuda_graph`; CUDA tensors only, ``score_fn``
             must be capturable).
@@ -440,49 +498,57 @@ _COMMON_DOC = """
 
 
 def sample_em(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, sigma: float = 25.0, eps: float = 1e-3,
-              schedule: str = "imder", generator: torch.Generator | None = None, x_init: Tensor | None = None,
-              noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False) -> Tensor:
+              schedule: str = "imder", condition_noise: str = "shared", generator: torch.Generator | None = None,
+              x_init: Tensor | None = None, noise_sampler: NoiseSampler | None = None, grad: bool = False,
+              cuda_graph: bool = False,
+              callback: StepCallback | None = None) -> Tensor:
     """IMDer's Euler–Maruyama sampler of the reverse VE SDE (its default: 100 steps).
 
-    Per step ``i`` with ``t = ts[i]``: ``c_t = cond + std(t) z1``; ``mean = x + g(t)^2 score_fn(x, t, c_t) dt``;
+    Per step ``i`` with ``t = ts[i]``: ``c_t = cond + std(t) z1`` (``c_t = cond`` when ``condition_noise="clean"``);
+    ``mean = x + g(t)^2 score_fn(x, t, c_t) dt``;
     ``x = mean + sqrt(dt) g(t) z2``. Returns the last ``mean`` (no noise on the final step), as IMDer does.
     """
-    return _sample("em", score_fn, cond, steps=steps, sigma=sigma, eps=eps, schedule=schedule, generator=generator,
-                   x_init=x_init, noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph)
+    return _sample("em", score_fn, cond, steps=steps, sigma=sigma, eps=eps, schedule=schedule,
+                   condition_noise=condition_noise, generator=generator,
+                   x_init=x_init, noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph, callback=callback)
 
 
 def sample_pc(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, snr: float = 0.16, corrector_steps: int = 1,
-              sigma: float = 25.0, eps: float = 1e-3, schedule: str = "imder",
+              sigma: float = 25.0, eps: float = 1e-3, schedule: str = "imder", condition_noise: str = "shared",
               generator: torch.Generator | None = None, x_init: Tensor | None = None,
-              noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False) -> Tensor:
+              noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False,
+              callback: StepCallback | None = None) -> Tensor:
     """Predictor–corrector sampler (Song et al. 2021): per grid time, ``corrector_steps`` Langevin moves
     (:func:`mmer_ext.ops.langevin_corrector_step`, step size from the signal-to-noise ratio ``snr`` and the
     per-sample norms of score and noise) then one Euler–Maruyama step. Returns the last EM mean.
 
-    Each Langevin move and the EM step evaluate the score with their own re-noised condition.
+    Each Langevin move and the EM step evaluate the score with their own re-noised condition (unless
+    ``condition_noise="clean"``).
     ``corrector_steps = 0`` is :func:`sample_em` (same draws).
     """
     return _sample("pc", score_fn, cond, steps=steps, sigma=sigma, eps=eps, schedule=schedule, snr=snr,
-                   corrector_steps=corrector_steps, generator=generator, x_init=x_init, noise_sampler=noise_sampler,
-                   grad=grad, cuda_graph=cuda_graph)
+                   corrector_steps=corrector_steps, condition_noise=condition_noise, generator=generator,
+                   x_init=x_init, noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph, callback=callback)
 
 
 def sample_ode(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, method: str = "euler", sigma: float = 25.0,
-               eps: float = 1e-3, schedule: str = "imder", generator: torch.Generator | None = None,
-               x_init: Tensor | None = None, noise_sampler: NoiseSampler | None = None, grad: bool = False,
-               cuda_graph: bool = False) -> Tensor:
+               eps: float = 1e-3, schedule: str = "imder", condition_noise: str = "shared",
+               generator: torch.Generator | None = None, x_init: Tensor | None = None,
+               noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False,
+               callback: StepCallback | None = None) -> Tensor:
     """Probability-flow ODE ``dx/dt = -g(t)^2 score / 2``, integrated from ``t = 1`` downwards.
 
     ``method="euler"``: ``x += g(t)^2 score dt / 2`` (:func:`mmer_ext.ops.ve_ode_step`) per step. ``method="heun"``:
-    the Euler step to ``ts[i+1]``, a second score evaluation there (with its own condition noise), and the trapezoid
+    the Euler step to ``ts[i+1]``, a second score evaluation there (with its own condition noise, if any), the trapezoid
     average of the two slopes; the last step (which ends at or below ``t = 0``, where the score is not defined) is
-    plain Euler, so ``2 * steps - 1`` evaluations. The only randomness is the start and the condition noise.
+    plain Euler, so ``2 * steps - 1`` evaluations. The only randomness is the start and the condition noise (none when
+    ``condition_noise="clean"``: then the map from the start to the sample is deterministic).
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
     return _sample("ode-heun" if method == "heun" else "ode", score_fn, cond, steps=steps, sigma=sigma, eps=eps,
-                   schedule=schedule, generator=generator, x_init=x_init, noise_sampler=noise_sampler, grad=grad,
-                   cuda_graph=cuda_graph)
+                   schedule=schedule, condition_noise=condition_noise, generator=generator, x_init=x_init,
+                   noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph, callback=callback)
 
 
 def sample_ode_heun(score_fn: ScoreFn, cond: Tensor, **kwargs) -> Tensor:
@@ -493,9 +559,10 @@ def sample_ode_heun(score_fn: ScoreFn, cond: Tensor, **kwargs) -> Tensor:
 
 
 def sample_ddim(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, eta: float = 0.0, sigma: float = 25.0,
-                eps: float = 1e-3, schedule: str = "imder", generator: torch.Generator | None = None,
-                x_init: Tensor | None = None, noise_sampler: NoiseSampler | None = None, grad: bool = False,
-                cuda_graph: bool = False) -> Tensor:
+                eps: float = 1e-3, schedule: str = "imder", condition_noise: str = "shared",
+                generator: torch.Generator | None = None, x_init: Tensor | None = None,
+                noise_sampler: NoiseSampler | None = None, grad: bool = False, cuda_graph: bool = False,
+                callback: StepCallback | None = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) for the VE score model, through :func:`mmer_ext.ops.ddim_step`.
 
     Per step: ``ab = 1 / (1 + std(t)^2)``, ``x_vp = x / sqrt(1 + std^2)``, ``eps_hat = -std * score``; the DDIM
@@ -504,7 +571,8 @@ def sample_ddim(score_fn: ScoreFn, cond: Tensor, *, steps: int = 100, eta: float
     probability-flow ODE; ``eta`` in ``(0, 1]`` adds the ancestral noise. Returns the final ``x0`` prediction.
     """
     return _sample("ddim", score_fn, cond, steps=steps, sigma=sigma, eps=eps, schedule=schedule, eta=eta,
-                   generator=generator, x_init=x_init, noise_sampler=noise_sampler, grad=grad, cuda_graph=cuda_graph)
+                   condition_noise=condition_noise, generator=generator, x_init=x_init, noise_sampler=noise_sampler,
+                   grad=grad, cuda_graph=cuda_graph, callback=callback)
 
 
 for _f in (sample_em, sample_pc, sample_ode, sample_ddim):

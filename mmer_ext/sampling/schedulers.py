@@ -23,6 +23,10 @@ ts[N-1]`` (``2N - 1`` entries). The first call of a pair takes the Euler step an
 score is wanted (its time is the next entry); the second call gets the score there and returns the Heun-corrected
 sample. The final entry is a plain Euler step. The same user loop above drives it unchanged.
 
+The options round-trip through a plain, JSON-serialisable dict, as diffusers' ``ConfigMixin`` does (without
+depending on diffusers): ``VEScheduler.from_config(sched.config)`` is an equal scheduler, and
+``sched.save_config(dir)`` / ``VEScheduler.from_config(dir)`` go through ``dir/scheduler_config.json``.
+
 ``step`` tracks its position with a counter: call it once per entry of ``.timesteps``, in order (``set_timesteps``
 resets it). ``t`` itself is passed to the ops (so a float or a tensor with the grid's value both work).
 """
@@ -30,7 +34,12 @@ resets it). ``t`` itself is passed to the ops (so a float or a tensor with the g
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,7 +47,9 @@ from torch import Tensor
 from mmer_ext import ops as _ops
 from mmer_ext.sampling import functional as F
 
-__all__ = ["VEScheduler", "VESchedulerOutput", "sample_with_scheduler"]
+__all__ = ["CONFIG_NAME", "VEScheduler", "VESchedulerOutput", "sample_with_scheduler"]
+
+CONFIG_NAME = "scheduler_config.json"  # diffusers' file name for a scheduler's config
 
 
 @dataclass
@@ -69,19 +80,24 @@ class VEScheduler:
         eta: DDIM's noise level in ``[0, 1]`` (``"ddim"`` only).
         schedule: ``"imder"`` (IMDer's grid and uniform ``dt``), ``"linear"`` or ``"karras"``, as in
             :func:`mmer_ext.sampling.sample_em`.
+        condition_noise: the score network's condition mode, as in :func:`mmer_ext.sampling.sample_em`:
+            ``"shared"`` (default) / ``"independent"``: :meth:`scale_condition` re-noises the condition;
+            ``"clean"``: it returns the condition unchanged.
     """
 
     def __init__(self, method: str = "em", sigma: float = 25.0, eps: float = 1e-3, snr: float = 0.16,
-                 corrector_steps: int = 1, eta: float = 0.0, schedule: str = "imder"):
+                 corrector_steps: int = 1, eta: float = 0.0, schedule: str = "imder",
+                 condition_noise: str = "shared"):
         if method not in F._METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {list(F._METHODS)}")
         # steps is checked in set_timesteps; 1 stands in here so the shared checks can run now.
         opts = F._checked_options(method, steps=1, sigma=sigma, eps=eps, schedule=schedule, snr=snr,
-                                  corrector_steps=corrector_steps, eta=eta)
+                                  corrector_steps=corrector_steps, eta=eta, condition_noise=condition_noise)
         self.method = method
         self.sigma = opts["sigma"]
         self.eps = opts["eps"]
         self.schedule = opts["schedule"]
+        self.condition_noise = opts["condition_noise"]
         self.snr = opts.get("snr", float(snr))
         self.corrector_steps = opts.get("corrector_steps", 0)
         self.eta = opts.get("eta", 0.0)
@@ -92,10 +108,66 @@ class VEScheduler:
         self._index = 0
         self._heun_start: Tensor | None = None
 
+    _CONFIG_KEYS = ("method", "sigma", "eps", "snr", "corrector_steps", "eta", "schedule")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments as a new plain dict (JSON-serialisable): ``VEScheduler(**config)`` rebuilds an
+        equal scheduler. Options the method does not use hold the values it runs with (``corrector_steps = 0``
+        outside ``"pc"``, ``eta = 0`` outside ``"ddim"``)."""
+        return {key: getattr(self, key) for key in self._CONFIG_KEYS}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> VEScheduler:
+        """A scheduler from :attr:`config` (a mapping), or from a ``scheduler_config.json`` written by
+        :meth:`save_config` (its path, or the directory holding it); ``overrides`` replace entries.
+
+        Keys starting with ``_`` (``_class_name``, versions) are metadata; any other unknown key is an error, so a
+        misspelt option is not silently dropped.
+        """
+        if not isinstance(config, Mapping):
+            config = cls.load_config(config)
+        unknown = sorted(k for k in {**config, **overrides} if k not in cls._CONFIG_KEYS and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"VEScheduler.from_config: unknown keys {unknown}; expected {list(cls._CONFIG_KEYS)}")
+        class_name = config.get("_class_name", cls.__name__)
+        if class_name != cls.__name__:
+            raise ValueError(f"VEScheduler.from_config: the config is for {class_name!r}, not {cls.__name__!r}")
+        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @staticmethod
+    def load_config(path: str | os.PathLike) -> dict[str, Any]:
+        """Read a saved config: ``path`` is the JSON file or the directory holding ``scheduler_config.json``."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"VEScheduler.load_config: no scheduler config at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"VEScheduler.load_config: {path} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"VEScheduler.load_config: {path} must hold a JSON object, got {type(config).__name__}")
+        return config
+
+    def save_config(self, save_directory: str | os.PathLike) -> Path:
+        """Write :attr:`config` (with ``_class_name`` and the mmer_ext version) to
+        ``save_directory/scheduler_config.json``, atomically; returns the file's path."""
+        from mmer_ext import __version__
+        from mmer_ext._atomic import atomic_write_text
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {"_class_name": type(self).__name__, "_mmer_ext_version": __version__, **self.config}
+        return atomic_write_text(directory / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
     def __repr__(self) -> str:
         return (f"VEScheduler(method={self.method!r}, sigma={self.sigma}, eps={self.eps}, snr={self.snr}, "
                 f"corrector_steps={self.corrector_steps}, eta={self.eta}, schedule={self.schedule!r}, "
-                f"num_inference_steps={self.num_inference_steps})")
+                f"condition_noise={self.condition_noise!r}, num_inference_steps={self.num_inference_steps})")
 
     @property
     def init_noise_sigma(self) -> float:
@@ -114,7 +186,7 @@ class VEScheduler:
         # The batch size only shapes the functional sampler's [steps, B] time table, unused here.
         self._plan = F._make_plan(self.method, 0, device, dtype, steps=steps, sigma=self.sigma, eps=self.eps,
                                   schedule=self.schedule, snr=self.snr, corrector_steps=self.corrector_steps,
-                                  eta=self.eta)
+                                  eta=self.eta, condition_noise=self.condition_noise)
         ts = self._plan.ts
         if self.method == "ode-heun":
             ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
@@ -158,8 +230,9 @@ class VEScheduler:
         return F._initial_sample(torch.Size(shape), dtype, device, self.sigma, F._Noise(generator))
 
     def scale_condition(self, cond: Tensor, t: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
-        """IMDer's conditioning at time ``t``: ``cond + std(t) z`` with fresh noise (call it per score evaluation)."""
-        return F._condition(cond, t, self.sigma, F._Noise(generator))
+        """The condition the score sees at time ``t`` (call it per score evaluation): ``cond + std(t) z`` with fresh
+        noise (IMDer's), or ``cond`` itself with ``condition_noise="clean"``."""
+        return F._condition(cond, t, self.sigma, F._Noise(generator), self.condition_noise != "clean")
 
     def step_correct(self, score: Tensor, x: Tensor, generator: torch.Generator | None = None) -> VESchedulerOutput:
         """One Langevin corrector move at the current time (``"pc"``); does not advance the step counter."""

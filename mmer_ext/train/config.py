@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["TrainConfig", "ConfigError", "Limits", "check_field", "load_config", "config_to_dict", "validate"]
 
-MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei")
+MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei",
+          "imder-authors")
 CORRUPTIONS = ("zero", "gaussian", "impulse")
 # Score-based recovery samplers of IMDer (mmer_ext.sampling.SAMPLERS).
 SAMPLER_NAMES = ("em", "pc", "ode", "ode-heun", "ddim")
@@ -49,12 +50,14 @@ class Limits:
     each: bool = False
 
 
-def _limited(default: Any = MISSING, *, default_factory: Any = MISSING, metadata: dict[str, Any] | None = None,
-             **limits: Any) -> Any:
-    """A dataclass field whose ``metadata["limits"]`` holds its :class:`Limits` (other metadata, such as help text,
-    passes through)."""
-    return field(default=default, default_factory=default_factory,
-                 metadata={**(metadata or {}), "limits": Limits(**limits)})
+def _opt(default: Any = None, help: str = "", *, factory: Any = None, limits: Limits | None = None, **cli: Any) -> Any:
+    """A config field with its command-line help (``metadata["help"]``), flag settings (``metadata["cli"]``:
+    ``flag`` renames it, ``choices`` limits it, ``flag=None`` leaves it to ``--set`` and config files) and the values
+    it accepts (``metadata["limits"]``, checked by :func:`validate` however the value was given)."""
+    metadata = {"help": help, "cli": cli, "limits": limits}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _missing_rate_choices() -> tuple[float, ...]:
@@ -65,47 +68,68 @@ def _missing_rate_choices() -> tuple[float, ...]:
 
 # torch.manual_seed takes 64-bit seeds and the trainer mixes them modulo 2**63 - 1: beyond that two seeds would alias.
 MAX_SEED = 2**63 - 2
+MR_LIMITS = Limits(choices=_missing_rate_choices(), what="IMDer's missing rates")
 
 
 @dataclass
 class TrainConfig:
-    model: str = _limited("mmin", choices=MODELS)
-    # "synthetic", "synthetic:small", "iemocap:PATH", "msp:PATH"; for mmgcn "synthetic-dialogue",
-    # "iemocap-erc:PATH", "meld:PATH" or "dialogues:DIR" (see mmer_ext.data.load_dataset).
-    data: str = _limited("synthetic", pattern=r".+", what="a data source such as synthetic or iemocap:PATH")
-    # Extra keyword arguments of the data source (sizes of the synthetic set, norm_method of the real one, ...).
-    data_options: dict[str, Any] = field(default_factory=dict)
-    fold: int = _limited(1, ge=1)
-    seed: int = _limited(0, ge=0, le=MAX_SEED)
-    out_dir: str = _limited("runs/train", pattern=r".*\S.*", what="a directory path")
-    device: str = _limited("auto", pattern=r"auto|cpu|cuda(:\d+)?", what="auto, cpu, cuda or cuda:N")
-    # None keeps the recipe's value; for a two-stage model they apply to every stage.
-    epochs: int | None = _limited(None, ge=1)
-    epochs_decay: int | None = _limited(None, ge=0)
-    # Total epochs per stage name ("teacher", "student", "main"); beats `epochs` for the stages it names.
-    stage_epochs: dict[str, int] = _limited(default_factory=dict, ge=1, each=True)
-    batch_size: int | None = _limited(None, ge=1)
-    lr: float | None = _limited(None, gt=0)
-    # The NMER noise scheduler's intensity T (the number of diffusion steps the noise level is drawn from).
-    noise_steps: int = _limited(100, ge=1)
-    # How missing modalities are corrupted; None keeps the recipe's choice (zeros, or NMER's Gaussian noise).
-    corruption: str | None = _limited(None, choices=CORRUPTIONS)
-    num_workers: int = _limited(0, ge=0)
-    progress: bool = True
-    # Write a resumable checkpoint every epoch and pick it up when the same out_dir is trained again.
-    resume: bool = True
-    # Per-stage overrides of the model's constructor arguments, e.g. {"student": {"cycle_weight": 1.0}}.
-    hparams: dict[str, Any] = field(default_factory=dict)
-    # IMDer (sequence data): the missing rate MR of the missing-data stage, and how missingness is drawn --
-    # "per-sample" (each sample its own pattern) or "per-batch" (the authors': whole batches share one pattern).
-    missing_rate: float = _limited(0.1, choices=_missing_rate_choices(), what="IMDer's missing rates")
-    missing_protocol: str = _limited("per-sample", choices=MISSING_PROTOCOLS)
-    # The MRs the test split is evaluated at (IMDer's sweep).
-    eval_missing_rates: list[float] = _limited(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
-                                               choices=_missing_rate_choices(), what="IMDer's missing rates", each=True)
-    # IMDer's recovery sampler and its number of steps (None keeps the recipe's: 100-step Euler-Maruyama).
-    sampler: str | None = _limited(None, choices=SAMPLER_NAMES)
-    sampler_steps: int | None = _limited(None, ge=1)
+    """Everything ``mmer-ext train`` can set. The command line's flags and their help are generated from these
+    fields (:mod:`mmer_ext.cli.train`); a field left at ``None`` keeps the recipe's value."""
+
+    model: str = _opt("mmin", "the recipe to train; mmin, ifmmin and nmer train a teacher, then a student",
+                      choices=MODELS, limits=Limits(choices=MODELS))
+    data: str = _opt("synthetic", "data source, one of the forms listed under 'data sources' (mmer_ext.data.specs)",
+                     metavar="SPEC", limits=Limits(pattern=r".+", what="a data source such as synthetic or "
+                                                                                      "iemocap:PATH"))
+    data_options: dict[str, Any] = _opt(
+        factory=dict, help="extra keyword arguments of the data source (the synthetic set's preset and sizes, "
+        "norm_method of the real features, ...)", flag=None)
+    fold: int = _opt(1, "cross-validation fold of the real utterance data, 1-based", limits=Limits(ge=1))
+    seed: int = _opt(0, "seeds the weights, the data order, the missing conditions and the synthetic data",
+                     limits=Limits(ge=0, le=MAX_SEED))
+    out_dir: str = _opt("runs/train", "run directory: checkpoints, metrics.csv, run.json, the final model",
+                        flag="--out", metavar="DIR", limits=Limits(pattern=r".*\S.*", what="a directory path"))
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N",
+                       limits=Limits(pattern=r"auto|cpu|cuda(:\d+)?", what="auto, cpu, cuda or cuda:N"))
+    epochs: int | None = _opt(None, "total epochs of every stage (the recipe's constant/decay split is kept; "
+                                    "default: the recipe's)", limits=Limits(ge=1))
+    epochs_decay: int | None = _opt(None, "of those, the epochs of linear LR decay (default: the recipe's share)",
+                                  limits=Limits(ge=0))
+    stage_epochs: dict[str, int] = _opt(factory=dict, help="total epochs per stage name (teacher, student, main, "
+                                        "pretrain); beats epochs for the stages it names", flag=None,
+                                        limits=Limits(ge=1, each=True))
+    batch_size: int | None = _opt(None, "batch size of every stage (default: the recipe's)", limits=Limits(ge=1))
+    lr: float | None = _opt(None, "learning rate of every stage (default: the recipe's)", limits=Limits(gt=0))
+    noise_steps: int = _opt(100, "NMER noise scheduler intensity T: the diffusion steps the noise level is drawn "
+                                 "from", limits=Limits(ge=1))
+    corruption: str | None = _opt(None, "how missing modalities are presented: zeroed or noised (default: the "
+                                        "recipe's: zeros, Gaussian noise for NMER)", choices=CORRUPTIONS,
+                                    limits=Limits(choices=CORRUPTIONS))
+    num_workers: int = _opt(0, "DataLoader worker processes", limits=Limits(ge=0))
+    progress: bool = _opt(True, "show progress bars")
+    resume: bool = _opt(True, "resume from the checkpoints in the run directory (--no-resume: retrain afresh)")
+    keep_checkpoints: int = _opt(1, "epoch checkpoints kept per stage besides the best one (-1: all); a "
+                                    "finished stage drops its optimizer state", metavar="N",
+                                 limits=Limits(ge=-1))
+    tensorboard: bool = _opt(True, "also log the per-epoch metrics to RUN/tensorboard when tensorboard is "
+                                   "installed (pip install 'mmer_ext[tensorboard]')")
+    hparams: dict[str, Any] = _opt(factory=dict, help="per-stage constructor arguments of the model, e.g. "
+                                   "hparams.student.cycle_weight=1", flag=None)
+    missing_rate: float = _opt(0.1, "imder: missing rate MR of the missing-data stage, one of 0.0 ... 0.7",
+                               limits=MR_LIMITS)
+    missing_protocol: str = _opt("per-sample", "imder: each sample its own missing pattern (per-sample) or the "
+                                               "authors' whole-batch patterns (per-batch)", choices=MISSING_PROTOCOLS,
+                                 limits=Limits(choices=MISSING_PROTOCOLS))
+    eval_missing_rates: list[float] = _opt(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                                           help="imder: the missing rates the test split is evaluated at",
+                                           metavar="MR", limits=Limits(choices=MR_LIMITS.choices, what=MR_LIMITS.what,
+                                                                       each=True))
+    sampler: str | None = _opt(None, "imder: the recovery sampler -- em (Euler-Maruyama, the authors'), pc "
+                                     "(predictor-corrector), ode (probability-flow Euler), ode-heun, ddim "
+                                     "(default: the recipe's em)", choices=SAMPLER_NAMES,
+                                 limits=Limits(choices=SAMPLER_NAMES))
+    sampler_steps: int | None = _opt(None, "imder: sampler steps (default: the recipe's 100)", flag="--steps",
+                                     limits=Limits(ge=1))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -202,6 +226,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not isinstance(given, dict):
             raise ConfigError(f"hparams.{stage} must map constructor arguments to values (hparams.{stage}.NAME=VALUE), "
                               f"got {given!r}")
+    if cfg.keep_checkpoints == 0:  # -1 means all; the declared limit admits it
+        raise ConfigError(f"keep_checkpoints must be at least 1, or -1 for all, got {cfg.keep_checkpoints}")
     if not cfg.eval_missing_rates:
         raise ConfigError("eval_missing_rates must name at least one missing rate")
     return cfg

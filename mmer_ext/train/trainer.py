@@ -8,10 +8,15 @@ ends with the same weights as a run that was never interrupted.
 
 Layout of ``out_dir``::
 
-    run.json                     the resolved config, the recipe and the data description
+    run.json                     the resolved config, the recipe, the data, the plan, versions, git commit, device
+    metrics.csv                  one row per trained epoch: stage, epoch, lr, seconds, train losses, val metrics
+    tensorboard/<stage>/         the same as TensorBoard events (when tensorboard is installed)
+    training_curves.png          losses and validation metrics per epoch, drawn when training ends
     <stage>/latest.json          points at the newest complete (weights, state) pair of that stage
-    <stage>/epoch-NNN.safetensors, epoch-NNN.state.pt
-    <stage>/best.safetensors     the weights with the best validation metric so far
+    <stage>/epoch-NNN.safetensors  the newest `keep_checkpoints` epochs' weights
+    <stage>/epoch-NNN.state.pt   optimizer, scheduler and progress of the newest epoch (deleted when the stage ends)
+    <stage>/best.safetensors     the weights with the best validation metric so far (a hard link to its epoch file
+                                 while that one is kept)
     <stage>/done.json            the stage finished: best epoch and its validation metrics
     model.safetensors            the final model (last stage, best epoch), self-describing
     test_metrics.json            the final model on the test split, six conditions and full
@@ -48,7 +53,10 @@ from mmer_ext.train.checkpoint import (
 from mmer_ext.train.config import CORRUPTIONS, ConfigError, TrainConfig, config_to_dict, load_config, validate
 from mmer_ext.train.distributed import DistContext, init_distributed, resolve_device
 from mmer_ext.train.evaluation import evaluate_missing_rates, evaluate_model, to_device, with_missing_patterns
+from mmer_ext.train.plan import format_plan, make_plan
+from mmer_ext.train.retention import drop_states, epoch_name, link_or_copy, prune_epochs
 from mmer_ext.train.rundir import check_out_dir, inside, run_lock
+from mmer_ext.train.tracking import RunTracker, run_environment
 from mmer_ext.train.views import STAGE_DATA_MODES, check_data_kind, views_for
 
 __all__ = ["fit", "FitResult", "resolve_stages", "build_models", "load_model", "train_stage", "evaluate_split"]
@@ -73,6 +81,14 @@ def _derive_seed(*parts: int) -> int:
     for p in parts:
         value = (value * 1_000_003 + int(p) + 1) % (2**63 - 1)
     return value
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
@@ -188,6 +204,19 @@ class FitResult:
     metadata: dict[str, Any]
 
 
+def _stated_hparams(stage: Stage) -> dict[str, Any]:
+    """The stage's hparams with every constructor argument whose default has changed written out (its current
+    default unless the stage sets it), so that the file keeps its meaning when a default changes again."""
+    legacy = getattr(stage.model, "legacy_defaults", {})
+    params = inspect.signature(stage.model).parameters
+    return {**{k: params[k].default for k in legacy if k in params}, **stage.hparams}
+
+
+def _restored_hparams(stage: Stage, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Saved hparams without a key of ``legacy_defaults`` were written when its default was the legacy value."""
+    return {**getattr(stage.model, "legacy_defaults", {}), **hparams}
+
+
 def _model_metadata(cfg: TrainConfig, stages: tuple[Stage, ...], upto: int, dims, num_classes: int,
                     class_names, extra: dict[str, Any] | None = None, data_kw: dict[str, Any] | None = None,
                     ) -> dict[str, Any]:
@@ -195,7 +224,7 @@ def _model_metadata(cfg: TrainConfig, stages: tuple[Stage, ...], upto: int, dims
         "format": FORMAT_VERSION,
         "recipe": cfg.model,
         "stages": [s.name for s in stages[: upto + 1]],
-        "hparams": [s.hparams for s in stages[: upto + 1]],
+        "hparams": [_stated_hparams(s) for s in stages[: upto + 1]],
         "corruption": stages[upto].corruption,
         "noise_steps": cfg.noise_steps,
         "dims": list(dims),
@@ -267,7 +296,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", *,
 
     meta = check_model_metadata(path, read_weights_metadata(path))
     recipe = RECIPES[meta["recipe"]]
-    stages = tuple(replace(s, hparams=h) for s, h in zip(recipe, meta["hparams"]))
+    stages = tuple(replace(s, hparams=_restored_hparams(s, h)) for s, h in zip(recipe, meta["hparams"]))
     try:
         models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"], meta.get("data_kwargs"))
     except (TypeError, ValueError, KeyError) as e:
@@ -326,8 +355,9 @@ def _stage_done(stage_dir: Path) -> dict[str, Any] | None:
 def _pointer(latest: Path) -> dict[str, Path]:
     """The (weights, state) files ``latest.json`` names, each resolved inside its stage directory."""
     pointer = _read_json(latest)
-    if not isinstance(pointer, dict):
-        raise CheckpointError(f"{str(latest)!r} must hold a JSON object; delete it or train with --no-resume")
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("epoch"), int):
+        raise CheckpointError(f"{str(latest)!r} must hold a JSON object with weights, state and epoch; delete it or "
+                              "train with --no-resume")
     return {key: inside(latest.parent, pointer.get(key), f"{latest} key {key!r}") for key in ("weights", "state")}
 
 
@@ -344,6 +374,7 @@ def train_stage(
     num_classes: int,
     metadata: dict[str, Any],
     log: Callable[[str], None],
+    tracker: RunTracker | None = None,
 ) -> StageResult:
     start_time = time.perf_counter()
     total_epochs = stage.epochs + stage.epochs_decay
@@ -388,6 +419,8 @@ def train_stage(
         best_metric, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
         history, best_val = json.loads(state["history"]), json.loads(state["best_val"])
         log(f"[{stage.name}] resuming after epoch {first_epoch} from {stage_dir}")
+    if tracker is not None:
+        tracker.stage_started(stage.name, (stage.select_metric, stage.select_mode), history)
 
     clip = getattr(model, "clip_grad_norm", None) or getattr(model, "clip_grad_value", None)
     for epoch in range(first_epoch, total_epochs):
@@ -395,6 +428,7 @@ def train_stage(
             log(f"[{cfg.model}/{stage.name}] early stop: no better validation {stage.select_metric} "
                 f"for {stage.early_stop} epochs (best @ {best_epoch})")
             break
+        epoch_start = time.perf_counter()
         torch.manual_seed(_derive_seed(cfg.seed, stage_index, epoch))
         corruption_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, epoch, 1))
         if hasattr(train_view, "set_epoch"):
@@ -453,6 +487,7 @@ def train_stage(
                                      noise_steps=cfg.noise_steps, seed=cfg.seed)
             metric = val["overall"][stage.select_metric]
             record["val"] = val["overall"]
+            record["seconds"] = round(time.perf_counter() - epoch_start, 3)
             history.append(record)
             if stage.lr_policy == "plateau":
                 lr_scheduler.step(metric)
@@ -460,10 +495,10 @@ def train_stage(
             if improved:
                 best_metric, best_epoch, best_val = metric, epoch + 1, val
         if ctx.is_main:
+            name = epoch_name(epoch + 1)
+            save_weights(stage_dir / f"{name}.safetensors", model, {**metadata, "epoch": epoch + 1, "val": val})
             if improved:
-                save_weights(stage_dir / "best.safetensors", model, {**metadata, "epoch": epoch + 1, "val": val})
-            name = f"epoch-{epoch + 1:03d}"
-            save_weights(stage_dir / f"{name}.safetensors", model, {**metadata, "epoch": epoch + 1})
+                link_or_copy(stage_dir / f"{name}.safetensors", stage_dir / "best.safetensors")
             save_state(stage_dir / f"{name}.state.pt", {
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(),
@@ -473,19 +508,22 @@ def train_stage(
                 "history": json.dumps(history),
                 "best_val": json.dumps(best_val),
             })
-            previous = _pointer(latest) if latest.is_file() else None
             _write_json(latest, {"weights": f"{name}.safetensors", "state": f"{name}.state.pt", "epoch": epoch + 1})
-            if previous is not None and previous["weights"].name != f"{name}.safetensors":
-                for key in ("weights", "state"):
-                    previous[key].unlink(missing_ok=True)
+            prune_epochs(stage_dir, cfg.keep_checkpoints, epoch + 1)
+            if tracker is not None:
+                tracker.epoch_end(stage.name, history)
             parts_text = " ".join(f"{k}={v:.4f}" for k, v in train_losses.items())
+            seconds = record["seconds"]
+            left = (total_epochs - epoch - 1) * seconds
             log(f"[{cfg.model}/{stage.name}] epoch {epoch + 1}/{total_epochs} {parts_text} "
-                f"val {stage.select_metric}={metric:.4f} (best {best_metric:.4f} @ {best_epoch})")
+                f"val {stage.select_metric}={metric:.4f} (best {best_metric:.4f} @ {best_epoch}) "
+                f"{seconds:.1f} s" + (f", ~{_duration(left)} left in this stage" if left >= 1 else ""))
         ctx.barrier()
 
     if ctx.is_main and total_epochs > 0:
         _write_json(stage_dir / "done.json", {"best_epoch": best_epoch, "best_metric": best_metric, "val": best_val,
                                               "history": history})
+        drop_states(stage_dir)
     ctx.barrier()
     # The next stage (and the final model) start from the selected epoch, not the last one.
     load_weights(stage_dir / "best.safetensors", model)
@@ -556,7 +594,13 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
     def check_stage_dirs() -> None:
         for index, stage in enumerate(stages):
             if cfg.resume and not (index == 0 and teacher is not None):
-                _check_stage_dir(out_dir / stage.name, _stage_fingerprint(cfg, stage), True)
+                stage_dir = out_dir / stage.name
+                _check_stage_dir(stage_dir, _stage_fingerprint(cfg, stage), True)
+                # The files a resume reads, read now: a broken one is refused before anything is written.
+                if (stage_dir / "done.json").is_file():
+                    _stage_done(stage_dir)
+                elif (stage_dir / "latest.json").is_file():
+                    _pointer(stage_dir / "latest.json")
 
     check_stage_dirs()
     with run_lock(out_dir) if ctx.is_main else contextlib.nullcontext():
@@ -589,6 +633,11 @@ def _fit(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, Any], te
     train = splits["train"]
     dims, num_classes, class_names = train.dims, train.num_classes, train.class_names
 
+    tracker = RunTracker(out_dir, tensorboard=cfg.tensorboard) if ctx.is_main else None
+    plan = make_plan(cfg, stages, splits, world_size=ctx.world_size, device=device,
+                     teacher_checkpoint=teacher_checkpoint, tensorboard=tracker is not None and tracker.use_tensorboard)
+    for line in format_plan(plan):
+        log_fn(line)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_json(out_dir / "run.json", {
@@ -596,8 +645,22 @@ def _fit(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, Any], te
             "stages": [{**asdict(s), "model": s.model.__name__} for s in stages],
             "dims": list(dims), "num_classes": num_classes, "class_names": list(class_names),
             "sizes": {k: len(v) for k, v in splits.items()}, "world_size": ctx.world_size,
+            "plan": plan, "environment": run_environment(device),
         })
     ctx.barrier()
+    try:
+        return _fit_stages(cfg, stages, splits, out_dir, device=device, ctx=ctx, log_fn=log_fn, tracker=tracker,
+                           teacher=teacher, teacher_checkpoint=teacher_checkpoint)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def _fit_stages(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, Any], out_dir: Path, *,
+                device: torch.device, ctx: DistContext, log_fn: Callable[[str], None], tracker: RunTracker | None,
+                teacher: torch.nn.Module | None, teacher_checkpoint: str | Path | None) -> FitResult:
+    train = splits["train"]
+    dims, num_classes, class_names = train.dims, train.num_classes, train.class_names
 
     results: list[StageResult] = []
     models: list[torch.nn.Module] = []
@@ -630,21 +693,36 @@ def _fit(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, Any], te
         if done is not None:
             load_weights(stage_dir / "best.safetensors", model)
             log_fn(f"[{cfg.model}/{stage.name}] already trained (best epoch {done['best_epoch']}); loaded")
+            if tracker is not None:
+                tracker.stage_loaded(stage.name, (stage.select_metric, stage.select_mode), done["history"])
             results.append(StageResult(stage.name, done["best_epoch"], done["best_metric"], done["val"], done["history"]))
         else:
             results.append(train_stage(stage, index, model, splits, cfg, stage_dir, device=device, ctx=ctx,
-                                       num_classes=num_classes, metadata=metadata, log=log_fn))
+                                       num_classes=num_classes, metadata=metadata, log=log_fn, tracker=tracker))
 
     final = models[-1]
     metadata = _model_metadata(cfg, stages, len(stages) - 1, dims, num_classes, class_names,
-                               {"val": results[-1].val_metrics, "best_epoch": results[-1].best_epoch},
+                               {"val": results[-1].val_metrics, "best_epoch": results[-1].best_epoch,
+                                "epoch": results[-1].best_epoch},
                                data_kw=data_kwargs(stages[-1].model, train))
     test_metrics = None
     if ctx.is_main:
         save_weights(out_dir / "model.safetensors", final, metadata)
+        last_best = out_dir / stages[-1].name / "best.safetensors"
+        if last_best.is_file():
+            # The same weights: one file on disk for every name they have (the final metadata is a superset), the
+            # best epoch's own file included when it is still kept.
+            twins = [p for p in last_best.parent.glob("epoch-*.safetensors") if os.path.samefile(p, last_best)]
+            for name in (last_best, *twins):
+                link_or_copy(out_dir / "model.safetensors", name)
         test_metrics = evaluate_split(final, splits["test"], cfg, stages[-1], device=device)
         _write_json(out_dir / "test_metrics.json", {"corruption": stages[-1].corruption, "metrics": test_metrics,
                                                     "stages": [asdict(r) for r in results]})
+        if tracker is not None:
+            tracker.write_csv()
+            curves = tracker.finish()
+            if curves is not None:
+                log_fn(f"wrote {out_dir / 'metrics.csv'} and {curves}")
     ctx.barrier()
     return FitResult(out_dir, final, results, test_metrics, metadata)
 

@@ -11,6 +11,7 @@ import torch
 from mmer_ext.data import (
     MISSING_RATES,
     MR_PROTOCOLS,
+    authors_batch_counts,
     missing_rate_fractions,
     missing_rate_patterns,
     realized_missing_rate,
@@ -86,8 +87,10 @@ def test_per_batch_layout(mr):
     m = missing_rate_patterns(n, mr, protocol="per-batch", batch_size=bs, generator=_g(2))
     assert m.shape == (n, 3) and bool((m.sum(1) >= 1).all())
     a, b = TABLE[mr]
-    n2 = _half_up(a * nb)
-    n1 = min(_half_up(b * nb), nb - n2)
+    # the authors count 13 batches as N = round(1.3) * 10 = 10: batch k misses two while k / 10 < a
+    n2 = min(nb, math.ceil(a * 10 - 1e-9))
+    n1 = min(nb - n2, math.ceil(b * 10 - 1e-9))
+    assert authors_batch_counts(nb, mr) == (n2, n1)
     for k in range(nb):
         rows = m[k * bs:(k + 1) * bs]
         assert bool((rows == rows[0]).all())  # the whole batch shares one pattern
@@ -107,6 +110,51 @@ def test_per_batch_realised_rate_follows_batches():
     m = missing_rate_patterns(9 * 4, 0.1, protocol="per-batch", batch_size=4, generator=_g(3))
     # round(0.9) = 1 batch of 4 misses two modalities and round(0.9) = 1 batch misses one: 12 / 108, not 0.1.
     assert realized_missing_rate(m) == pytest.approx((2 * 4 + 4) / (3 * 36))
+
+
+def _authors_loop(num_batches, mr):
+    """The authors' training loop, batch by batch (trains/singleTask/IMDER.py: numpy's round, float comparisons)."""
+    import numpy as np
+
+    miss_2 = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
+    miss_1 = [0.1, 0.2, 0.3, 0.2, 0.1, 0.0, 0.0]
+    denom = np.round(num_batches / 10) * 10
+    two = one = 0
+    for _ in range(num_batches):
+        if two / denom < miss_2[int(mr * 10 - 1)]:
+            two += 1
+        elif one / denom < miss_1[int(mr * 10 - 1)]:
+            one += 1
+    return two, one
+
+
+@pytest.mark.parametrize("num_batches", [6, 9, 13, 15, 22, 25, 35, 37, 100, 101])
+@pytest.mark.parametrize("mr", MISSING_RATES[1:])
+def test_authors_batch_counts_match_their_loop(num_batches, mr):
+    assert authors_batch_counts(num_batches, mr) == _authors_loop(num_batches, mr)
+
+
+def test_authors_batch_counts_on_mosi_and_mosei():
+    # MOSI test: 686 rows in batches of 32 -> 22 batches, counted as 20: at MR 0.7 two batches stay complete.
+    assert authors_batch_counts(22, 0.7) == (20, 0)
+    assert authors_batch_counts(22, 0.1) == (2, 2)
+    # MOSEI test: 4659 rows in batches of 128 -> 37 batches, counted as 40.
+    assert authors_batch_counts(37, 0.5) == (28, 4)
+    assert authors_batch_counts(37, 0.7) == (37, 0)
+    # numpy / Python round half to even: 25 batches count as 20, 35 as 40 (round-half-up on 25 would give 8 at 0.3)
+    assert authors_batch_counts(25, 0.3) == (6, 6)
+    assert authors_batch_counts(35, 0.3) == (12, 12)
+    # up to 5 batches N would be 0 (round(0.5) = 0; the authors' loop then divides by zero): the actual count is used
+    assert authors_batch_counts(4, 0.5) == (3, 1) and authors_batch_counts(5, 0.5) == (4, 1)
+    assert authors_batch_counts(0, 0.5) == (0, 0)
+    assert authors_batch_counts(22, 0.0) == (0, 0)
+    m = missing_rate_patterns(686, 0.7, protocol="per-batch", batch_size=32, generator=_g(0))
+    kept = m.sum(1)
+    assert bool((kept[:20 * 32] == 1).all()) and bool((kept[20 * 32:] == 3).all())
+    with pytest.raises(ValueError, match="num_batches"):
+        authors_batch_counts(-1, 0.3)
+    with pytest.raises(ValueError, match="mr must be one of"):
+        authors_batch_counts(10, 0.25)
 
 
 def test_per_batch_arguments():

@@ -102,3 +102,67 @@ def test_mult_uses_every_modality():
         xs = [a, v, l]
         xs[k] = xs[k] + torch.randn_like(xs[k])  # not a constant: LayerNorm removes per-step shifts
         assert not torch.allclose(net(*xs), base)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fidelity to the authors' MulT (trains/subNets/transformers_encoder, trains/singleTask/model/imder.py)
+
+
+def test_memory_encoders_take_the_authors_order():
+    # L from [L<-A, L<-V], A from [A<-L, A<-V], V from [V<-L, V<-A]: the memory encoder adds positions over the
+    # concatenated channels, so the order is part of the function, not a relabelling.
+    from mmer_ext.models.mult import MEM_SOURCES
+
+    assert MEM_SOURCES == {"L": ("A", "V"), "A": ("L", "V"), "V": ("L", "A")}
+    torch.manual_seed(0)
+    net = MulT(8, 2, 1).eval()
+    seqs = {m: torch.randn(2, 8, 5) for m in "AVL"}
+    seen = {}
+    hooks = [net.mem[m].register_forward_pre_hook(lambda mod, args, m=m: seen.setdefault(m, args[0]))
+             for m in "AVL"]
+    net(seqs["A"], seqs["V"], seqs["L"])
+    for h in hooks:
+        h.remove()
+    t = {m: s.transpose(1, 2) for m, s in seqs.items()}
+    for m, (o1, o2) in MEM_SOURCES.items():
+        want = torch.cat([net.cross[m + o1](t[m], t[o1]), net.cross[m + o2](t[m], t[o2])], dim=2)
+        torch.testing.assert_close(seen[m], want)
+    # the reversed order would give a different output (positions over the channels)
+    mem = net.mem["A"]
+    swapped = torch.cat([seen["A"][..., 8:], seen["A"][..., :8]], dim=2)
+    assert not torch.allclose(mem(seen["A"]), mem(swapped))
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+def test_attention_output_projection_has_xavier_init(dim):
+    torch.manual_seed(0)
+    enc = TransformerEncoder(dim, 8, 2)
+    for layer in enc.layers:
+        w, b = layer.attn.out_proj.weight.detach(), layer.attn.out_proj.bias.detach()
+        bound = math.sqrt(6 / (2 * dim))  # Xavier-uniform; Linear's default would be 1 / sqrt(dim)
+        assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+        assert abs(float(w.var()) / (bound**2 / 3) - 1) < 0.15
+        assert bool((b == 0).all())
+
+
+def test_keys_and_values_get_their_own_embedding_dropout():
+    torch.manual_seed(0)
+    enc = TransformerEncoder(8, 2, 1, embed_dropout=0.5)
+    seen = []
+    real = enc.layers[0].attn.forward
+
+    def spy(q, k, v, **kw):
+        seen.append((k, v))
+        return real(q, k, v, **kw)
+
+    enc.layers[0].attn.forward = spy
+    x, kv = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    enc.train()(x, kv)
+    k, v = seen[-1]
+    assert not torch.equal(k, v)  # two masks (the same mask would give the same normalised tensor)
+    enc.eval()(x, kv)
+    k, v = seen[-1]
+    assert torch.equal(k, v)
+    # without embedding dropout nothing is drawn twice: training equals evaluation
+    enc0 = TransformerEncoder(8, 2, 1)
+    torch.testing.assert_close(enc0.train()(x, kv), enc0.eval()(x, kv))

@@ -165,10 +165,10 @@ def test_dsm_loss_decreases_on_a_toy_set():
     assert after < 0.8 * before, (before, after)
 
 
-@pytest.mark.parametrize("mode", ["shared", "independent"])
+@pytest.mark.parametrize("mode", ["shared", "independent", "clean"])
 def test_dsm_condition_noise_modes(mode):
     # A spy net records what it is fed: with the authors' shared noise the condition moves with the sample
-    # (c_t - x_t == c - x at every t); with independent noise it does not.
+    # (c_t - x_t == c - x at every t); with independent noise it does not; clean passes the condition itself.
     seen = {}
 
     def spy(x_t, t, c_t):
@@ -180,6 +180,23 @@ def test_dsm_condition_noise_modes(mode):
     dsm_loss(spy, x, c, generator=torch.Generator().manual_seed(1), condition_noise=mode)
     same_offset = torch.allclose(seen["c_t"] - seen["x_t"], c - x, atol=1e-4)
     assert same_offset == (mode == "shared")
+    assert torch.equal(seen["c_t"], c) == (mode == "clean")
+    if mode == "independent":
+        # its own noise, at the sample's std(t): (c_t - c) / (x_t - x) is not 1 and the noises are uncorrelated
+        zc, zx = (seen["c_t"] - c).flatten(), (seen["x_t"] - x).flatten()
+        assert abs(float(torch.corrcoef(torch.stack([zc, zx]))[0, 1])) < 0.3
+
+
+def test_dsm_default_is_the_authors_shared_noise():
+    seen = {}
+
+    def spy(x_t, t, c_t):
+        seen["x_t"], seen["c_t"] = x_t, c_t
+        return torch.zeros_like(x_t)
+
+    x, c = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+    dsm_loss(spy, x, c, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(seen["c_t"] - seen["x_t"], c - x, atol=1e-4, rtol=0)
 
 
 def test_dsm_condition_noise_is_checked():

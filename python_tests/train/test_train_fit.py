@@ -3,6 +3,7 @@ to the same weights; two DDP processes on gloo match one process."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -134,8 +135,17 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
         assert torch.equal(ref[key], got[key]), key
     ref_metrics = json.loads((reference / "test_metrics.json").read_text())["metrics"]
     assert json.loads((killed / "test_metrics.json").read_text())["metrics"] == ref_metrics
-    # Superseded epoch files are cleaned up; only the newest pair and the best weights remain.
+    # Superseded epoch files are cleaned up; only the newest weights and the best remain, and the finished stage's
+    # optimizer state is gone.
     assert len(list((killed / "student").glob("epoch-*.safetensors"))) == 1
+    assert not list(killed.glob("*/*.state.pt"))
+    # The per-epoch log has one row per epoch, the same rows as the uninterrupted run (timings apart).
+    def rows(run: Path) -> list[dict[str, str]]:
+        with (run / "metrics.csv").open(newline="") as fh:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+    assert len(rows(reference)) == 2 * epochs
+    assert rows(killed) == rows(reference)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -56,6 +56,37 @@ def test_fit_runs_both_stages_and_the_sweep(tmp_path, seq_splits):
     again = evaluate_missing_rates(loaded, seq_splits["test"], rates=[0.3], batch_size=8, seed=0)
     assert again["MR=0.3"]["MAE"] == pytest.approx(metrics["MR=0.3"]["MAE"], rel=1e-5)
 
+    # The condition mode is stated in the file; a file written before "clean" became the default (no such key)
+    # loads with the authors' "shared", what it was trained with.
+    assert [h["condition_noise"] for h in meta["hparams"]] == ["clean", "clean"]
+    assert loaded.condition_noise == "clean"
+    _rewrite_metadata(tmp_path / "run" / "model.safetensors", tmp_path / "old.safetensors",
+                      lambda m: {**m, "hparams": [{k: v for k, v in h.items() if k != "condition_noise"}
+                                                  for h in m["hparams"]]})
+    old, _ = load_model(tmp_path / "old.safetensors")
+    assert old.condition_noise == "shared"
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), loaded.state_dict().values()))
+
+
+def _rewrite_metadata(src, dst, change):
+    from safetensors.torch import load_file, save_file
+
+    from mmer_ext.train.checkpoint import METADATA_KEY, read_weights_metadata
+
+    meta = change(read_weights_metadata(src))
+    save_file(load_file(str(src)), str(dst), metadata={METADATA_KEY: json.dumps(meta)})
+
+
+def test_authors_recipe_keeps_their_condition_noise(tmp_path, seq_splits):
+    from mmer_ext.models.recipes import RECIPES
+    from mmer_ext.train.trainer import resolve_stages
+
+    assert [s.hparams["condition_noise"] for s in RECIPES["imder-authors"]] == ["shared", "shared"]
+    assert all(s.hparams["condition_noise"] == "clean" for r in ("imder", "imder-mosei") for s in RECIPES[r])
+    # the config key still overrides it, per stage
+    stages = resolve_stages(_cfg(tmp_path, hparams={"main": {"condition_noise": "independent"}}))
+    assert [s.hparams["condition_noise"] for s in stages] == ["clean", "independent"]
+
 
 def test_missing_rate_batches_follow_the_protocol(seq_splits):
     test = seq_splits["test"]
@@ -103,6 +134,13 @@ def test_cli_train_and_evaluate_imder(tmp_path, monkeypatch, capsys):
                  "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"MR=0.0", "MR=0.5", "average", "overall"}
+    # The sweep's table and chart beside the checkpoint; the run's per-epoch log and curves from training.
+    saved = json.loads((tmp_path / "run" / "eval-test-per-batch.json").read_text())
+    assert saved["metrics"] == metrics and saved["settings"]["missing_rates"] == [0.0, 0.5]
+    assert "| imder | MR=0.5 |" in (tmp_path / "run" / "eval-test-per-batch.md").read_text()
+    assert (tmp_path / "run" / "eval-test-per-batch.png").read_bytes()[:4] == b"\x89PNG"
+    assert "val/MAE" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert (tmp_path / "run" / "training_curves.png").is_file()
 
     assert main(["evaluate", "run/model.safetensors", "--missing-rates", "0.9"]) == 2
     assert "missing rates" in capsys.readouterr().err

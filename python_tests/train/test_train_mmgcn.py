@@ -44,6 +44,9 @@ def test_cli_mmgcn_and_the_select_on_test_protocol(tmp_path, capsys, monkeypatch
     capsys.readouterr()
     assert main(["evaluate", "val/model.safetensors", "--json", "--device", "cpu"]) == 0
     assert "{a,v,l}" in json.loads(capsys.readouterr().out)
+    header = (tmp_path / "val" / "eval-test-zero.csv").read_text().splitlines()[0]
+    assert "{a,v,l} WF1" in header
+    assert "{a,v,l} WF1" in (tmp_path / "val" / "eval-test-zero.md").read_text()
 
 
 def test_select_on_test_needs_dialogue_data(tmp_path, capsys, monkeypatch):
