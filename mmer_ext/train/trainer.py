@@ -326,8 +326,9 @@ def _stage_done(stage_dir: Path) -> dict[str, Any] | None:
 def _pointer(latest: Path) -> dict[str, Path]:
     """The (weights, state) files ``latest.json`` names, each resolved inside its stage directory."""
     pointer = _read_json(latest)
-    if not isinstance(pointer, dict):
-        raise CheckpointError(f"{str(latest)!r} must hold a JSON object; delete it or train with --no-resume")
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("epoch"), int):
+        raise CheckpointError(f"{str(latest)!r} must hold a JSON object with weights, state and epoch; delete it or "
+                              "train with --no-resume")
     return {key: inside(latest.parent, pointer.get(key), f"{latest} key {key!r}") for key in ("weights", "state")}
 
 
@@ -556,7 +557,13 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
     def check_stage_dirs() -> None:
         for index, stage in enumerate(stages):
             if cfg.resume and not (index == 0 and teacher is not None):
-                _check_stage_dir(out_dir / stage.name, _stage_fingerprint(cfg, stage), True)
+                stage_dir = out_dir / stage.name
+                _check_stage_dir(stage_dir, _stage_fingerprint(cfg, stage), True)
+                # The files a resume reads, read now: a broken one is refused before anything is written.
+                if (stage_dir / "done.json").is_file():
+                    _stage_done(stage_dir)
+                elif (stage_dir / "latest.json").is_file():
+                    _pointer(stage_dir / "latest.json")
 
     check_stage_dirs()
     with run_lock(out_dir) if ctx.is_main else contextlib.nullcontext():

@@ -204,10 +204,12 @@ def test_resume_refuses_pointers_out_of_the_run_directory(run, capsys, pointer):
     (run / "main" / "done.json").unlink()  # an unfinished stage: resume reads latest.json
     (run / "main" / "latest.json").write_text(json.dumps({"weights": pointer, "state": "epoch-001.state.pt",
                                                           "epoch": 1}))
+    before = (run / "run.json").read_bytes()
     assert main([*TRAIN, "--out", "run"]) == 2
     err = capsys.readouterr().err
     assert "latest.json key 'weights'" in err and "--no-resume" in err and "Traceback" not in err, err
     assert (victim / "x.safetensors").read_bytes() == b"victim's file"
+    assert (run / "run.json").read_bytes() == before  # refused before anything was written
 
 
 def test_resume_refuses_a_symlink_that_leads_outside(run, capsys):
@@ -227,6 +229,12 @@ def test_a_broken_pointer_file_is_named(run, capsys):
     (run / "main" / "latest.json").write_text("{half")
     assert main([*TRAIN, "--out", "run"]) == 2
     assert "latest.json' is not valid JSON" in capsys.readouterr().err
+    (run / "main" / "latest.json").write_text('{"weights": "epoch-001.safetensors", "state": "epoch-001.state.pt"}')
+    assert main([*TRAIN, "--out", "run"]) == 2
+    assert "must hold a JSON object with weights, state and epoch" in capsys.readouterr().err
+    (run / "main" / "done.json").write_text("[")
+    assert main([*TRAIN, "--out", "run"]) == 2
+    assert "done.json' is not valid JSON" in capsys.readouterr().err
 
 
 def test_resume_still_works_inside_the_run_directory(run, capsys):
