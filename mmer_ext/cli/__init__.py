@@ -35,14 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=VersionAction, help="print mmer_ext's version and build, torch, CUDA "
                         "and Python, then exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for module in (train, evaluate, demo, convert, info):
         module.add_parser(sub)
+    for command in sub.choices.values():
+        # Accepted after the command too (`mmer-ext train ... --debug`); SUPPRESS keeps the top-level value otherwise.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     import mmer_ext
-    from mmer_ext.cli._errors import USER_ERRORS
+    from mmer_ext.cli._errors import run_reported
 
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -50,9 +55,5 @@ def main(argv: list[str] | None = None) -> int:
         # Without the compiled library only --help and `info` work (mmer_ext/__init__.py).
         print(f"mmer-ext {args.command}: error: {mmer_ext.load_error}", file=sys.stderr)
         return 2
-    try:
-        return args.func(args)
-    except USER_ERRORS as e:
-        # A bad config, data file or checkpoint is the user's to fix: one clear line, no traceback.
-        print(f"mmer-ext {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    # Every failure is one line naming what went wrong (exit 2: fix the input, 1: the run failed); --debug re-raises.
+    return run_reported(args.command, lambda: args.func(args), debug=args.debug)

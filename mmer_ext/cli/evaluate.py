@@ -40,49 +40,68 @@ def add_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR",
                    help="where the tables and the chart go (default: the checkpoint's directory)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (the file paths go to stderr)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the checkpoint's SHA-256 check (the tensors are still checked against the model)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmer_ext.data import MISSING_RATES, load_dataset
+    from mmer_ext.data import DataFormatError, data_kind
     from mmer_ext.report import format_results
-    from mmer_ext.train import ConfigError, evaluate_model, load_model
+    from mmer_ext.train import evaluate_model, load_model
+    from mmer_ext.train.config import ConfigError, check_field
     from mmer_ext.train.evaluation import evaluate_missing_rates
-    from mmer_ext.train.views import views_for
+    from mmer_ext.train.trainer import load_data
+    from mmer_ext.train.views import check_data_kind, views_for
     from mmer_ext.train.distributed import resolve_device
 
+    # An explicit value, zero included, is used as given (and checked like the training flag); None means "as trained".
+    explicit = (("fold", args.fold), ("noise_steps", args.noise_steps), ("eval_missing_rates", args.missing_rates))
+    for name, value in explicit:
+        if value is not None:
+            check_field(name, value)
     device = resolve_device(args.device)
-    model, meta = load_model(args.checkpoint, map_location=device)
+    model, meta = load_model(args.checkpoint, map_location=device, verify=args.verify)
     cfg = meta["config"]
     same_source = args.data is None or args.data == cfg["data"]
-    data = args.data or cfg["data"]
+    data = cfg["data"] if args.data is None else args.data
+    check_data_kind(meta["recipe"], data, data_kind(data))
     options = cfg.get("data_options", {}) if same_source else {}
-    splits = load_dataset(data, fold=args.fold or cfg["fold"], seed=cfg["seed"], **options)
-    dataset = splits[args.split]
+    splits = load_data(data, fold=cfg["fold"] if args.fold is None else args.fold, seed=cfg["seed"], options=options)
+    dataset = splits.get(args.split)
+    if dataset is None or len(dataset) == 0:
+        raise DataFormatError(f"data {data!r} has no (or an empty) {args.split!r} split")
+    check_data_kind(meta["recipe"], data, views_for(dataset).kind)
     if tuple(dataset.dims) != tuple(meta["dims"]):
         from mmer_ext.train import CheckpointError
 
         raise CheckpointError(f"the model expects feature dims {tuple(meta['dims'])} (A, V, L); "
                               f"{data!r} has {tuple(dataset.dims)}")
-    if views_for(dataset).kind == "sequences":
-        rates = args.missing_rates or cfg["eval_missing_rates"]
-        bad = [mr for mr in rates if not any(abs(mr - r) < 1e-9 for r in MISSING_RATES)]
-        if bad:
-            raise ConfigError(f"--missing-rates {bad} not among IMDer's missing rates {list(MISSING_RATES)}")
+    # A flag the model has no use for would be ignored without a word: say so instead.
+    sequences = views_for(dataset).kind == "sequences"
+    unused = ([("--corruption", args.corruption), ("--noise-steps", args.noise_steps)] if sequences
+              else [("--missing-rates", args.missing_rates)])
+    for flag, value in unused:
+        if value is not None:
+            raise ConfigError(f"{flag} does not apply to {meta['recipe']} ("
+                              f"{'IMDer evaluates at missing rates' if sequences else 'it is not an IMDer model'})")
+    if sequences:
+        rates = cfg["eval_missing_rates"] if args.missing_rates is None else args.missing_rates
         metrics = evaluate_missing_rates(model, dataset, rates=rates, protocol=cfg["missing_protocol"],
                                          device=device, seed=cfg["seed"])
     else:
         metrics = evaluate_model(model, dataset, num_classes=meta["num_classes"], device=device,
                                  corruption=args.corruption or meta["corruption"],
-                                 noise_steps=args.noise_steps or meta["noise_steps"], seed=cfg["seed"])
+                                 noise_steps=meta["noise_steps"] if args.noise_steps is None else args.noise_steps,
+                                 seed=cfg["seed"])
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     settings = {"checkpoint": str(args.checkpoint), "recipe": meta["recipe"], "data": data, "split": args.split,
-                "fold": args.fold or cfg["fold"]}
+                "fold": cfg["fold"] if args.fold is None else args.fold}
     if views_for(dataset).kind == "sequences":
         settings.update(missing_protocol=cfg["missing_protocol"], missing_rates=list(rates))
     else:
         settings.update(corruption=args.corruption or meta["corruption"],
-                        noise_steps=args.noise_steps or meta["noise_steps"])
+                        noise_steps=meta["noise_steps"] if args.noise_steps is None else args.noise_steps)
     written = write_evaluation(out_dir, evaluation_stem(settings, same_source), meta["recipe"], metrics, settings)
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -69,7 +69,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmer_ext._atomic import atomic_write_bytes, atomic_write_text
-from mmer_ext.data.iemocap import DataFormatError
+from mmer_ext.data.checks import DataFormatError, check_finite, check_ids
 from mmer_ext.data.protocols import (
     ALL_CONDITIONS,
     CONDITION_NAMES,
@@ -498,16 +498,25 @@ def corrupt_dialogue_batch(
 # ======================================================================================================================
 # DialogueGCN-style pickles
 # ======================================================================================================================
-def read_untrusted_pickle(path: str, convert: str = "convert_pickle", safe_spec: str = "dialogues") -> Any:
+def warn_untrusted_pickle(path: str, *, advice: str, stacklevel: int = 4) -> None:
+    """The :class:`UnsafePickleWarning` every loader gives before it unpickles ``path`` (``advice``: the safe route)."""
+    warnings.warn(
+        f"{path}: reading a pickle file executes whatever code the file's author put in it; load only files from a "
+        f"source you trust. Safer: {advice}.", UnsafePickleWarning, stacklevel=stacklevel)
+
+
+def read_untrusted_pickle(path: str, convert: str = "convert_pickle", safe_spec: str = "dialogues", *,
+                          converting: bool = False) -> Any:
     """Unpickle ``path`` after an :class:`UnsafePickleWarning` naming the safe route (``mmer_ext.data.<convert>``,
     then ``'<safe_spec>:DIR'``); a missing or unreadable file is a :class:`DataFormatError`."""
     if not os.path.isfile(path):
         raise DataFormatError(f"{path}: file not found")
-    warnings.warn(
-        f"{path}: reading a pickle file executes whatever code the file's author put in it; load only files from a "
-        f"source you trust. Convert it once to the safe format with mmer_ext.data.{convert}(src, dst_dir) (CLI: "
-        f"`mmer-ext convert SRC DST_DIR`) and then load '{safe_spec}:DST_DIR', which never unpickles.",
-        UnsafePickleWarning, stacklevel=4)
+    if converting:  # the conversion itself: this is the one time the file is unpickled
+        advice = f"this conversion unpickles it once; then share and load '{safe_spec}:DST_DIR', which never does"
+    else:
+        advice = (f"convert it once to the safe format with mmer_ext.data.{convert}(src, dst_dir) (CLI: `mmer-ext "
+                  f"convert SRC DST_DIR`) and then load '{safe_spec}:DST_DIR', which never unpickles")
+    warn_untrusted_pickle(path, advice=advice, stacklevel=5)
     try:
         with open(path, "rb") as f:
             return pickle.load(f, encoding="latin1")
@@ -524,8 +533,7 @@ def _ordered_ids(ids: Any, what: str, path: str) -> list:
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise DataFormatError(f"{path}: {what} must be a list or set of dialogue ids, got {type(ids).__name__}")
     out = list(ids.tolist() if isinstance(ids, np.ndarray) else ids)
-    if len(set(map(str, out))) != len(out):
-        raise DataFormatError(f"{path}: {what} lists a dialogue id twice")
+    check_ids({what: out}, path, "dialogue id")
     return out
 
 
@@ -567,10 +575,7 @@ def _parse_dialogue_tuple(obj: Any, path: str, kind: str, class_names: Sequence[
                                   f"dialogue id, got {type(tables[name]).__name__}")
     train_ids = _ordered_ids(tables["trainVid"], "trainVid", path)
     test_ids = _ordered_ids(tables["testVid"], "testVid", path)
-    overlap = set(map(str, train_ids)) & set(map(str, test_ids))
-    if overlap:
-        raise DataFormatError(f"{path}: {len(overlap)} dialogue(s) in both trainVid and testVid, e.g. "
-                              f"{sorted(overlap)[0]!r}")
+    check_ids({"trainVid": train_ids, "testVid": test_ids}, path, "dialogue id")
     num_classes = len(class_names)
     dims: list[int | None] = [None, None, None]
     num_speakers = 0
@@ -610,6 +615,7 @@ def _parse_dialogue_tuple(obj: Any, path: str, kind: str, class_names: Sequence[
                 if arr.ndim != 2 or arr.shape[0] != n:
                     raise DataFormatError(f"{where}: {name} has shape {arr.shape}, expected ({n}, D) for its {n} "
                                           "utterances")
+                check_finite(arr, f"{where}: {name}", "utterance")
                 if dims[j] is None:
                     dims[j] = int(arr.shape[1])
                 elif arr.shape[1] != dims[j]:
@@ -843,7 +849,7 @@ def convert_pickle(src: str | os.PathLike, dst_dir: str | os.PathLike, *, kind: 
     code once (hence the warning): convert only files you trust, then share the converted directory.
     """
     src = os.fspath(src)
-    obj = read_untrusted_pickle(src)
+    obj = read_untrusted_pickle(src, converting=True)
     if kind is None:
         kinds = {v: k for k, v in _TUPLE_LEN.items()}
         n = len(obj) if isinstance(obj, (tuple, list)) else None

@@ -29,6 +29,7 @@ misread feature file produces plausible-looking but meaningless accuracies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmer_ext.data.checks import DataFormatError, check_finite, check_frames, check_ids, one_hot_classes
 from mmer_ext.data.utterance import ModalityDims, UtteranceDataset
 
 IEMOCAP_DIMS = ModalityDims(130, 342, 1024)
@@ -46,10 +48,6 @@ _SPLIT_ALIASES = {"trn": "trn", "train": "trn", "val": "val", "valid": "val", "d
 _PUBLIC_SPLIT = {"trn": "train", "val": "val", "tst": "test"}
 _CONFIG_NAMES = {"iemocap": ("config.json", "IEMOCAP_config.json"), "msp": ("config.json", "MSP_config.json")}
 _TOTAL_CV = {"iemocap": 10, "msp": 12}
-
-
-class DataFormatError(ValueError):
-    """A dataset file is missing or does not have the expected layout; the message names the file."""
 
 
 def _resolve(path: str | os.PathLike, kind: str) -> tuple[str, str, int]:
@@ -97,15 +95,36 @@ def _require(path: str) -> str:
     return path
 
 
-def _load_npy(path: str) -> np.ndarray:
-    _require(path)
+def _npy_dtype(path: str) -> np.dtype:
     try:
-        return np.load(path, allow_pickle=False)
-    except ValueError:
-        # Object arrays (names saved as Python str) need pickle; these are the user's own dataset files.
-        return np.load(path, allow_pickle=True)
-    except OSError as e:
-        raise DataFormatError(f"{path}: cannot read .npy ({e})") from e
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            # Format 3.0 differs from 2.0 only in the header's text encoding (utf-8), which the dtype never needs.
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _shape, _order, dtype = read(f)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataFormatError(f"{path}: not a readable .npy file ({e})") from e
+    return dtype
+
+
+def _load_npy(path: str) -> np.ndarray:
+    """Read a .npy without unpickling; an object array (names saved as Python objects) is a pickle, which runs
+    whatever code its author put in it, so it gets the same :class:`UnsafePickleWarning` as every pickle loader."""
+    _require(path)
+    if _npy_dtype(path).hasobject:
+        from mmer_ext.data.dialogue import warn_untrusted_pickle
+
+        warn_untrusted_pickle(path, advice="re-save it as a bytes or str array (np.save(path, np.array(names, "
+                                           "dtype='S')))")
+        loader = {"allow_pickle": True}
+    else:
+        loader = {"allow_pickle": False}
+    try:
+        return np.load(path, **loader)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataFormatError(f"{path}: cannot read .npy, truncated or damaged? ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - whatever an object array's unpickling raises is this file's problem
+        raise DataFormatError(f"{path}: cannot unpickle its object array ({type(e).__name__}: {e})") from e
 
 
 def _decode_names(path: str) -> list[str]:
@@ -115,23 +134,29 @@ def _decode_names(path: str) -> list[str]:
     elif arr.ndim != 1:
         raise DataFormatError(f"{path}: names must have shape (N,) or (N, 1), got {arr.shape}")
     out = []
-    for x in arr.tolist():
+    for row, x in enumerate(arr.tolist()):
         if isinstance(x, (bytes, bytearray, np.bytes_)):
             x = bytes(x).decode()
-        out.append(str(x))
+        elif not isinstance(x, str):
+            raise DataFormatError(f"{path}: row {row} is a {type(x).__name__}, expected an utterance id string")
+        out.append(x)
     return out
 
 
 def _decode_labels(path: str, num_classes: int, one_hot: bool) -> torch.Tensor:
     arr = _load_npy(path)
+    if arr.dtype.kind not in "biuf":
+        raise DataFormatError(f"{path}: labels must be numbers, got dtype {arr.dtype}")
     if arr.ndim == 2 and arr.shape[1] == num_classes and (one_hot or num_classes > 1):
-        lab = arr.argmax(axis=1)
+        lab = one_hot_classes(arr, path)
     elif arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1):
         if one_hot:
             raise DataFormatError(f"{path}: expected one-hot labels of shape (N, {num_classes}), got {arr.shape}")
         lab = arr.reshape(-1)
+        check_finite(lab, path)
         if not np.all(np.equal(np.mod(lab, 1), 0)):
-            raise DataFormatError(f"{path}: integer class labels expected, found non-integer values")
+            row = int(np.flatnonzero(np.mod(lab, 1) != 0)[0])
+            raise DataFormatError(f"{path}: row {row} is {lab[row]}, integer class labels expected")
     else:
         want = f"(N, {num_classes})" if one_hot else f"(N,) or (N, {num_classes})"
         raise DataFormatError(f"{path}: bad label shape {arr.shape}, expected {want}")
@@ -153,18 +178,37 @@ def _read_h5_features(path: str, names: Sequence[str], dim: int) -> list[torch.T
     h5py = _h5py()
     _require(path)
     out = []
-    with h5py.File(path, "r") as f:
+    with _open_h5(path) as f:
         for name in names:
             if name not in f:
                 raise DataFormatError(f"{path}: no features for utterance {name!r}")
             node = f[name]
             if not isinstance(node, h5py.Dataset):
                 raise DataFormatError(f"{path}: entry {name!r} is a group, expected a (T, {dim}) dataset")
-            arr = np.asarray(node[()], dtype=np.float32)
+            arr = np.asarray(_read_node(path, name, node), dtype=np.float32)
             if arr.ndim != 2 or arr.shape[1] != dim:
                 raise DataFormatError(f"{path}: utterance {name!r} has shape {arr.shape}, expected (T, {dim})")
+            check_frames(arr.shape[0], f"{path}: utterance {name!r}")
+            check_finite(arr, f"{path}: utterance {name!r}", "frame")
             out.append(torch.from_numpy(arr))
     return out
+
+
+@contextlib.contextmanager
+def _open_h5(path: str):
+    try:
+        f = _h5py().File(path, "r")
+    except OSError as e:
+        raise DataFormatError(f"{path}: not a readable HDF5 file, truncated or damaged? ({e})") from e
+    with f:
+        yield f
+
+
+def _read_node(path: str, name: str, node) -> np.ndarray:
+    try:
+        return node[()]
+    except (OSError, RuntimeError, ValueError) as e:  # h5py's errors for a truncated or damaged dataset
+        raise DataFormatError(f"{path}: cannot read {name!r}, truncated or damaged? ({e})") from e
 
 
 def _fix_std(std: torch.Tensor) -> torch.Tensor:
@@ -172,9 +216,8 @@ def _fix_std(std: torch.Tensor) -> torch.Tensor:
 
 
 def _fold_mean_std(path: str, cv: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    h5py = _h5py()
     _require(path)
-    with h5py.File(path, "r") as f:
+    with _open_h5(path) as f:
         if str(cv) not in f:
             raise DataFormatError(f"{path}: no group {str(cv)!r} (mean/std of fold {cv})")
         grp = f[str(cv)]
@@ -182,9 +225,12 @@ def _fold_mean_std(path: str, cv: int, dim: int) -> tuple[torch.Tensor, torch.Te
         for key in ("mean", "std"):
             if key not in grp:
                 raise DataFormatError(f"{path}: group {str(cv)!r} has no dataset {key!r}")
-            v = torch.as_tensor(np.asarray(grp[key][()], dtype=np.float32)).reshape(-1)
+            v = torch.as_tensor(np.asarray(_read_node(path, f"{cv}/{key}", grp[key]), dtype=np.float32)).reshape(-1)
             if v.numel() != dim:
                 raise DataFormatError(f"{path}: {str(cv)}/{key} has {v.numel()} values, expected {dim}")
+            check_finite(v, f"{path}: {str(cv)}/{key}", "feature")
+            if key == "std" and bool((v < 0).any()):
+                raise DataFormatError(f"{path}: {str(cv)}/std feature {int(torch.nonzero(v < 0)[0])} is negative")
             stats.append(v)
     return stats[0], _fix_std(stats[1])
 
@@ -196,14 +242,15 @@ def _global_mean_std(path: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = np.zeros(dim, dtype=np.float64)
     ss = np.zeros(dim, dtype=np.float64)
     n = 0
-    with h5py.File(path, "r") as f:
+    with _open_h5(path) as f:
         for name in f:
             node = f[name]
             if not isinstance(node, h5py.Dataset):
                 continue
-            arr = np.asarray(node[()], dtype=np.float64)
+            arr = np.asarray(_read_node(path, name, node), dtype=np.float64)
             if arr.ndim != 2 or arr.shape[1] != dim:
                 raise DataFormatError(f"{path}: utterance {name!r} has shape {arr.shape}, expected (T, {dim})")
+            check_finite(arr, f"{path}: utterance {name!r}", "frame")
             s += arr.sum(0)
             ss += (arr * arr).sum(0)
             n += arr.shape[0]
@@ -224,13 +271,13 @@ def _utt_norm(x: torch.Tensor) -> torch.Tensor:
 
 def _load(kind: str, path, cv: int, splits: Sequence[str], norm_method: str, dims, class_names,
           ) -> dict[str, UtteranceDataset]:
+    if norm_method not in ("trn", "utt"):
+        raise ValueError(f"norm_method must be 'trn' or 'utt', got {norm_method!r}")
     feature_root, target_root, total_cv = _resolve(path, kind)
     dims = ModalityDims(*dims)
     if not 1 <= int(cv) <= total_cv:
         raise DataFormatError(f"fold cv={cv} out of range 1..{total_cv} ({kind}, target_root {target_root})")
     cv = int(cv)
-    if norm_method not in ("trn", "utt"):
-        raise ValueError(f"norm_method must be 'trn' or 'utt', got {norm_method!r}")
     split_keys = []
     for s in splits:
         if s not in _SPLIT_ALIASES:
@@ -249,12 +296,14 @@ def _load(kind: str, path, cv: int, splits: Sequence[str], norm_method: str, dim
         else:
             mean, std = _global_mean_std(a_file, dims.A)
     out = {}
+    fold_dir = os.path.join(target_root, str(cv))
+    names_of = {key: _decode_names(os.path.join(fold_dir, f"{key}_int2name.npy")) for key in split_keys}
+    check_ids({f"{key}_int2name.npy": names for key, names in names_of.items()}, fold_dir, "utterance")
     for key in split_keys:
-        fold_dir = os.path.join(target_root, str(cv))
         label_file = os.path.join(fold_dir, f"{key}_label.npy")
         name_file = os.path.join(fold_dir, f"{key}_int2name.npy")
         labels = _decode_labels(label_file, num_classes, one_hot=(kind == "iemocap"))
-        names = _decode_names(name_file)
+        names = names_of[key]
         if len(names) != labels.numel():
             raise DataFormatError(f"{name_file}: {len(names)} names but {label_file} has {labels.numel()} labels")
         A = _read_h5_features(a_file, names, dims.A)
@@ -317,6 +366,21 @@ def load_msp_improv(
     so the class names are generic unless given.
     """
     return _load("msp", path, cv, splits, norm_method, dims, tuple(class_names))
+
+
+def data_kind(spec: str) -> str | None:
+    """The kind of dataset ``spec`` loads -- ``"utterances"``, ``"dialogues"`` or ``"sequences"`` -- without loading
+    it; None for a source :func:`load_dataset` does not know (it will say so)."""
+    from mmer_ext.data.dialogue import DIALOGUE_SOURCES
+
+    source = spec.partition(":")[0].strip().lower()
+    if source in ("synthetic-mosi", "synthetic-mosi-small", "mmsa", "mmsa-cache"):
+        return "sequences"
+    if source in DIALOGUE_SOURCES or source in ("synthetic-dialogues", "iemocap_erc"):
+        return "dialogues"
+    if source in ("synthetic", "iemocap", "msp", "msp_improv", "msp-improv", "cache"):
+        return "utterances"
+    return None
 
 
 def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from torch.utils.data import Dataset
 
 from mmer_ext._atomic import atomic_write_bytes, atomic_write_text
 from mmer_ext.data.dialogue import read_untrusted_pickle
-from mmer_ext.data.iemocap import DataFormatError
+from mmer_ext.data.checks import DataFormatError, check_ids, check_range
 from mmer_ext.data.protocols import MODALITIES, condition_index
 from mmer_ext.data.utterance import ModalityDims
 
@@ -73,6 +73,8 @@ _FORMAT = "mmer_ext.SequenceDataset/1"
 _CACHE_FORMAT = "mmer_ext.MMSACache/1"
 _META_FILE = "meta.json"
 _SPLITS = ("train", "val", "test")
+# MOSI / MOSEI sentiment is annotated on a -3 (strongly negative) ... +3 (strongly positive) scale.
+LABEL_RANGE = (-3.0, 3.0)
 #: Split keys of an MMSA pickle, and the names they get here.
 MMSA_SPLITS = {"train": "train", "valid": "val", "test": "test"}
 # Pickle key of each modality's features.
@@ -298,6 +300,7 @@ def _read_sequence_file(path: str) -> tuple[SequenceDataset, dict[str, str]]:
         )
     except (ValueError, KeyError) as e:
         raise DataFormatError(f"{path}: {e}") from e
+    check_range(ds.labels, *LABEL_RANGE, f"{path}: labels")
     return ds, meta
 
 
@@ -394,6 +397,7 @@ def _parse_mmsa_split(d: Any, path: str, key: str, use_bert: bool | None, nonfin
     bad = ~np.isfinite(labels)
     if bad.any():
         raise DataFormatError(f"{where}: key 'regression_labels' holds {int(bad.sum())} non-finite values")
+    check_range(labels, *LABEL_RANGE, f"{where}: key 'regression_labels'")
     # MMSA's loader zeroes -inf in the audio (log-energies of silence); do the same, nothing more, silently.
     # np.where makes new arrays, so the caller's pickle object is never modified.
     neg_inf = feats["A"] == -np.inf
@@ -435,6 +439,11 @@ def _parse_mmsa_split(d: Any, path: str, key: str, use_bert: bool | None, nonfin
         raise DataFormatError(f"{where}: {e}") from e
 
 
+def _named_ids(splits: Mapping[str, SequenceDataset]) -> dict[str, list[str]]:
+    # Splits without ids get seq_0, seq_1, ... each, which repeat across splits by construction: not a leak.
+    return {name: ds.ids for name, ds in splits.items() if ds.ids != [f"seq_{i}" for i in range(len(ds))]}
+
+
 def _parse_mmsa(obj: Any, path: str, use_bert: bool | None, nonfinite: str) -> dict[str, SequenceDataset]:
     if nonfinite not in ("error", "zero"):
         raise ValueError(f"nonfinite must be 'error' or 'zero', got {nonfinite!r}")
@@ -446,6 +455,7 @@ def _parse_mmsa(obj: Any, path: str, use_bert: bool | None, nonfinite: str) -> d
         if src is None:
             raise DataFormatError(f"{path}: no split {key!r} (keys: {sorted(map(str, obj))})")
         out[name] = _parse_mmsa_split(obj[src], path, src, use_bert, nonfinite)
+    check_ids(_named_ids(out), path, "sample id")
     first = out["train"]
     for name, ds in out.items():
         if ds.dims != first.dims or ds.seq_len != first.seq_len:
@@ -487,7 +497,7 @@ def convert_mmsa(pkl_path: str | os.PathLike, out_dir: str | os.PathLike, *, non
     once (hence the warning): convert only files you trust, then share the converted directory. Returns ``out_dir``.
     """
     src = os.fspath(pkl_path)
-    obj = read_untrusted_pickle(src, "convert_mmsa", "mmsa-cache")
+    obj = read_untrusted_pickle(src, "convert_mmsa", "mmsa-cache", converting=True)
     has_bert = isinstance(obj, Mapping) and all(
         isinstance(obj.get(k), Mapping) and "text_bert" in obj[k] for k in ("train", "valid", "test"))
     splits = _parse_mmsa(obj, src, True if has_bert else False, nonfinite)
@@ -551,4 +561,5 @@ def load_mmsa_cache(directory: str | os.PathLike, *, use_bert: bool = False) -> 
             raise DataFormatError(f"{directory}: {name}.safetensors and {_META_FILE} come from different "
                                   "conversions; convert again")
         out[name] = ds if use_bert else ds.without_text_bert()
+    check_ids(_named_ids(out), directory, "sample id")
     return out

@@ -267,8 +267,25 @@ def save_splits(splits: dict[str, UtteranceDataset], directory: str | os.PathLik
 def load_splits(
     directory: str | os.PathLike, names: Sequence[str] = ("train", "val", "test")
 ) -> dict[str, UtteranceDataset]:
-    """Inverse of :func:`save_splits`."""
-    return {n: UtteranceDataset.load(os.path.join(os.fspath(directory), f"{n}.safetensors")) for n in names}
+    """Inverse of :func:`save_splits`; every file is checked like the real-data loaders check theirs."""
+    from mmer_ext.data.checks import DataFormatError, check_finite, check_frames, check_ids
+
+    out = {}
+    for n in names:
+        path = os.path.join(os.fspath(directory), f"{n}.safetensors")
+        if not os.path.isfile(path):
+            raise DataFormatError(f"{path}: file not found")
+        try:
+            ds = UtteranceDataset.load(path)
+        except Exception as e:  # noqa: BLE001 - safetensors and the constructor raise several types
+            raise DataFormatError(f"{path}: not a readable UtteranceDataset ({type(e).__name__}: {e})") from e
+        for m in MODALITIES:
+            for name, x in zip(ds.names, ds.features[m]):
+                check_frames(x.shape[0], f"{path}: modality {m}, utterance {name!r}")
+                check_finite(x, f"{path}: modality {m}, utterance {name!r}", "frame")
+        out[n] = ds
+    check_ids({n: ds.names for n, ds in out.items()}, os.fspath(directory), "utterance")
+    return out
 
 
 def split_dataset(

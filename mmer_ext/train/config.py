@@ -6,15 +6,18 @@ The recipe of a model (:data:`mmer_ext.models.recipes.RECIPES`) holds the paper'
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "config_to_dict"]
+__all__ = ["TrainConfig", "ConfigError", "Limits", "check_field", "load_config", "config_to_dict", "validate"]
 
 MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei",
           "imder-authors")
@@ -28,13 +31,44 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the key."""
 
 
-def _opt(default: Any = None, help: str = "", *, factory: Any = None, **cli: Any) -> Any:
-    """A config field with its command-line help (``metadata["help"]``) and flag settings (``metadata["cli"]``:
-    ``flag`` renames it, ``choices`` limits it, ``flag=None`` leaves it to ``--set`` and config files)."""
-    metadata = {"help": help, "cli": cli}
+@dataclass(frozen=True)
+class Limits:
+    """The values a field accepts, declared next to the field and checked by :func:`validate` (the one place).
+
+    ``ge`` / ``gt`` / ``le`` / ``lt``: bounds; ``choices``: the allowed values; ``pattern``: a full-match regular
+    expression for strings (``what`` says it in words); ``each``: the limits apply to every value of a list or dict.
+    ``None`` passes whenever the field's default is ``None`` (it means "the recipe's value"). Floats must be finite.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[Any, ...] | None = None
+    pattern: str | None = None
+    what: str | None = None
+    each: bool = False
+
+
+def _opt(default: Any = None, help: str = "", *, factory: Any = None, limits: Limits | None = None, **cli: Any) -> Any:
+    """A config field with its command-line help (``metadata["help"]``), flag settings (``metadata["cli"]``:
+    ``flag`` renames it, ``choices`` limits it, ``flag=None`` leaves it to ``--set`` and config files) and the values
+    it accepts (``metadata["limits"]``, checked by :func:`validate` however the value was given)."""
+    metadata = {"help": help, "cli": cli, "limits": limits}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _missing_rate_choices() -> tuple[float, ...]:
+    from mmer_ext.data.protocols import MISSING_RATES
+
+    return tuple(MISSING_RATES)
+
+
+# torch.manual_seed takes 64-bit seeds and the trainer mixes them modulo 2**63 - 1: beyond that two seeds would alias.
+MAX_SEED = 2**63 - 2
+MR_LIMITS = Limits(choices=_missing_rate_choices(), what="IMDer's missing rates")
 
 
 @dataclass
@@ -43,47 +77,59 @@ class TrainConfig:
     fields (:mod:`mmer_ext.cli.train`); a field left at ``None`` keeps the recipe's value."""
 
     model: str = _opt("mmin", "the recipe to train; mmin, ifmmin and nmer train a teacher, then a student",
-                      choices=MODELS)
+                      choices=MODELS, limits=Limits(choices=MODELS))
     data: str = _opt("synthetic", "data source, one of the forms listed under 'data sources' (mmer_ext.data.specs)",
-                     metavar="SPEC")
+                     metavar="SPEC", limits=Limits(pattern=r".+", what="a data source such as synthetic or "
+                                                                                      "iemocap:PATH"))
     data_options: dict[str, Any] = _opt(
         factory=dict, help="extra keyword arguments of the data source (the synthetic set's preset and sizes, "
         "norm_method of the real features, ...)", flag=None)
-    fold: int = _opt(1, "cross-validation fold of the real utterance data, 1-based")
-    seed: int = _opt(0, "seeds the weights, the data order, the missing conditions and the synthetic data")
+    fold: int = _opt(1, "cross-validation fold of the real utterance data, 1-based", limits=Limits(ge=1))
+    seed: int = _opt(0, "seeds the weights, the data order, the missing conditions and the synthetic data",
+                     limits=Limits(ge=0, le=MAX_SEED))
     out_dir: str = _opt("runs/train", "run directory: checkpoints, metrics.csv, run.json, the final model",
-                        flag="--out", metavar="DIR")
-    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+                        flag="--out", metavar="DIR", limits=Limits(pattern=r".*\S.*", what="a directory path"))
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N",
+                       limits=Limits(pattern=r"auto|cpu|cuda(:\d+)?", what="auto, cpu, cuda or cuda:N"))
     epochs: int | None = _opt(None, "total epochs of every stage (the recipe's constant/decay split is kept; "
-                                    "default: the recipe's)")
-    epochs_decay: int | None = _opt(None, "of those, the epochs of linear LR decay (default: the recipe's share)")
+                                    "default: the recipe's)", limits=Limits(ge=1))
+    epochs_decay: int | None = _opt(None, "of those, the epochs of linear LR decay (default: the recipe's share)",
+                                  limits=Limits(ge=0))
     stage_epochs: dict[str, int] = _opt(factory=dict, help="total epochs per stage name (teacher, student, main, "
-                                        "pretrain); beats epochs for the stages it names", flag=None)
-    batch_size: int | None = _opt(None, "batch size of every stage (default: the recipe's)")
-    lr: float | None = _opt(None, "learning rate of every stage (default: the recipe's)")
+                                        "pretrain); beats epochs for the stages it names", flag=None,
+                                        limits=Limits(ge=1, each=True))
+    batch_size: int | None = _opt(None, "batch size of every stage (default: the recipe's)", limits=Limits(ge=1))
+    lr: float | None = _opt(None, "learning rate of every stage (default: the recipe's)", limits=Limits(gt=0))
     noise_steps: int = _opt(100, "NMER noise scheduler intensity T: the diffusion steps the noise level is drawn "
-                                 "from")
+                                 "from", limits=Limits(ge=1))
     corruption: str | None = _opt(None, "how missing modalities are presented: zeroed or noised (default: the "
-                                        "recipe's: zeros, Gaussian noise for NMER)", choices=CORRUPTIONS)
-    num_workers: int = _opt(0, "DataLoader worker processes")
+                                        "recipe's: zeros, Gaussian noise for NMER)", choices=CORRUPTIONS,
+                                    limits=Limits(choices=CORRUPTIONS))
+    num_workers: int = _opt(0, "DataLoader worker processes", limits=Limits(ge=0))
     progress: bool = _opt(True, "show progress bars")
     resume: bool = _opt(True, "resume from the checkpoints in the run directory (--no-resume: retrain afresh)")
     keep_checkpoints: int = _opt(1, "epoch checkpoints kept per stage besides the best one (-1: all); a "
-                                    "finished stage drops its optimizer state", metavar="N")
+                                    "finished stage drops its optimizer state", metavar="N",
+                                 limits=Limits(ge=-1))
     tensorboard: bool = _opt(True, "also log the per-epoch metrics to RUN/tensorboard when tensorboard is "
                                    "installed (pip install 'mmer_ext[tensorboard]')")
     hparams: dict[str, Any] = _opt(factory=dict, help="per-stage constructor arguments of the model, e.g. "
                                    "hparams.student.cycle_weight=1", flag=None)
-    missing_rate: float = _opt(0.1, "imder: missing rate MR of the missing-data stage, one of 0.0 ... 0.7")
+    missing_rate: float = _opt(0.1, "imder: missing rate MR of the missing-data stage, one of 0.0 ... 0.7",
+                               limits=MR_LIMITS)
     missing_protocol: str = _opt("per-sample", "imder: each sample its own missing pattern (per-sample) or the "
-                                               "authors' whole-batch patterns (per-batch)", choices=MISSING_PROTOCOLS)
+                                               "authors' whole-batch patterns (per-batch)", choices=MISSING_PROTOCOLS,
+                                 limits=Limits(choices=MISSING_PROTOCOLS))
     eval_missing_rates: list[float] = _opt(factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
                                            help="imder: the missing rates the test split is evaluated at",
-                                           metavar="MR")
+                                           metavar="MR", limits=Limits(choices=MR_LIMITS.choices, what=MR_LIMITS.what,
+                                                                       each=True))
     sampler: str | None = _opt(None, "imder: the recovery sampler -- em (Euler-Maruyama, the authors'), pc "
                                      "(predictor-corrector), ode (probability-flow Euler), ode-heun, ddim "
-                                     "(default: the recipe's em)", choices=SAMPLER_NAMES)
-    sampler_steps: int | None = _opt(None, "imder: sampler steps (default: the recipe's 100)", flag="--steps")
+                                     "(default: the recipe's em)", choices=SAMPLER_NAMES,
+                                 limits=Limits(choices=SAMPLER_NAMES))
+    sampler_steps: int | None = _opt(None, "imder: sampler steps (default: the recipe's 100)", flag="--steps",
+                                     limits=Limits(ge=1))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -101,7 +147,7 @@ def _read_file(path: Path) -> dict[str, Any]:
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
             return loaded
-    except (tomllib.TOMLDecodeError, OmegaConfBaseException, ValueError) as e:
+    except (tomllib.TOMLDecodeError, OmegaConfBaseException, ValueError, yaml.YAMLError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {e}") from e
@@ -126,46 +172,65 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         cfg: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad configuration: {e}") from e
-    _validate(cfg)
-    return cfg
+    return validate(cfg)
 
 
-def _validate(cfg: TrainConfig) -> None:
-    if cfg.model not in MODELS:
-        raise ConfigError(f"model {cfg.model!r} is not one of {', '.join(MODELS)}")
-    if cfg.corruption is not None and cfg.corruption not in CORRUPTIONS:
-        raise ConfigError(f"corruption {cfg.corruption!r} is not one of {', '.join(CORRUPTIONS)}")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        raise ConfigError(f"device {cfg.device!r} must be auto, cpu, cuda or cuda:N")
-    for name in ("epochs", "batch_size"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    for stage, value in cfg.stage_epochs.items():
-        if value < 1:
-            raise ConfigError(f"stage_epochs.{stage} must be at least 1, got {value}")
-    if cfg.keep_checkpoints < 1 and cfg.keep_checkpoints != -1:
+def _check_value(name: str, value: Any, limits: Limits) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if limits.choices is not None:
+        ok = any(abs(value - c) < 1e-9 if isinstance(value, float) and isinstance(c, float) else value == c
+                 for c in limits.choices)
+        if not ok:
+            shown = ", ".join(str(c) for c in limits.choices)
+            raise ConfigError(f"{name} {value!r} is not one of {limits.what + ' ' if limits.what else ''}{shown}")
+    if limits.pattern is not None and not (isinstance(value, str) and re.fullmatch(limits.pattern, value)):
+        raise ConfigError(f"{name} {value!r} must be {limits.what or f'of the form {limits.pattern}'}")
+    if isinstance(value, (int, float)):
+        if limits.gt is not None and not value > limits.gt:
+            raise ConfigError(f"{name} must be {'positive' if limits.gt == 0 else f'greater than {limits.gt}'}, "
+                              f"got {value}")
+        if limits.ge is not None and not value >= limits.ge:
+            raise ConfigError(f"{name} must be {'>= 0' if limits.ge == 0 else f'at least {limits.ge}'}, got {value}")
+        if limits.le is not None and not value <= limits.le:
+            raise ConfigError(f"{name} must be at most {limits.le}, got {value}")
+        if limits.lt is not None and not value < limits.lt:
+            raise ConfigError(f"{name} must be less than {limits.lt}, got {value}")
+
+
+def check_field(name: str, value: Any) -> Any:
+    """Check one value against the limits of the :class:`TrainConfig` field ``name`` (for flags of other commands
+    that mean the same thing, such as ``evaluate --fold``); returns it."""
+    limits = next(f.metadata["limits"] for f in fields(TrainConfig) if f.name == name)
+    for item in value if limits.each else [value]:
+        _check_value(name, item, limits)
+    return value
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field against the :class:`Limits` declared next to it; raise :class:`ConfigError` naming it."""
+    for f in fields(cfg):
+        limits = f.metadata.get("limits")
+        if limits is None:
+            continue
+        value = getattr(cfg, f.name)
+        if limits.each:
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                _check_value(f"{f.name}.{key}" if isinstance(value, dict) else f.name, item, limits)
+        else:
+            _check_value(f.name, value, limits)
+    for stage, given in cfg.hparams.items():
+        if not isinstance(given, dict):
+            raise ConfigError(f"hparams.{stage} must map constructor arguments to values (hparams.{stage}.NAME=VALUE), "
+                              f"got {given!r}")
+    if cfg.keep_checkpoints == 0:  # -1 means all; the declared limit admits it
         raise ConfigError(f"keep_checkpoints must be at least 1, or -1 for all, got {cfg.keep_checkpoints}")
-    if cfg.epochs_decay is not None and cfg.epochs_decay < 0:
-        raise ConfigError(f"epochs_decay must be >= 0, got {cfg.epochs_decay}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise ConfigError(f"lr must be positive, got {cfg.lr}")
-    if cfg.noise_steps < 1:
-        raise ConfigError(f"noise_steps must be at least 1, got {cfg.noise_steps}")
-    if cfg.sampler is not None and cfg.sampler not in SAMPLER_NAMES:
-        raise ConfigError(f"sampler {cfg.sampler!r} is not one of {', '.join(SAMPLER_NAMES)}")
-    if cfg.sampler_steps is not None and cfg.sampler_steps < 1:
-        raise ConfigError(f"sampler_steps must be at least 1, got {cfg.sampler_steps}")
-    if cfg.missing_protocol not in MISSING_PROTOCOLS:
-        raise ConfigError(f"missing_protocol {cfg.missing_protocol!r} is not one of {', '.join(MISSING_PROTOCOLS)}")
-    from mmer_ext.data.protocols import MISSING_RATES
-
-    for name, rates in (("missing_rate", [cfg.missing_rate]), ("eval_missing_rates", cfg.eval_missing_rates)):
-        for mr in rates:
-            if not any(abs(mr - r) < 1e-9 for r in MISSING_RATES):
-                raise ConfigError(f"{name}: {mr} is not one of IMDer's missing rates {list(MISSING_RATES)}")
-    if cfg.fold < 1:
-        raise ConfigError(f"fold must be at least 1, got {cfg.fold}")
+    if not cfg.eval_missing_rates:
+        raise ConfigError("eval_missing_rates must name at least one missing rate")
+    return cfg
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

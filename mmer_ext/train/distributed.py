@@ -37,14 +37,21 @@ class DistContext:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    from mmer_ext.train.config import ConfigError, check_field
+
+    check_field("device", name)
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was asked for but this torch sees no CUDA GPU; use --device cpu or auto")
+            raise ConfigError(f"device {name!r} was asked for but this torch sees no CUDA GPU; use --device cpu or "
+                              "auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                              "from 0; use --device cuda or auto")
     return device
 
 

@@ -24,6 +24,7 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -49,13 +50,14 @@ from mmer_ext.train.checkpoint import (
     save_state,
     save_weights,
 )
-from mmer_ext.train.config import ConfigError, TrainConfig, config_to_dict
+from mmer_ext.train.config import CORRUPTIONS, ConfigError, TrainConfig, config_to_dict, load_config, validate
 from mmer_ext.train.distributed import DistContext, init_distributed, resolve_device
 from mmer_ext.train.evaluation import evaluate_missing_rates, evaluate_model, to_device, with_missing_patterns
 from mmer_ext.train.plan import format_plan, make_plan
 from mmer_ext.train.retention import drop_states, epoch_name, link_or_copy, prune_epochs
+from mmer_ext.train.rundir import check_out_dir, inside, run_lock
 from mmer_ext.train.tracking import RunTracker, run_environment
-from mmer_ext.train.views import STAGE_DATA_MODES, views_for
+from mmer_ext.train.views import STAGE_DATA_MODES, check_data_kind, views_for
 
 __all__ = ["fit", "FitResult", "resolve_stages", "build_models", "load_model", "train_stage", "evaluate_split"]
 
@@ -64,6 +66,13 @@ FORMAT_VERSION = 1
 
 def _write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); delete it or train with --no-resume") from e
 
 
 def _derive_seed(*parts: int) -> int:
@@ -111,8 +120,8 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
             stage,
             epochs=epochs,
             epochs_decay=decay,
-            batch_size=cfg.batch_size or stage.batch_size,
-            lr=cfg.lr or stage.lr,
+            batch_size=stage.batch_size if cfg.batch_size is None else cfg.batch_size,
+            lr=stage.lr if cfg.lr is None else cfg.lr,
             corruption=cfg.corruption or stage.corruption,
             hparams=hparams,
         ))
@@ -227,20 +236,74 @@ def _model_metadata(cfg: TrainConfig, stages: tuple[Stage, ...], upto: int, dims
     }
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a trained model (its teachers included) from a ``model.safetensors`` written by :func:`fit`."""
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_model_metadata(path: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of a model file, checked key by key before it is used to rebuild the model (an edited or
+    foreign file gets a message naming the key, not a KeyError deep in a constructor)."""
+    where = f"checkpoint {str(path)!r}"
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{where} has format {meta.get('format')!r}; this mmer_ext reads {FORMAT_VERSION}")
+    missing = [k for k in ("recipe", "stages", "hparams", "corruption", "noise_steps", "dims", "num_classes",
+                           "class_names", "config") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{where}: metadata lacks {', '.join(missing)}; it was not written by mmer-ext train")
+    recipe = RECIPES.get(meta["recipe"]) if isinstance(meta["recipe"], str) else None
+    if recipe is None:
+        raise CheckpointError(f"{where} names an unknown recipe {meta['recipe']!r}")
+    names = [s.name for s in recipe]
+    hparams = meta["hparams"]
+    if not (isinstance(hparams, list) and 1 <= len(hparams) <= len(recipe)
+            and all(isinstance(h, dict) for h in hparams)):
+        raise CheckpointError(f"{where}: hparams must be a list of 1..{len(recipe)} objects (one per stage of "
+                              f"{meta['recipe']}), got {hparams!r:.80}")
+    if meta["stages"] != names[: len(hparams)]:
+        raise CheckpointError(f"{where}: stages {meta['stages']!r} are not the stages {names[:len(hparams)]} of recipe "
+                              f"{meta['recipe']}")
+    dims = meta["dims"]
+    if not (isinstance(dims, list) and len(dims) == 3 and all(_is_int(d, 1) for d in dims)):
+        raise CheckpointError(f"{where}: dims must be three positive integers (A, V, L), got {dims!r}")
+    if not _is_int(meta["num_classes"], 1):
+        raise CheckpointError(f"{where}: num_classes must be a positive integer, got {meta['num_classes']!r}")
+    if not (isinstance(meta["class_names"], list) and len(meta["class_names"]) == meta["num_classes"]):
+        raise CheckpointError(f"{where}: class_names must list num_classes={meta['num_classes']} names, got "
+                              f"{meta['class_names']!r:.80}")
+    if meta["corruption"] not in CORRUPTIONS:
+        raise CheckpointError(f"{where}: corruption {meta['corruption']!r} is not one of {', '.join(CORRUPTIONS)}")
+    if not _is_int(meta["noise_steps"], 1):
+        raise CheckpointError(f"{where}: noise_steps must be a positive integer, got {meta['noise_steps']!r}")
+    if meta.get("data_kwargs") is not None and not isinstance(meta["data_kwargs"], dict):
+        raise CheckpointError(f"{where}: data_kwargs must be an object, got {meta['data_kwargs']!r:.80}")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{where}: config must be an object, got {meta['config']!r:.80}")
+    try:
+        cfg = load_config(None, **meta["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{where}: its training config is not valid: {e}") from e
+    if cfg.model != meta["recipe"]:
+        raise CheckpointError(f"{where}: metadata says recipe {meta['recipe']!r} but its config says model "
+                              f"{cfg.model!r}")
+    return {**meta, "config": config_to_dict(cfg)}
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", *,
+               verify: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a trained model (its teachers included) from a ``model.safetensors`` written by :func:`fit`; the
+    metadata, the checksum (``verify``) and every tensor are checked before use."""
     from mmer_ext.data import ModalityDims
 
-    meta = read_weights_metadata(path)
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format {meta.get('format')!r}; this mmer_ext reads {FORMAT_VERSION}")
-    recipe = RECIPES.get(meta["recipe"])
-    if recipe is None:
-        raise CheckpointError(f"checkpoint {str(path)!r} names an unknown recipe {meta['recipe']!r}")
+    meta = check_model_metadata(path, read_weights_metadata(path))
+    recipe = RECIPES[meta["recipe"]]
     stages = tuple(replace(s, hparams=_restored_hparams(s, h)) for s, h in zip(recipe, meta["hparams"]))
-    models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"], meta.get("data_kwargs"))
+    try:
+        models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"], meta.get("data_kwargs"))
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: its metadata does not build a {meta['recipe']} model "
+                              f"({type(e).__name__}: {e})") from e
     model = models[-1]
-    load_weights(path, model)
+    load_weights(path, model, verify=verify)
     model.to(map_location).eval()
     return model, meta
 
@@ -259,14 +322,7 @@ def _stage_fingerprint(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
 def _claim_stage_dir(stage_dir: Path, fingerprint: dict[str, Any], resume: bool, ctx: DistContext) -> None:
     """Refuse to resume a stage trained under another configuration; forget old progress when not resuming."""
     path = stage_dir / "stage.json"
-    if resume and path.is_file():
-        old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if changed:
-            raise ConfigError(
-                f"{stage_dir} holds a stage trained with other settings ({', '.join(changed)}); "
-                "train into another --out, or pass --no-resume to start this stage afresh"
-            )
+    _check_stage_dir(stage_dir, fingerprint, resume)
     if ctx.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -277,9 +333,32 @@ def _claim_stage_dir(stage_dir: Path, fingerprint: dict[str, Any], resume: bool,
     ctx.barrier()
 
 
+def _check_stage_dir(stage_dir: Path, fingerprint: dict[str, Any], resume: bool) -> None:
+    path = stage_dir / "stage.json"
+    if resume and path.is_file():
+        old = _read_json(path)
+        if not isinstance(old, dict):
+            raise CheckpointError(f"{str(path)!r} must hold a JSON object; delete it or train with --no-resume")
+        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if changed:
+            raise ConfigError(
+                f"{stage_dir} holds a stage trained with other settings ({', '.join(changed)}); "
+                "train into another --out, or pass --no-resume to start this stage afresh"
+            )
+
+
 def _stage_done(stage_dir: Path) -> dict[str, Any] | None:
     done = stage_dir / "done.json"
-    return json.loads(done.read_text()) if done.is_file() else None
+    return _read_json(done) if done.is_file() else None
+
+
+def _pointer(latest: Path) -> dict[str, Path]:
+    """The (weights, state) files ``latest.json`` names, each resolved inside its stage directory."""
+    pointer = _read_json(latest)
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("epoch"), int):
+        raise CheckpointError(f"{str(latest)!r} must hold a JSON object with weights, state and epoch; delete it or "
+                              "train with --no-resume")
+    return {key: inside(latest.parent, pointer.get(key), f"{latest} key {key!r}") for key in ("weights", "state")}
 
 
 def train_stage(
@@ -331,9 +410,9 @@ def train_stage(
     first_epoch, best_metric, best_epoch, history, best_val = 0, worst, -1, [], {}
     latest = stage_dir / "latest.json"
     if cfg.resume and latest.is_file():
-        pointer = json.loads(latest.read_text())
-        load_weights(stage_dir / pointer["weights"], model)
-        state = load_state(stage_dir / pointer["state"])
+        pointer = _pointer(latest)
+        load_weights(pointer["weights"], model)
+        state = load_state(pointer["state"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         first_epoch = int(state["epoch"]) + 1
@@ -464,6 +543,19 @@ def evaluate_split(model: torch.nn.Module, dataset: Any, cfg: TrainConfig, stage
                           with_per_class=True)
 
 
+def load_data(spec: str, *, fold: int, seed: int, options: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~mmer_ext.data.load_dataset` with a bad option named as a config error (a loader's plain ValueError is
+    about an argument; a file's problems are :class:`~mmer_ext.data.DataFormatError`s and pass unchanged)."""
+    from mmer_ext.data import DataFormatError, load_dataset
+
+    try:
+        return load_dataset(spec, fold=fold, seed=seed, **options)
+    except DataFormatError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data_options {dict(options)} do not fit data {spec!r}: {e}") from e
+
+
 def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_checkpoint: str | Path | None = None,
         log: Callable[[str], None] | None = None) -> FitResult:
     """Train ``cfg.model`` on ``cfg.data`` (or the given ``splits``), evaluate on the test split, write ``out_dir``.
@@ -471,26 +563,76 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
     ``teacher_checkpoint``: a ``model.safetensors`` of the first stage's model, trained before (the full-modality
     baseline for MMIN, say): the first stage is then loaded instead of trained.
     """
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    ctx = init_distributed(device)
-    out_dir = Path(cfg.out_dir)
-    say = log or (lambda msg: tqdm.write(msg))
-    log_fn = say if ctx.is_main else (lambda msg: None)
-
+    # Everything that can be refused is checked before the first byte is written: a refused run leaves the run
+    # directory as it was.
+    validate(cfg)
+    stages = resolve_stages(cfg)
     if splits is None:
-        from mmer_ext.data import load_dataset
+        from mmer_ext.data import data_kind
 
-        try:
-            splits = load_dataset(cfg.data, fold=cfg.fold, seed=cfg.seed, **cfg.data_options)
-        except TypeError as e:
-            raise ConfigError(f"data_options {dict(cfg.data_options)} do not fit data {cfg.data!r}: {e}") from e
+        check_data_kind(cfg.model, cfg.data, data_kind(cfg.data))
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    out_dir = check_out_dir(cfg.out_dir)
+    if splits is None:
+        splits = load_data(cfg.data, fold=cfg.fold, seed=cfg.seed, options=cfg.data_options)
     for key in ("train", "val", "test"):
         if key not in splits or len(splits[key]) == 0:
-            raise ValueError(f"data {cfg.data!r} has no (or an empty) {key!r} split")
+            from mmer_ext.data import DataFormatError
+
+            raise DataFormatError(f"data {cfg.data!r} has no (or an empty) {key!r} split; check its files or the "
+                                  "data_options that size it")
+    check_data_kind(cfg.model, cfg.data, views_for(splits["train"]).kind)
+    _dry_build(stages, splits["train"])
+    teacher = None
+    if teacher_checkpoint is not None and len(stages) > 1:
+        teacher, _ = load_model(teacher_checkpoint)
+        if type(teacher) is not stages[0].model:
+            raise CheckpointError(f"teacher checkpoint {str(teacher_checkpoint)!r} holds a {type(teacher).__name__}, "
+                                  f"stage {stages[0].name!r} of {cfg.model} needs a {stages[0].model.__name__}")
+    ctx = init_distributed(device)
+
+    def check_stage_dirs() -> None:
+        for index, stage in enumerate(stages):
+            if cfg.resume and not (index == 0 and teacher is not None):
+                stage_dir = out_dir / stage.name
+                _check_stage_dir(stage_dir, _stage_fingerprint(cfg, stage), True)
+                # The files a resume reads, read now: a broken one is refused before anything is written.
+                if (stage_dir / "done.json").is_file():
+                    _stage_done(stage_dir)
+                elif (stage_dir / "latest.json").is_file():
+                    _pointer(stage_dir / "latest.json")
+
+    check_stage_dirs()
+    with run_lock(out_dir) if ctx.is_main else contextlib.nullcontext():
+        check_stage_dirs()  # again: another run may have changed them before the lock was ours
+        return _fit(cfg, stages, splits, teacher, teacher_checkpoint, device, ctx, out_dir, log)
+
+
+def _dry_build(stages: tuple[Stage, ...], train: Any) -> None:
+    """Construct every stage's model on the meta device (no memory, no time) so that bad hyper-parameters are named
+    before anything is written."""
+    teacher = None
+    with torch.device("meta"):
+        for stage in stages:
+            kwargs = {**data_kwargs(stage.model, train), **stage.hparams}
+            if teacher is not None:
+                kwargs["teacher"] = teacher
+            try:
+                teacher = stage.model(train.dims, train.num_classes, **kwargs)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"hparams.{stage.name}: {stage.model.__name__} rejects them: {e}") from e
+            except (NotImplementedError, RuntimeError):
+                return  # a constructor that needs real data cannot run on meta; the real build reports its errors
+
+
+def _fit(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, Any], teacher: torch.nn.Module | None,
+         teacher_checkpoint: str | Path | None, device: torch.device, ctx: DistContext, out_dir: Path,
+         log: Callable[[str], None] | None) -> FitResult:
+    say = log or (lambda msg: tqdm.write(msg))
+    log_fn = say if ctx.is_main else (lambda msg: None)
     train = splits["train"]
     dims, num_classes, class_names = train.dims, train.num_classes, train.class_names
 
-    stages = resolve_stages(cfg)
     tracker = RunTracker(out_dir, tensorboard=cfg.tensorboard) if ctx.is_main else None
     plan = make_plan(cfg, stages, splits, world_size=ctx.world_size, device=device,
                      teacher_checkpoint=teacher_checkpoint, tensorboard=tracker is not None and tracker.use_tensorboard)
@@ -508,7 +650,7 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
     ctx.barrier()
     try:
         return _fit_stages(cfg, stages, splits, out_dir, device=device, ctx=ctx, log_fn=log_fn, tracker=tracker,
-                           teacher_checkpoint=teacher_checkpoint)
+                           teacher=teacher, teacher_checkpoint=teacher_checkpoint)
     finally:
         if tracker is not None:
             tracker.close()
@@ -516,7 +658,7 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
 
 def _fit_stages(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, Any], out_dir: Path, *,
                 device: torch.device, ctx: DistContext, log_fn: Callable[[str], None], tracker: RunTracker | None,
-                teacher_checkpoint: str | Path | None) -> FitResult:
+                teacher: torch.nn.Module | None, teacher_checkpoint: str | Path | None) -> FitResult:
     train = splits["train"]
     dims, num_classes, class_names = train.dims, train.num_classes, train.class_names
 
@@ -531,14 +673,14 @@ def _fit_stages(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, A
             kwargs["teacher"] = models[-1]
         try:
             model = stage.model(dims, num_classes, **kwargs)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"hparams.{stage.name}: {stage.model.__name__} rejects them: {e}") from e
         models.append(model)
         stage_dir = out_dir / stage.name
         metadata = _model_metadata(cfg, stages, index, dims, num_classes, class_names,
                                    data_kw=data_kwargs(stage.model, train))
-        if index == 0 and teacher_checkpoint is not None and len(stages) > 1:
-            source, _ = load_model(teacher_checkpoint)
+        if index == 0 and teacher is not None:
+            source = teacher
             if type(source) is not type(model):
                 raise CheckpointError(f"teacher checkpoint {str(teacher_checkpoint)!r} holds a {type(source).__name__}, "
                                       f"stage {stage.name!r} of {cfg.model} needs a {type(model).__name__}")

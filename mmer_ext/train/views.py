@@ -19,12 +19,38 @@ from mmer_ext.data import MissingConditionDataset, collate_utterances, corrupt_b
 from mmer_ext.data.dialogue import DialogueConditionView, DialogueDataset, collate_dialogues, corrupt_dialogue_batch
 from mmer_ext.data.mmsa import SequenceDataset, collate_sequences
 
-__all__ = ["DataViews", "views_for", "STAGE_DATA_MODES"]
+__all__ = ["DataViews", "views_for", "STAGE_DATA_MODES", "check_data_kind", "model_data_kind"]
 
 # A recipe stage's `data` -> the protocol mode of its training view. Sequence data ("complete", "missing-rate") is
 # used as it is: the trainer draws its missing patterns per batch from the missing-rate protocol.
 STAGE_DATA_MODES = {"full": "full", "missing": "train", "missing+full": "train+full", "dialogue": "full",
                     "complete": "full", "missing-rate": "full"}
+
+# A recipe stage's `data` -> the kind of dataset it trains on, and what a user passes as --data for each kind.
+STAGE_DATA_KINDS = {"full": "utterances", "missing": "utterances", "missing+full": "utterances",
+                    "dialogue": "dialogues", "complete": "sequences", "missing-rate": "sequences"}
+DATA_OF_KIND = {"utterances": "utterance data (synthetic, synthetic:small, iemocap:PATH, msp:PATH or cache:DIR)",
+                "dialogues": "dialogue data (synthetic-dialogue, iemocap-erc:PATH, meld:PATH or dialogues:DIR)",
+                "sequences": "sentiment sequences (synthetic-mosi, synthetic-mosi-small, mmsa:PKL or mmsa-cache:DIR)"}
+
+
+def model_data_kind(model: str) -> str:
+    """``"utterances"``, ``"dialogues"`` or ``"sequences"``: what every stage of recipe ``model`` trains on."""
+    from mmer_ext.models.recipes import RECIPES
+
+    (kind,) = {STAGE_DATA_KINDS[s.data] for s in RECIPES[model]}
+    return kind
+
+
+def check_data_kind(model: str, data: str, kind: str | None) -> None:
+    """Refuse ``data`` (of ``kind``; None: unknown, let the loader judge) for a model that trains on another kind,
+    before any work is done, saying which data the model takes."""
+    from mmer_ext.train.config import ConfigError
+
+    want = model_data_kind(model)
+    if kind is not None and kind != want:
+        raise ConfigError(f"model {model!r} trains on {DATA_OF_KIND[want]}; --data {data!r} is "
+                          f"{DATA_OF_KIND[kind].split(' (')[0]}")
 
 
 @dataclass(frozen=True)

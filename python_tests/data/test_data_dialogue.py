@@ -196,6 +196,11 @@ def _set(field, value, vid="tr01"):
     (_set(2, [0, 9, 1]), "labels outside 0..5"),
     (_set(1, ["M", "X", "F"]), "neither 'M' nor 'F'"),
     (lambda obj: obj[:8] + [obj[7][:2]], "both trainVid and testVid"),
+    (lambda obj: obj[:7] + [obj[7] + obj[7][:1], obj[8]], r"'tr00' is listed twice in trainVid \(rows 0 and 10\)"),
+    (_set(4, np.array([[0.0] * 7, [np.nan] * 7, [0.0] * 7], np.float32)),
+     r"bad.pkl: dialogue 'tr01' \(trainVid\): videoAudio: utterance 1 holds NaN"),
+    (_set(3, np.array([[0.0] * 4, [0.0] * 4, [np.inf] * 4], np.float32)),
+     "dialogue 'tr01' .*: videoText: utterance 2 holds NaN or infinite"),
     (lambda obj: obj[:7] + [obj[7] + ["nope"], obj[8]], "'nope'.*no entry in videoIDs"),
 ])
 def test_pickle_format_errors(tmp_path, mutate, match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import shutil
 
 import numpy as np
@@ -225,3 +226,121 @@ def test_cli_trains_and_evaluates_on_the_real_layout(tmp_path, capsys, monkeypat
     # Another fold's split files are used when asked for; a fold that is not there is a clear error.
     assert main(["evaluate", "run/model.safetensors", "--fold", "7", "--device", "cpu"]) == 2
     assert "7" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ bad content, named precisely
+def _fold(root):
+    return root / "targets" / "1"
+
+
+@pytest.mark.parametrize("row, match", [
+    ([0, 0, 0, 0], r"row 1 is \[0.0, 0.0, 0.0, 0.0\], not one-hot"),
+    ([np.nan, 1, 0, 0], "row 1 holds NaN"),
+    ([1, 1, 0, 0], r"row 1 is \[1.0, 1.0, 0.0, 0.0\], not one-hot"),
+    ([-1, 0, 0, 0], "row 1 .* not one-hot"),
+    ([0, 2, 0, 0], "row 1 .* not one-hot"),
+])
+def test_labels_that_are_not_one_class_are_refused(iemocap, row, match):
+    root, _, _ = iemocap
+    lab = np.eye(4, dtype=np.float32)[LABELS["trn"]]
+    lab[1] = row
+    np.save(_fold(root) / "trn_label.npy", lab)
+    with pytest.raises(DataFormatError, match="trn_label.npy: " + match):
+        load_iemocap(root, cv=1)
+
+
+def test_duplicate_and_leaked_ids_are_refused(iemocap):
+    root, _, _ = iemocap
+    names = list(NAMES["trn"])
+    names[2] = names[0]
+    np.save(_fold(root) / "trn_int2name.npy", np.array([[n.encode()] for n in names]))
+    with pytest.raises(DataFormatError, match=rf"'{names[0]}' is listed twice in trn_int2name.npy \(rows 0 and 2\)"):
+        load_iemocap(root, cv=1)
+    names = list(NAMES["tst"])
+    names[1] = NAMES["trn"][3]
+    np.save(_fold(root) / "trn_int2name.npy", np.array([[n.encode()] for n in NAMES["trn"]]))
+    np.save(_fold(root) / "tst_int2name.npy", np.array([[n.encode()] for n in names]))
+    with pytest.raises(DataFormatError, match=rf"'{names[1]}' is in both trn_int2name.npy and tst_int2name.npy"):
+        load_iemocap(root, cv=1)
+
+
+@pytest.mark.parametrize("modality, file", [("A", "comparE.h5"), ("V", "denseface.h5"), ("L", "bert_large.h5")])
+def test_zero_frames_and_nan_features_are_refused(tmp_path, modality, file):
+    _write_layout(tmp_path)
+    name = NAMES["val"][1]
+    dim = DIMS[("A", "V", "L").index(modality)]
+    with h5py.File(tmp_path / "features" / modality / file, "a") as f:
+        del f[name]
+        f[name] = np.zeros((0, dim), np.float32)
+    with pytest.raises(DataFormatError, match=rf"{file}: utterance '{name}': the utterance has 0 frames"):
+        load_iemocap(tmp_path, cv=1)
+    bad = np.ones((5, dim), np.float32)
+    bad[3, 7] = np.inf
+    with h5py.File(tmp_path / "features" / modality / file, "a") as f:
+        del f[name]
+        f[name] = bad
+    with pytest.raises(DataFormatError, match=rf"{file}: utterance '{name}': frame 3 holds NaN or infinite"):
+        load_iemocap(tmp_path, cv=1)
+
+
+@pytest.mark.parametrize("key", ["mean", "std"])
+def test_nonfinite_fold_statistics_are_refused(iemocap, key):
+    root, _, _ = iemocap
+    with h5py.File(root / "features" / "A" / "comparE_mean_std.h5", "a") as f:
+        values = f[f"1/{key}"][()]
+        values[11] = np.nan
+        del f[f"1/{key}"]
+        f[f"1/{key}"] = values
+    with pytest.raises(DataFormatError, match=rf"comparE_mean_std.h5: 1/{key}: feature 11 holds NaN"):
+        load_iemocap(root, cv=1)
+    assert load_iemocap(root, cv=2)["train"].dims == DIMS  # the other fold's statistics are fine
+
+
+def test_truncated_files_are_named(iemocap):
+    root, _, _ = iemocap
+    label = _fold(root) / "val_label.npy"
+    label.write_bytes(label.read_bytes()[:-9])
+    with pytest.raises(DataFormatError, match="val_label.npy: cannot read .npy, truncated"):
+        load_iemocap(root, cv=1)
+    label.write_bytes(b"\x93NUMPY")
+    with pytest.raises(DataFormatError, match="val_label.npy: not a readable .npy"):
+        load_iemocap(root, cv=1)
+    np.save(label, np.eye(4, dtype=np.float32)[LABELS["val"]])
+    h5 = root / "features" / "V" / "denseface.h5"
+    h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
+    with pytest.raises(DataFormatError, match="denseface.h5: .*truncated or damaged"):
+        load_iemocap(root, cv=1)
+
+
+class _WritesMarker:
+    """An object whose unpickling runs code: what a malicious int2name.npy would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_names_are_read_without_pickle_and_object_arrays_warn(iemocap):
+    from mmer_ext.data import UnsafePickleWarning
+
+    root, _, _ = iemocap
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # bytes (N, 1) names: no pickle, so no warning
+        assert load_iemocap(root, cv=1)["train"].names == NAMES["trn"]
+    marker = root / "code-ran"
+    names = np.empty(len(NAMES["trn"]), dtype=object)
+    names[:] = [_WritesMarker(marker)] + NAMES["trn"][1:]
+    np.save(_fold(root) / "trn_int2name.npy", names, allow_pickle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsafePickleWarning)
+        with pytest.raises(UnsafePickleWarning, match="trn_int2name.npy: reading a pickle file executes"):
+            load_iemocap(root, cv=1)
+    assert not marker.exists()  # refused before unpickling when warnings are errors
+    with pytest.warns(UnsafePickleWarning, match="trn_int2name.npy"), pytest.raises(DataFormatError, match="row 0"):
+        load_iemocap(root, cv=1)  # let through: it warns first, and the non-name is still refused
+    names[:] = NAMES["trn"]  # Python str objects: a pickle, but a harmless one
+    np.save(_fold(root) / "trn_int2name.npy", names, allow_pickle=True)
+    with pytest.warns(UnsafePickleWarning):
+        assert load_iemocap(root, cv=1)["train"].names == NAMES["trn"]

@@ -144,3 +144,27 @@ def test_modalities_carry_signal_of_different_strength():
     assert chance + 0.15 < full < 0.95
     assert lex > vis
     assert full > vis + 0.1
+
+
+def test_cached_splits_are_checked_like_real_data(tmp_path):
+    from mmer_ext.data import DataFormatError, load_splits, make_synthetic_utterances, save_splits
+
+    splits = make_synthetic_utterances(seed=0, preset="small", n_train=12, n_val=4, n_test=4)
+    save_splits(splits, tmp_path / "ok")
+    assert load_dataset(f"cache:{tmp_path / 'ok'}")["val"].names == splits["val"].names
+    import copy
+
+    bad = copy.deepcopy(splits)
+    bad["val"].features["V"][2][1, 3] = float("nan")
+    save_splits(bad, tmp_path / "nan")
+    with pytest.raises(DataFormatError, match=rf"val.safetensors: modality V, utterance '{bad['val'].names[2]}': "
+                                              "frame 1 holds NaN"):
+        load_splits(tmp_path / "nan")
+    leak = copy.deepcopy(splits)
+    leak["test"].names[0] = leak["train"].names[5]
+    save_splits(leak, tmp_path / "leak")
+    with pytest.raises(DataFormatError, match=f"utterance '{leak['train'].names[5]}' is in both train and test"):
+        load_splits(tmp_path / "leak")
+    (tmp_path / "ok" / "test.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataFormatError, match="test.safetensors: not a readable UtteranceDataset"):
+        load_splits(tmp_path / "ok")

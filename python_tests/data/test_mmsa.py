@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pickle
 import warnings
 
@@ -432,3 +433,25 @@ def test_cli_convert_sniffs_dialogue_pickles(tmp_path, capsys, monkeypatch):
     (tmp_path / "garbage.pkl").write_bytes(b"\xff\xfe")
     assert main(["convert", "garbage.pkl", "x"]) == 2
     assert "not a pickle file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [3.5, -3.25])
+def test_labels_outside_the_sentiment_scale_are_refused(tmp_path, value):
+    tables = _tables()
+    tables["valid"]["regression_labels"][2] = value
+    path = _write(tmp_path, tables)
+    with pytest.raises(DataFormatError, match=rf"split 'valid': key 'regression_labels': row 2 is {value}, "
+                                              r"outside \[-3, 3\]"):
+        _quiet(load_mmsa, path)
+    with pytest.raises(DataFormatError, match="row 2"):
+        _quiet(convert_mmsa, path, tmp_path / "safe")
+
+
+def test_sample_ids_twice_or_in_two_splits_are_refused(tmp_path):
+    tables = _tables()
+    ids = tables["test"]["id"].tolist()
+    ids[2] = tables["train"]["id"][3]  # a list: assigning into the fixed-width str array would truncate the id
+    tables["test"]["id"] = ids
+    leaked = re.escape(tables["train"]["id"][3])
+    with pytest.raises(DataFormatError, match=rf"sample id '{leaked}' is in both train and test"):
+        _quiet(load_mmsa, _write(tmp_path, tables))
