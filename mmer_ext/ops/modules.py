@@ -87,7 +87,21 @@ class AngularAdjacency(nn.Module):
 
 class BlockGraphPropagate(nn.Module):
     """``A @ x`` with ``A`` as per-dialogue blocks (:func:`~mmer_ext.ops.block_graph_propagate`):
-    ``forward(blocks, x, lengths)``. No options; a layer for models written as a sequence of modules."""
+    ``forward(blocks, x, lengths)``. A layer for models written as a sequence of modules.
+
+    Args:
+        num_modalities: ``M >= 1``, fixed at construction: ``x``'s rows and ``lengths`` alone can fit another ``M``
+            (see :func:`~mmer_ext.ops.block_graph_propagate`), and a graph layer's modality count is part of the
+            model, not of the batch.
+    """
+
+    def __init__(self, num_modalities: int) -> None:
+        super().__init__()
+        _check_int("num_modalities", num_modalities, 1, "BlockGraphPropagate")
+        self.num_modalities = int(num_modalities)
 
     def forward(self, blocks: Tensor, x: Tensor, lengths: Tensor) -> Tensor:
-        return block_graph_propagate(blocks, x, lengths)
+        return block_graph_propagate(blocks, x, lengths, self.num_modalities)
+
+    def extra_repr(self) -> str:
+        return f"num_modalities={self.num_modalities}"

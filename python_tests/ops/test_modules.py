@@ -63,12 +63,12 @@ def test_block_graph_propagate_module_matches_the_op():
     x, lengths = _features()
     blocks = AngularAdjacency(layout="blocks")(x, lengths)
     h = torch.randn(3 * 8, 2, dtype=torch.float64)
-    out = BlockGraphPropagate()(blocks, h, lengths)
-    assert torch.equal(out, block_graph_propagate(blocks, h, lengths))
+    out = BlockGraphPropagate(3)(blocks, h, lengths)
+    assert torch.equal(out, block_graph_propagate(blocks, h, lengths, 3))
     torch.testing.assert_close(out, angular_adjacency(x, lengths) @ h)
 
 
-@pytest.mark.parametrize("module", [CMDLoss(), AngularAdjacency(), BlockGraphPropagate()],
+@pytest.mark.parametrize("module", [CMDLoss(), AngularAdjacency(), BlockGraphPropagate(3)],
                          ids=lambda m: type(m).__name__)
 def test_modules_hold_no_state(module):
     assert module.state_dict() == {}
@@ -80,7 +80,7 @@ def test_reprs_show_the_options():
     assert repr(CMDLoss(3)) == "CMDLoss(n_moments=3)"
     assert repr(AngularAdjacency(window=2, layout="blocks")) == (
         "AngularAdjacency(scale=0.99999, normalize=True, window=2, layout='blocks')")
-    assert repr(BlockGraphPropagate()) == "BlockGraphPropagate()"
+    assert repr(BlockGraphPropagate(3)) == "BlockGraphPropagate(num_modalities=3)"
 
 
 @pytest.mark.parametrize(
@@ -96,6 +96,8 @@ def test_reprs_show_the_options():
         (lambda: AngularAdjacency(window=-1), "window"),
         (lambda: AngularAdjacency(window=1.5), "window"),
         (lambda: AngularAdjacency(layout="sparse"), "layout"),
+        (lambda: BlockGraphPropagate(0), "num_modalities"),
+        (lambda: BlockGraphPropagate(2.0), "num_modalities"),
     ],
 )
 def test_bad_options_fail_at_construction(make, argument):
@@ -116,7 +118,7 @@ class _Invariant(nn.Module):
         self.shared = nn.Linear(6, 4)
         self.cmd = CMDLoss()
         self.graph = AngularAdjacency(layout="blocks")
-        self.propagate = BlockGraphPropagate()
+        self.propagate = BlockGraphPropagate(3)
 
     def forward(self, a, v, l, lengths):
         s = [self.shared(t) for t in (a, v, l)]
