@@ -141,11 +141,16 @@ class IFMMIN(MERModel):
 
     Notes
     -----
-    ``invariant_weight`` defaults to 100: the authors' ``scripts/CAP_IFMMIN.sh`` passes ``--consistent_weight=100``,
-    an option the parser does not define (argparse exits), so the published script cannot have run as written; the
-    fixed script in the NMER repository passes ``--invariant_weight=100``, which is what we implement (the option's
-    own default would be 1.0). The single ``missing_index`` drives both the input mask and the reversed teacher input
-    (see MMIN's note on issue #9). Gradient clip 1.0, as MMIN.
+    ``invariant_weight = 100`` is an inference from another repository, not the IF-MMIN authors' own setting: their
+    ``scripts/CAP_IFMMIN.sh`` passes ``--consistent_weight=100``, an option their parser does not define (argparse
+    exits), so the published script cannot have run as written; the NMER repository (same group) has a fixed copy,
+    ``scripts/fix/CAP_IFMMIN_001.sh``, that passes ``--invariant_weight=100``, and we take that value (the option's
+    own default is 1.0: ``--set hparams.student.invariant_weight=1``). Likewise the shared encoder's branch (see
+    :class:`~mmer_ext.models.encoders.SharedEncoder`) is chosen in their code by substrings of the ``run_idx`` given
+    on the command line, which the scripts leave to the caller; we take the default branch, the one any
+    ``run_idx`` without a ``V0200``/``V05xx``/``V0600`` tag gets (the NMER repository's teachers are ``run0001`` /
+    ``run0002``). The single ``missing_index`` drives both the input mask and the reversed teacher input (see
+    MMIN's note on issue #9). Gradient clip 1.0, as MMIN.
     """
 
     clip_grad_norm = 1.0
