@@ -18,6 +18,7 @@ from mmer_ext.models.encoders import (
     fuse,
     kaiming_init_,
 )
+from mmer_ext.models.invariance import normalize_for_cmd
 from mmer_ext.ops import cmd_pairwise
 
 __all__ = ["IFMMIN", "UttShared"]
@@ -46,6 +47,9 @@ class UttShared(MERModel):
         1.0.
     n_moments : int
         K = 5.
+    cmd_normalize : {"none", "l2", "pooled"}
+        What the CMD sees (:mod:`mmer_ext.models.invariance`): "none" (default) the authors' raw shared features;
+        "l2" / "pooled" scale-invariant inputs, so the CMD cannot be lowered by shrinking the features.
 
     Notes
     -----
@@ -69,12 +73,15 @@ class UttShared(MERModel):
         use_lengths: bool = True,
         cmd_weight: float = 1.0,
         n_moments: int = 5,
+        cmd_normalize: str = "none",
     ) -> None:
         super().__init__()
         del teacher
         self.num_classes = int(num_classes)
         self.cmd_weight = float(cmd_weight)
         self.n_moments = int(n_moments)
+        normalize_for_cmd([], cmd_normalize)  # validates the name
+        self.cmd_normalize = cmd_normalize
         self.encoders = ModalityEncoders(
             dims,
             hidden,
@@ -98,7 +105,7 @@ class UttShared(MERModel):
 
     def cmd_loss(self, inv: Mapping[str, Tensor]) -> Tensor:
         """Mean CMD over the pairs (l, v), (l, a), (v, a) of the invariant features."""
-        return cmd_pairwise([inv["L"], inv["V"], inv["A"]], self.n_moments)
+        return cmd_pairwise(normalize_for_cmd([inv["L"], inv["V"], inv["A"]], self.cmd_normalize), self.n_moments)
 
     def training_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``(CE + cmd_weight * CMD, {"ce", "cmd"})`` (parts unweighted)."""

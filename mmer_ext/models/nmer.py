@@ -33,6 +33,7 @@ from mmer_ext.models.encoders import (
     fuse,
     kaiming_init_,
 )
+from mmer_ext.models.invariance import normalize_for_cmd
 from mmer_ext.ops import cmd_pairwise
 
 __all__ = ["ConditionVAE", "NMER", "NMERTeacher", "gaussian_kl"]
@@ -148,6 +149,9 @@ class NMERTeacher(MERModel):
         Weight of the optional per-sample denoising term (:class:`_DenoisingHead`); 0.0 (default) builds no head.
     recon_hidden : int
         Width of that head's MLP (256).
+    cmd_normalize : {"none", "l2", "pooled"}
+        What the CMD sees (:mod:`mmer_ext.models.invariance`): "none" (default) the authors' raw shared features;
+        "l2" / "pooled" scale-invariant inputs, so the CMD cannot be lowered by shrinking the features.
 
     Notes
     -----
@@ -189,12 +193,15 @@ class NMERTeacher(MERModel):
         n_moments: int = 5,
         recon_weight: float = 0.0,
         recon_hidden: int = 256,
+        cmd_normalize: str = "none",
     ) -> None:
         super().__init__()
         del teacher
         self.num_classes = int(num_classes)
         self.cmd_weight = float(cmd_weight)
         self.n_moments = int(n_moments)
+        normalize_for_cmd([], cmd_normalize)  # validates the name
+        self.cmd_normalize = cmd_normalize
         self.recon_weight = float(recon_weight)
         enc_kw = dict(
             embd_method_a=embd_method_a,
@@ -234,7 +241,7 @@ class NMERTeacher(MERModel):
 
     def cmd_loss(self, shared: Mapping[str, Tensor]) -> Tensor:
         """Mean CMD (K = ``n_moments``) over the three pairs of shared features."""
-        return cmd_pairwise([shared[m] for m in FUSION_ORDER], self.n_moments)
+        return cmd_pairwise(normalize_for_cmd([shared[m] for m in FUSION_ORDER], self.cmd_normalize), self.n_moments)
 
     def training_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``(CE + cmd_weight * CMD [+ recon_weight * recon], {"ce", "cmd"[, "recon"]})``; parts unweighted."""

@@ -166,12 +166,11 @@ class AuthorsTextEncoder(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_l, hidden)
         h = hidden // 2
-        self.cells = nn.ModuleList(nn.ModuleDict({
-            "fw": nn.ParameterList([nn.Parameter(torch.randn(4 * h, i) * 0.2), nn.Parameter(torch.randn(4 * h, h) * 0.2),
-                                    nn.Parameter(torch.randn(4 * h) * 0.1), nn.Parameter(torch.randn(4 * h) * 0.1)]),
-            "bw": nn.ParameterList([nn.Parameter(torch.randn(4 * h, i) * 0.2), nn.Parameter(torch.randn(4 * h, h) * 0.2),
-                                    nn.Parameter(torch.randn(4 * h) * 0.1), nn.Parameter(torch.randn(4 * h) * 0.1)]),
-        }) for i in (hidden, hidden))
+        def direction(i):
+            return nn.ParameterList([nn.Parameter(torch.randn(4 * h, i) * 0.2), nn.Parameter(torch.randn(4 * h, h) * 0.2),
+                                     nn.Parameter(torch.randn(4 * h) * 0.1), nn.Parameter(torch.randn(4 * h) * 0.1)])
+
+        self.cells = nn.ModuleList(nn.ModuleDict({"fw": direction(i), "bw": direction(i)}) for i in (hidden, hidden))
         self.speaker = nn.Embedding(speakers, hidden)
 
     @staticmethod
