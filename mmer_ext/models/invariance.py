@@ -26,7 +26,7 @@ __all__ = ["CMD_NORMALIZATIONS", "normalize_for_cmd"]
 CMD_NORMALIZATIONS = ("none", "l2", "pooled")
 
 
-def normalize_for_cmd(xs: Sequence[Tensor], mode: str = "none", eps: float = 1e-6) -> list[Tensor]:
+def normalize_for_cmd(xs: Sequence[Tensor], mode: str = "none", eps: float = 1e-12) -> list[Tensor]:
     """The features ``xs`` (each ``[B, D]``) as the CMD should see them under ``mode`` (module docstring)."""
     if mode not in CMD_NORMALIZATIONS:
         raise ValueError(f"cmd_normalize must be one of {CMD_NORMALIZATIONS}, got {mode!r}")
@@ -36,5 +36,5 @@ def normalize_for_cmd(xs: Sequence[Tensor], mode: str = "none", eps: float = 1e-
     if mode == "l2":
         return [F.normalize(x, dim=-1, eps=eps) for x in xs]
     centred = torch.stack([(x - x.mean(dim=0, keepdim=True)).pow(2).mean() for x in xs])
-    scale = centred.mean().add(eps).sqrt()
+    scale = centred.mean().clamp_min(eps).sqrt()  # a floor only against an all-constant batch
     return [x / scale for x in xs]
