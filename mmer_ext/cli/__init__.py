@@ -1,6 +1,8 @@
 """The ``mmer-ext`` command line (also ``python -m mmer_ext``, and ``torchrun ... -m mmer_ext train`` for DDP).
 
     mmer-ext train --model {baseline,augmented,mmin,ifmmin,nmer} --data synthetic|iemocap:PATH|msp:PATH [--fold N]
+    mmer-ext train --model {mmin-msp,baseline-msp} --data msp:PATH --fold 1-12   (MMIN's MSP-IMPROV settings)
+    mmer-ext train --model {nmer-authors,mmgcn-authors,mmgcn-meld-authors,imder-authors} ...   (the authors' code)
     mmer-ext train --model mmgcn --data synthetic-dialogue|iemocap-erc:PATH|meld:PATH|dialogues:DIR
     mmer-ext train --model imder --data synthetic-mosi|mmsa:PKL|mmsa-cache:DIR [--sampler em|pc|ode|ode-heun|ddim]
                    [--steps N] [--missing-rate MR] [--missing-protocol per-sample|per-batch]

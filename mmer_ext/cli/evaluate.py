@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate_model(model, dataset, num_classes=meta["num_classes"], device=device,
                                  corruption=args.corruption or meta["corruption"],
                                  noise_steps=meta["noise_steps"] if args.noise_steps is None else args.noise_steps,
-                                 seed=cfg["seed"])
+                                 seed=cfg["seed"], noise_padding=_recipe_noise_padding(meta["recipe"]))
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     settings = {"checkpoint": str(args.checkpoint), "recipe": meta["recipe"], "data": data, "split": args.split,
                 "fold": cfg["fold"] if args.fold is None else args.fold}
@@ -156,3 +156,11 @@ def write_evaluation(out_dir: Path, stem: str, model: str, metrics: dict[str, An
     paths.append(report.atomic_write_text(out_dir / f"{stem}.md", header + markdown))
     paths.append(chart)
     return paths
+
+
+def _recipe_noise_padding(recipe: str) -> bool:
+    """Whether the recipe that trained the checkpoint noises padding frames (``nmer-authors``)."""
+    from mmer_ext.models.recipes import RECIPES
+
+    stages = RECIPES.get(recipe)
+    return bool(stages and stages[-1].noise_padding)

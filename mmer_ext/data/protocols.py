@@ -32,7 +32,11 @@ forward-diffusion step to the missing modalities only,
 with :math:`\\epsilon \\sim N(0, I)` or the impulse noise :math:`\\mathrm{sign}(N(0,I))\\,1[U > 0.7]` and one
 :math:`t \\sim U\\{0..T-1\\}` per modality per batch (as the authors; ``per="sample"`` draws one per sample).
 Padding frames (beyond each sequence's length) stay exactly zero so max-pooling encoders see the same padding as in
-the clean batch.
+the clean batch (``noise_padding=True`` noises them too, as the authors' scheduler does on the padded tensor).
+
+Evaluation draws ``t`` per utterance (:func:`mmer_ext.train.evaluation.evaluate_model`, ``noise_per="sample"``):
+the test expansion runs its batches in condition order, so one ``t`` per 256-item batch would give each condition's
+score only a handful of noise levels (the authors' shuffled 128-item test batches mix conditions instead).
 
 Missing rate (IMDer, MOSI / MOSEI)
 ----------------------------------
@@ -257,6 +261,7 @@ def corrupt_batch(
     *,
     per: str = "batch",
     occur_freq: float = 0.7,
+    noise_padding: bool = False,
 ) -> dict[str, Any]:
     """Turn a clean batch into model input according to its ``missing_index``.
 
@@ -278,6 +283,9 @@ def corrupt_batch(
         One ``t`` per modality per batch (authors) or per sample.
     occur_freq : float
         Impulse noise is nonzero where ``U > occur_freq`` (0.7 -> about 30 % of entries are +-1).
+    noise_padding : bool
+        False (default): frames past each sequence's length stay zero. True: the whole padded tensor is noised, as
+        the authors' scheduler does (recipe ``nmer-authors``).
 
     Returns
     -------
@@ -307,7 +315,7 @@ def corrupt_batch(
         t = scheduler.sample_t(b, generator, per=per)
         noise_t[:, j] = t
         noisy = scheduler.add_noise(x, _noise_like(x, mode, generator, occur_freq), t)
-        if lengths is not None and x.dim() == 3:
+        if lengths is not None and x.dim() == 3 and not noise_padding:
             # Frame sequences: the padding past each utterance's length stays zero.
             valid = torch.arange(x.shape[1], device=x.device) < lengths[:, j].to(x.device).view(-1, 1)
             noisy = noisy * valid.unsqueeze(-1).to(x.dtype)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 __all__ = ["DataSpec", "DATA_SPECS", "data_spec_help"]
 
-UTTERANCE_MODELS = "baseline, augmented, mmin, ifmmin, nmer"
-DIALOGUE_MODELS = "mmgcn, mmgcn-meld"
-SEQUENCE_MODELS = "imder, imder-mosei"
+UTTERANCE_MODELS = "baseline, augmented, mmin, ifmmin, nmer, nmer-authors, baseline-msp, mmin-msp"
+DIALOGUE_MODELS = "mmgcn, mmgcn-meld, mmgcn-authors, mmgcn-meld-authors"
+SEQUENCE_MODELS = "imder, imder-mosei, imder-authors"
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,13 @@ class ResidualXE(ResidualAE):
 
 class SharedEncoder(nn.Module):
     """IF-MMIN's modality-invariant projection (default branch): ``Lin(d, d)-LReLU-Lin(d, d)-LReLU``, applied with the
-    same weights to every modality's 128-d embedding so that CMD can pull the three distributions together."""
+    same weights to every modality's 128-d embedding so that CMD can pull the three distributions together.
+
+    The authors' ``SharedEncoder`` picks one of several stacks from substrings of the command line's ``run_idx``
+    (``V0200``: four Linear layers with sigmoids; ``V05xx``/``V0600``: one or two LeakyReLU layers, some with dropout;
+    anything else: this one). Their scripts leave ``run_idx`` to the caller, so the branch behind the published
+    numbers is not recorded; the default branch is an inference (it is what the NMER repository's teacher runs,
+    ``run0001``/``run0002``, get)."""
 
     def __init__(self, dim: int = 128) -> None:
         super().__init__()

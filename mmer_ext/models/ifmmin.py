@@ -18,6 +18,7 @@ from mmer_ext.models.encoders import (
     fuse,
     kaiming_init_,
 )
+from mmer_ext.models.invariance import normalize_for_cmd
 from mmer_ext.ops import cmd_pairwise
 
 __all__ = ["IFMMIN", "UttShared"]
@@ -46,6 +47,9 @@ class UttShared(MERModel):
         1.0.
     n_moments : int
         K = 5.
+    cmd_normalize : {"none", "l2", "pooled"}
+        What the CMD sees (:mod:`mmer_ext.models.invariance`): "none" (default) the authors' raw shared features;
+        "l2" / "pooled" scale-invariant inputs, so the CMD cannot be lowered by shrinking the features.
 
     Notes
     -----
@@ -69,12 +73,15 @@ class UttShared(MERModel):
         use_lengths: bool = True,
         cmd_weight: float = 1.0,
         n_moments: int = 5,
+        cmd_normalize: str = "none",
     ) -> None:
         super().__init__()
         del teacher
         self.num_classes = int(num_classes)
         self.cmd_weight = float(cmd_weight)
         self.n_moments = int(n_moments)
+        normalize_for_cmd([], cmd_normalize)  # validates the name
+        self.cmd_normalize = cmd_normalize
         self.encoders = ModalityEncoders(
             dims,
             hidden,
@@ -98,7 +105,7 @@ class UttShared(MERModel):
 
     def cmd_loss(self, inv: Mapping[str, Tensor]) -> Tensor:
         """Mean CMD over the pairs (l, v), (l, a), (v, a) of the invariant features."""
-        return cmd_pairwise([inv["L"], inv["V"], inv["A"]], self.n_moments)
+        return cmd_pairwise(normalize_for_cmd([inv["L"], inv["V"], inv["A"]], self.cmd_normalize), self.n_moments)
 
     def training_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``(CE + cmd_weight * CMD, {"ce", "cmd"})`` (parts unweighted)."""
@@ -141,11 +148,16 @@ class IFMMIN(MERModel):
 
     Notes
     -----
-    ``invariant_weight`` defaults to 100: the authors' ``scripts/CAP_IFMMIN.sh`` passes ``--consistent_weight=100``,
-    an option the parser does not define (argparse exits), so the published script cannot have run as written; the
-    fixed script in the NMER repository passes ``--invariant_weight=100``, which is what we implement (the option's
-    own default would be 1.0). The single ``missing_index`` drives both the input mask and the reversed teacher input
-    (see MMIN's note on issue #9). Gradient clip 1.0, as MMIN.
+    ``invariant_weight = 100`` is an inference from another repository, not the IF-MMIN authors' own setting: their
+    ``scripts/CAP_IFMMIN.sh`` passes ``--consistent_weight=100``, an option their parser does not define (argparse
+    exits), so the published script cannot have run as written; the NMER repository (same group) has a fixed copy,
+    ``scripts/fix/CAP_IFMMIN_001.sh``, that passes ``--invariant_weight=100``, and we take that value (the option's
+    own default is 1.0: ``--set hparams.student.invariant_weight=1``). Likewise the shared encoder's branch (see
+    :class:`~mmer_ext.models.encoders.SharedEncoder`) is chosen in their code by substrings of the ``run_idx`` given
+    on the command line, which the scripts leave to the caller; we take the default branch, the one any
+    ``run_idx`` without a ``V0200``/``V05xx``/``V0600`` tag gets (the NMER repository's teachers are ``run0001`` /
+    ``run0002``). The single ``missing_index`` drives both the input mask and the reversed teacher input (see
+    MMIN's note on issue #9). Gradient clip 1.0, as MMIN.
     """
 
     clip_grad_norm = 1.0

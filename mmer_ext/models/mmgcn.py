@@ -27,13 +27,18 @@ Architecture (``modalities="avl"``, hidden 200, GCN hidden 100; ``M`` modalities
   ``sum w_y (-log p_y) / sum w_y``, as ``nn.NLLLoss(weight)``). ``loss="focal"``: the authors' MELD loss reproduced
   literally (:func:`mmgcn_focal_loss`), which is *not* the focal loss of Lin et al.
 
-Deviations from the authors' code (each for correctness, none changes the model at full data):
+Deviations from the authors' code (each for correctness; the first changes the model's output at full data too):
 
 * The text BiLSTM runs on packed sequences, so each dialogue's context is exactly its own utterances; the authors
   run it over the zero-padded batch, so the backward direction of a shorter dialogue starts in the padding
-  (``Linear(0) = bias`` rows), which makes a dialogue's encoding depend on the other dialogues of its batch.
+  (``Linear(0) = bias`` rows), which makes a dialogue's encoding depend on the other dialogues of its batch (issue
+  15's review: outputs differ by 3.6e-3 on unequal lengths). ``text_lstm_input="padded"`` (recipe
+  ``mmgcn-authors``) reproduces theirs.
 * A zero feature vector has a defined edge weight (the op's rule: cosine 0, weight 0.5, zero gradient) instead
   of the NaN the authors' ``x / ||x||`` produces.
+* The authors re-seed every RNG with 27350 at the start of every training and evaluation pass, so every epoch
+  sees the same dropout masks and data order; the trainer re-seeds per ``(seed, epoch)`` unless the recipe's
+  ``reseed_each_pass`` says otherwise (``mmgcn-authors``: 27350).
 
 Missing modalities (beyond the paper)
 -------------------------------------
@@ -189,6 +194,9 @@ class MMGCN(MERModel):
     graph_layout : {"blocks", "dense"}
         How the adjacency is stored and applied; ``"dense"`` builds the ``[M N, M N]`` matrix (for checks and small
         batches), same result.
+    text_lstm_input : {"packed", "padded"}
+        "packed" (default): each dialogue's own utterances. "padded": the authors' zero-padded batch, padding rows
+        ``Linear(0) = bias`` (module docstring).
     """
 
     clip_grad_norm = None
@@ -217,6 +225,7 @@ class MMGCN(MERModel):
         focal_alpha: float = 1.0,
         missing_nodes: str = "zero",
         graph_layout: str = "blocks",
+        text_lstm_input: str = "packed",
     ) -> None:
         super().__init__()
         del teacher
@@ -240,6 +249,9 @@ class MMGCN(MERModel):
             raise ValueError(f"missing_nodes must be one of {MISSING_NODE_MODES}, got {missing_nodes!r}")
         if graph_layout not in ("blocks", "dense"):
             raise ValueError(f"graph_layout must be 'blocks' or 'dense', got {graph_layout!r}")
+        if text_lstm_input not in ("packed", "padded"):
+            raise ValueError(f"text_lstm_input must be 'packed' or 'padded', got {text_lstm_input!r}")
+        self.text_lstm_input = text_lstm_input
         if window is not None and int(window) < 0:
             raise ValueError("window must be None or >= 0")
         self.dropout = float(dropout)
@@ -314,13 +326,26 @@ class MMGCN(MERModel):
         return nodes
 
     def _context(self, h: Tensor, lengths: Tensor) -> Tensor:
-        """The 2-layer BiLSTM over each dialogue (packed), back in the concatenated utterance order."""
+        """The 2-layer BiLSTM over each dialogue (packed, or the authors' padded batch), back in the concatenated
+        utterance order."""
         lens = lengths.detach().to("cpu", torch.int64)
+        if self.text_lstm_input == "padded":
+            return self._padded_context(h, lens)
         packed = pack_sequence(list(torch.split(h, lens.tolist())), enforce_sorted=False)
         out, _ = self.text_lstm(packed)
         padded, _ = pad_packed_sequence(out, batch_first=True)  # [G, Lmax, hidden], dialogues in input order
         valid = torch.arange(padded.shape[1])[None, :] < lens[:, None]
         return padded[valid.to(padded.device)]
+
+    def _padded_context(self, h: Tensor, lens: Tensor) -> Tensor:
+        # The authors project the zero-padded [G, Lmax, D] input, so a padding row is Linear(0) = the bias.
+        g, lmax = lens.numel(), int(lens.max()) if lens.numel() else 0
+        valid = (torch.arange(lmax)[None, :] < lens[:, None]).to(h.device)
+        bias = self.proj["L"].bias
+        pad_row = bias if bias is not None else h.new_zeros(h.shape[-1])
+        padded = pad_row.to(h.dtype).expand(g, lmax, h.shape[-1]).masked_scatter(valid.unsqueeze(-1), h)
+        out, _ = self.text_lstm(padded)
+        return out[valid]
 
     def adjacency(self, nodes: Tensor, lengths: Tensor, present: Tensor | None = None,
                   layout: str | None = None) -> Tensor:

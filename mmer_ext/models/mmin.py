@@ -57,11 +57,11 @@ class MMIN(MERModel):
 
     Notes
     -----
-    * Missing-condition bookkeeping (MMIN issue #9): the authors draw the per-sample ``missing_index`` (which masks
-      the input) and a separate ``miss_type`` string independently, and it is the string that builds the reversed
-      teacher input, so the target ``T`` does not always match the masked input. Here the single ``missing_index``
-      of the batch drives both the input masking (done by the data layer) and the reversed input, which is the
-      paper's intent.
+    * Missing-condition bookkeeping (MMIN issue #9): the authors' dataset draws the per-sample ``missing_index``
+      and a ``miss_type`` string independently, so the string does not always name the condition of the mask. The
+      string only labels evaluation slices, though: the model's ``set_input`` builds both the masked input and the
+      reversed teacher input from ``missing_index`` (``x * (1 - missing_index)``), so the target always matches the
+      masked input in their code as in ours, where the batch's single ``missing_index`` drives both.
     * The reversed input is built from the *clean* features (``"*_clean"``), so the target is the same for the
       ``"zero"`` and noisy corruptions.
     * Gradient clipping 1.0; :meth:`clip_gradients_` clips per network like the authors.

@@ -33,6 +33,7 @@ from mmer_ext.models.encoders import (
     fuse,
     kaiming_init_,
 )
+from mmer_ext.models.invariance import normalize_for_cmd
 from mmer_ext.ops import cmd_pairwise
 
 __all__ = ["ConditionVAE", "NMER", "NMERTeacher", "gaussian_kl"]
@@ -148,11 +149,17 @@ class NMERTeacher(MERModel):
         Weight of the optional per-sample denoising term (:class:`_DenoisingHead`); 0.0 (default) builds no head.
     recon_hidden : int
         Width of that head's MLP (256).
+    cmd_normalize : {"none", "l2", "pooled"}
+        What the CMD sees (:mod:`mmer_ext.models.invariance`): "none" (default) the authors' raw shared features;
+        "l2" / "pooled" scale-invariant inputs, so the CMD cannot be lowered by shrinking the features.
 
     Notes
     -----
-    The authors add ``100 * MSE`` of a diffusers ``UNet2DConditionModel`` trained to denoise the fused specific
-    features, conditioned on the shared ones. We leave it out by default and do not depend on ``diffusers``:
+    The authors add ``100 * MSE`` of a diffusers ``UNet2DConditionModel`` that reads the fused specific features
+    (noised by a DDPM step), conditioned on the shared ones. Their prediction is ``UNet(x_t) + x`` and the target is
+    ``x`` itself, so the residual cancels the target and the term is ``100 * mean(UNet(x_t)^2)``: it pushes the
+    UNet's output towards zero (and, through ``x_t`` and the condition, shrinks what it reads) rather than training a
+    denoiser. We leave it out by default and do not depend on ``diffusers``:
 
     * it only regularises the teacher's *specific* features (the classifier, the CMD and everything the student
       copies work without it);
@@ -160,10 +167,11 @@ class NMERTeacher(MERModel):
       64 (the last partial batch of an epoch breaks the run) and, like the CVAE bug below, mixes samples through its
       convolutions.
 
-    ``recon_weight > 0`` adds an equivalent per-sample objective (DDPM epsilon prediction with the same
-    ``scaled_linear(0.00085, 0.012, 1000)`` schedule, MLP instead of UNet) that works for any batch size; the
-    authors' weight would be 100. SPEC gives no gradient clip for the teacher; like ``utt_shared`` it inherits
-    ``utt_fusion``'s 0.5.
+    ``recon_weight > 0`` adds a per-sample denoising objective (DDPM epsilon prediction with the same
+    ``scaled_linear(0.00085, 0.012, 1000)`` schedule, MLP instead of UNet) that works for any batch size. It is *not*
+    equivalent to the authors' term (theirs has no denoising target, see above).
+    SPEC gives no gradient clip for the teacher; like ``utt_shared`` it inherits ``utt_fusion``'s 0.5 (the
+    authors' ``utt_shared_002`` clips at 0.5 too).
     """
 
     clip_grad_norm = 0.5
@@ -185,12 +193,15 @@ class NMERTeacher(MERModel):
         n_moments: int = 5,
         recon_weight: float = 0.0,
         recon_hidden: int = 256,
+        cmd_normalize: str = "none",
     ) -> None:
         super().__init__()
         del teacher
         self.num_classes = int(num_classes)
         self.cmd_weight = float(cmd_weight)
         self.n_moments = int(n_moments)
+        normalize_for_cmd([], cmd_normalize)  # validates the name
+        self.cmd_normalize = cmd_normalize
         self.recon_weight = float(recon_weight)
         enc_kw = dict(
             embd_method_a=embd_method_a,
@@ -230,7 +241,7 @@ class NMERTeacher(MERModel):
 
     def cmd_loss(self, shared: Mapping[str, Tensor]) -> Tensor:
         """Mean CMD (K = ``n_moments``) over the three pairs of shared features."""
-        return cmd_pairwise([shared[m] for m in FUSION_ORDER], self.n_moments)
+        return cmd_pairwise(normalize_for_cmd([shared[m] for m in FUSION_ORDER], self.cmd_normalize), self.n_moments)
 
     def training_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``(CE + cmd_weight * CMD [+ recon_weight * recon], {"ce", "cmd"[, "recon"]})``; parts unweighted."""
@@ -407,14 +418,24 @@ class NMER(MERModel):
         embedded data the summed KL dominates the loss (about 300 against CE 1.9 in the first epoch), and in an
         8-epoch run the student's validation UA stayed at chance (0.25) for the first 4 epochs, where "mean" had
         reached 0.32 (seed 0; ``mmer-ext train --model nmer --set hparams.student.kl_reduction=sum`` repeats it).
+    cvae_init : {"default", "kaiming"}
+        "default": the CVAE keeps PyTorch's own initialisation. "kaiming": the authors' ``init_net`` (kaiming-normal
+        fan-in weights, zero biases on every ``Linear``, including the attention output projections; the
+        attention in-projection and the layer norms keep PyTorch's init), which the authors apply to the whole VAE
+        because their ``model_names`` lists ``VAE`` (issue 15's review measured the initial KL at 132 per sample
+        with it, 15.9 without).
 
     Notes
     -----
-    Deviations from the authors' code (all documented in :class:`ConditionVAE`): per-sample CVAE encoder instead of
-    attention across the batch, ``z = mu`` at evaluation (theirs samples, so their test predictions are random), no
-    hard-coded ``.cuda()``. The CVAE keeps PyTorch's default initialisation (only the classifier gets the family's
-    kaiming init): kaiming-normal on ``fc_logvar`` would start ``exp(logvar)`` orders of magnitude away from 1 and
-    the summed KL near 1e3 per sample. Gradient clip 1.0.
+    Deviations from the authors' code (each documented in :class:`ConditionVAE`), all switchable, and together the
+    recipe ``nmer-authors``: per-sample CVAE encoder instead of attention across the batch
+    (``attend_across_batch``), ``z = mu`` at evaluation (``sample_at_eval``; theirs samples, so their test
+    predictions are random), the KL averaged over the batch (``kl_reduction``), PyTorch's default initialisation of
+    the CVAE (``cvae_init``; the authors' ``setup`` runs ``init_net(kaiming)`` over every name in ``model_names``,
+    which includes ``VAE``; only the classifier gets the family's kaiming init here, because kaiming-normal on
+    ``fc_logvar`` starts ``exp(logvar)`` orders of magnitude from 1 and the per-sample KL near 1e2), and the
+    padding frames of a noised modality stay zero (the data pipeline's ``noise_padding``; the authors noise the
+    whole padded tensor). No hard-coded ``.cuda()``. Gradient clip 1.0.
     """
 
     clip_grad_norm = 1.0
@@ -442,10 +463,13 @@ class NMER(MERModel):
         recon_weight: float = 1.0,
         kl_weight: float = 1.0,
         kl_reduction: str = "mean",
+        cvae_init: str = "default",
     ) -> None:
         super().__init__()
         if kl_reduction not in ("sum", "mean"):
             raise ValueError(f"NMER: kl_reduction must be 'sum' or 'mean', got {kl_reduction!r}")
+        if cvae_init not in ("default", "kaiming"):
+            raise ValueError(f"NMER: cvae_init must be 'default' or 'kaiming', got {cvae_init!r}")
         if teacher is None:
             teacher = NMERTeacher(dims, num_classes, **dict(teacher_hparams or {}))
         self.num_classes = int(num_classes)
@@ -469,9 +493,10 @@ class NMER(MERModel):
             sample_at_eval=sample_at_eval,
         )
         self.classifier = FcClassifier(fused, cls_layers, self.num_classes, dropout=dropout, use_bn=use_bn)
-        # The CVAE keeps PyTorch's own initialisation (the transformer's xavier in-projection, uniform fan-in
-        # Linears): SPEC does not put it through the authors' kaiming ``init_net``, and kaiming-normal on
-        # ``fc_logvar`` would start ``exp(logvar)`` orders of magnitude from 1 and the summed KL near 1e3 per sample.
+        # "default" leaves PyTorch's init on the CVAE (see cvae_init); "kaiming" is the authors' init_net over it.
+        self.cvae_init = cvae_init
+        if cvae_init == "kaiming":
+            kaiming_init_(self.cvae)
         kaiming_init_(self.classifier)
         self.register_frozen("teacher", teacher)
 

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 __all__ = ["TrainConfig", "ConfigError", "Limits", "check_field", "load_config", "config_to_dict", "validate"]
 
 MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei",
-          "imder-authors")
+          "imder-authors", "baseline-msp", "mmin-msp", "nmer-authors", "mmgcn-authors", "mmgcn-meld-authors")
 CORRUPTIONS = ("zero", "gaussian", "impulse")
 # Score-based recovery samplers of IMDer (mmer_ext.sampling.SAMPLERS).
 SAMPLER_NAMES = ("em", "pc", "ode", "ode-heun", "ddim")

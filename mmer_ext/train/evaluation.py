@@ -43,14 +43,21 @@ def iterate_batches(
     scheduler: NoiseScheduler | None,
     seed: int,
     num_workers: int = 0,
+    noise_per: str = "sample",
+    noise_padding: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Batches in dataset order with the missing modalities corrupted; the noise is drawn from a generator seeded
-    by ``seed``, so an evaluation is repeatable."""
+    by ``seed``, so an evaluation is repeatable. ``noise_per="sample"`` draws the noise level of each utterance on
+    its own: the batches run in condition order, and one level per batch ("batch") would leave each condition's
+    score resting on a few levels."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=views.collate,
                         num_workers=num_workers)
     generator = torch.Generator().manual_seed(seed)
     for batch in loader:
-        batch = views.corrupt(batch, mode=corruption, scheduler=scheduler, generator=generator)
+        extra: dict[str, Any] = {} if corruption == "zero" else {"per": noise_per}
+        if noise_padding and corruption != "zero":
+            extra["noise_padding"] = True
+        batch = views.corrupt(batch, mode=corruption, scheduler=scheduler, generator=generator, **extra)
         yield to_device(batch, device)
 
 
@@ -84,16 +91,21 @@ def evaluate_model(
     noise_steps: int = 100,
     seed: int = 0,
     with_per_class: bool = False,
+    noise_per: str = "sample",
+    noise_padding: bool = False,
 ) -> dict[str, Any]:
     """Metrics (WA, UA, F1, WF1) per condition label, their ``average`` over the six and the pooled ``overall``;
     with ``with_per_class``, also ``"per_class_F1"``: the F1 of each class on the full-modality condition (or on all
-    items when full is not evaluated). ``batch_size`` counts utterances, or dialogues for dialogue data."""
+    items when full is not evaluated). ``batch_size`` counts utterances, or dialogues for dialogue data. Noise modes
+    draw the noise level per utterance (``noise_per="sample"``; "batch" is one level per batch of the condition-ordered
+    expansion) and keep padding frames zero unless ``noise_padding``."""
     views = views_for(dataset)
     if batch_size is None:
         batch_size = 16 if views.kind == "dialogues" else 256
     scheduler = NoiseScheduler(num_steps=noise_steps) if corruption != "zero" else None
     out = predict(model, protocol_view(dataset, conditions, seed), views=views, batch_size=batch_size,
-                  device=torch.device(device), corruption=corruption, scheduler=scheduler, seed=seed)
+                  device=torch.device(device), corruption=corruption, scheduler=scheduler, seed=seed,
+                  noise_per=noise_per, noise_padding=noise_padding)
     metrics: dict[str, Any] = condition_metrics(out["label"], out["pred"], out["condition"], num_classes=num_classes)
     if with_per_class:
         full = out["condition"] == 6

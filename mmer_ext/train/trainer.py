@@ -128,6 +128,12 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
+def _noise_options(stage: Stage) -> dict[str, Any]:
+    """Extra arguments of the corruption: only ``noise_padding`` when a noising recipe asks for it, so the dialogue
+    views' corruption (which has no such argument) keeps its signature."""
+    return {"noise_padding": True} if stage.noise_padding and stage.corruption != "zero" else {}
+
+
 def _sampler_hparams(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
     """``--sampler`` / ``--steps`` as constructor arguments of the models that sample (IMDer)."""
     params = inspect.signature(stage.model).parameters
@@ -429,11 +435,16 @@ def train_stage(
                 f"for {stage.early_stop} epochs (best @ {best_epoch})")
             break
         epoch_start = time.perf_counter()
-        torch.manual_seed(_derive_seed(cfg.seed, stage_index, epoch))
-        corruption_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, epoch, 1))
+        # reseed_each_pass (MMGCN's authors): one fixed seed at every pass, so every epoch repeats the same data
+        # order, dropout masks and noise; otherwise each epoch has its own stream.
+        pass_epoch = 0 if stage.reseed_each_pass is not None else epoch
+        pass_seed = (stage.reseed_each_pass if stage.reseed_each_pass is not None
+                     else _derive_seed(cfg.seed, stage_index, epoch))
+        torch.manual_seed(pass_seed)
+        corruption_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, pass_epoch, 1))
         if hasattr(train_view, "set_epoch"):
-            train_view.set_epoch(epoch)
-        sampler.set_epoch(epoch)
+            train_view.set_epoch(pass_epoch)
+        sampler.set_epoch(pass_epoch)
         patterns = None
         if missing_rate is not None:
             from mmer_ext.data import missing_rate_patterns
@@ -450,7 +461,8 @@ def train_stage(
             if patterns is not None:
                 batch = with_missing_patterns(batch, patterns[count * loader.batch_size:][: batch["A"].shape[0]])
             else:
-                batch = views.corrupt(batch, mode=stage.corruption, scheduler=noise, generator=corruption_gen)
+                batch = views.corrupt(batch, mode=stage.corruption, scheduler=noise, generator=corruption_gen,
+                                      **_noise_options(stage))
             batch = to_device(batch, device)
             loss, parts = step_module(batch)
             if not torch.isfinite(loss):
@@ -482,9 +494,12 @@ def train_stage(
                 val = evaluate_missing_rates(model, splits["val"], rates=[missing_rate], protocol=cfg.missing_protocol,
                                              batch_size=stage.batch_size, device=device, seed=cfg.seed)
             else:
+                if stage.reseed_each_pass is not None:
+                    torch.manual_seed(stage.reseed_each_pass)
                 val = evaluate_model(model, splits["val"], num_classes=num_classes, conditions=val_conditions,
                                      device=device, corruption=stage.corruption,
-                                     noise_steps=cfg.noise_steps, seed=cfg.seed)
+                                     noise_steps=cfg.noise_steps, seed=cfg.seed,
+                                     noise_padding=stage.noise_padding)
             metric = val["overall"][stage.select_metric]
             record["val"] = val["overall"]
             record["seconds"] = round(time.perf_counter() - epoch_start, 3)
@@ -538,9 +553,11 @@ def evaluate_split(model: torch.nn.Module, dataset: Any, cfg: TrainConfig, stage
         return evaluate_missing_rates(model, dataset, rates=list(cfg.eval_missing_rates),
                                       protocol=cfg.missing_protocol, batch_size=stage.batch_size, device=device,
                                       seed=cfg.seed)
+    if stage.reseed_each_pass is not None:
+        torch.manual_seed(stage.reseed_each_pass)
     return evaluate_model(model, dataset, num_classes=dataset.num_classes, conditions="six+full", device=device,
                           corruption=stage.corruption, noise_steps=cfg.noise_steps, seed=cfg.seed,
-                          with_per_class=True)
+                          with_per_class=True, noise_padding=stage.noise_padding)
 
 
 def load_data(spec: str, *, fold: int, seed: int, options: dict[str, Any]) -> dict[str, Any]:

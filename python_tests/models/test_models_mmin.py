@@ -214,7 +214,8 @@ def test_recipes_table():
     from mmer_ext.models.recipes import RECIPES, Stage, get_recipe
 
     assert set(RECIPES) == {"baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder",
-                            "imder-mosei", "imder-authors"}
+                            "imder-mosei", "imder-authors", "baseline-msp", "mmin-msp", "nmer-authors",
+                            "mmgcn-authors", "mmgcn-meld-authors"}
     for name in ("baseline", "augmented", "mmin", "ifmmin", "nmer"):
         stages = RECIPES[name]
         assert all(isinstance(s, Stage) and s.select_metric == "UA" and s.lr == 2e-4 for s in stages), name
