@@ -112,6 +112,12 @@ class Stage:
         ``plateau``: ``ReduceLROnPlateau`` on the validation metric, factor 0.5, ``plateau_patience`` (IMDer).
     early_stop : int or None
         Stop a stage after this many epochs without a better validation metric (IMDer: 20).
+        ``select_mode="last"`` keeps the last epoch (a stage its validation metric cannot judge).
+    repeats : int
+        Passes over the training data per epoch (validation and checkpoints once per epoch). An epoch count given
+        in the config (``epochs``, ``stage_epochs``) counts passes: the stage then runs that many, one per epoch.
+    inherit_hparams : bool
+        Start from the previous stage's resolved hparams (its architecture), then apply this stage's own.
     """
 
     name: str
@@ -130,6 +136,8 @@ class Stage:
     lr_policy: str = "linear"
     plateau_patience: int = 10
     early_stop: int | None = None
+    repeats: int = 1
+    inherit_hparams: bool = False
 
     @property
     def total_epochs(self) -> int:
@@ -182,11 +190,28 @@ def _imder_stages(batch_size: int, patience: int, hparams: dict[str, Any]) -> tu
     return (Stage("pretrain", data="complete", **common), Stage("main", data="missing-rate", **common))
 
 
+def _imder_with_score_stage(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    # Score pretraining between the two: the projections are frozen (the stage is a student of the pretrained
+    # model), every complete sample trains the score nets of all three modalities, constant LR, the last epoch kept.
+    score = Stage("score", IMDer, data="complete", corruption="zero", epochs=SCORE_STAGE["epochs"], epochs_decay=0,
+                  batch_size=SCORE_STAGE["batch_size"], lr=SCORE_STAGE["lr"], betas=_TEACHER_BETAS,
+                  select_metric="MAE", select_mode="last", lr_policy="linear", repeats=SCORE_STAGE["repeats"],
+                  inherit_hparams=True, hparams={"objective": "score",
+                                                 "condition_noise": stages[0].hparams["condition_noise"]})
+    return (stages[0], score, stages[1])
+
+
+#: The score-pretraining stage of the ``imder`` recipes: epochs x repeats passes at this batch size
+#: (on the embedded 400-sequence training split: 7 batches a pass).
+SCORE_STAGE = {"epochs": 10, "repeats": 40, "batch_size": 64, "lr": 1e-3}
+
+
 # The condition mode is stated in every IMDer recipe (and so in every checkpoint's metadata); "clean" is ours,
 # "shared" the authors' (see IMDer's notes: their mode reads the condition with the wrong sign).
-RECIPES["imder"] = _imder_stages(32, 24, {"condition_noise": "clean"})
-RECIPES["imder-mosei"] = _imder_stages(128, 5, {"nlevels": 6, "attn_dropout_a": 0.0, "embed_dropout": 0.0,
-                                                "clip_grad_value": 0.6, "condition_noise": "clean"})
+RECIPES["imder"] = _imder_with_score_stage(_imder_stages(32, 24, {"condition_noise": "clean"}))
+RECIPES["imder-mosei"] = _imder_with_score_stage(_imder_stages(
+    128, 5, {"nlevels": 6, "attn_dropout_a": 0.0, "embed_dropout": 0.0, "clip_grad_value": 0.6,
+             "condition_noise": "clean"}))
 RECIPES["imder-authors"] = _imder_stages(32, 24, {"condition_noise": "shared"})
 
 

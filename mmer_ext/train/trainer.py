@@ -91,6 +91,12 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
         elif cfg.epochs_decay is not None:
             decay = cfg.epochs_decay
         hparams = {**stage.hparams, **_sampler_hparams(cfg, stage), **cfg.hparams.get(stage.name, {})}
+        repeats = stage.repeats
+        if wanted is not None:
+            # An explicit epoch count counts passes over the data, also for a stage that repeats them per epoch.
+            repeats = 1
+        if stage.inherit_hparams and stages:
+            hparams = {**stages[-1].hparams, **hparams}
         stages.append(replace(
             stage,
             epochs=epochs,
@@ -99,6 +105,7 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
             lr=cfg.lr or stage.lr,
             corruption=cfg.corruption or stage.corruption,
             hparams=hparams,
+            repeats=repeats,
         ))
     return tuple(stages)
 
@@ -221,7 +228,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     recipe = RECIPES.get(meta["recipe"])
     if recipe is None:
         raise CheckpointError(f"checkpoint {str(path)!r} names an unknown recipe {meta['recipe']!r}")
-    stages = tuple(replace(s, hparams=_restored_hparams(s, h)) for s, h in zip(recipe, meta["hparams"]))
+    # Stages by name: a file written before a recipe gained a stage (IMDer's "score") rebuilds the stages it has.
+    by_name = {s.name: s for s in recipe}
+    names = meta.get("stages") or [s.name for s in recipe]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise CheckpointError(f"checkpoint {str(path)!r} names stage(s) {unknown} that recipe {meta['recipe']!r} "
+                              f"does not have")
+    stages = tuple(replace(by_name[n], hparams=_restored_hparams(by_name[n], h)) for n, h in zip(names, meta["hparams"]))
     models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"], meta.get("data_kwargs"))
     model = models[-1]
     load_weights(path, model)
@@ -283,7 +297,9 @@ def train_stage(
     start_time = time.perf_counter()
     total_epochs = stage.epochs + stage.epochs_decay
     views = views_for(splits["train"])
-    train_view = views.make(splits["train"], STAGE_DATA_MODES[stage.data], cfg.seed)
+    base_view = views.make(splits["train"], STAGE_DATA_MODES[stage.data], cfg.seed)
+    # `repeats` passes over the data make one epoch (one validation and checkpoint per `repeats` passes).
+    train_view = base_view if stage.repeats == 1 else torch.utils.data.ConcatDataset([base_view] * stage.repeats)
     val_conditions = "full" if STAGE_DATA_MODES[stage.data] == "full" else "six"
     # Sequence data (IMDer): missingness comes from the missing-rate protocol, drawn per epoch over the loader's order.
     missing_rate = _stage_missing_rate(cfg, stage) if views.kind == "sequences" else None
@@ -305,8 +321,11 @@ def train_stage(
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage.epochs, stage.epochs_decay))
     else:
         raise ValueError(f"stage {stage.name!r}: unknown lr_policy {stage.lr_policy!r}")
-    better = (lambda a, b: a < b) if stage.select_mode == "min" else (lambda a, b: a > b)
-    worst = math.inf if stage.select_mode == "min" else -math.inf
+    if stage.select_mode == "last":  # a stage whose metric does not judge it (IMDer's score pretraining)
+        better = lambda a, b: True  # noqa: E731
+    else:
+        better = (lambda a, b: a < b) if stage.select_mode == "min" else (lambda a, b: a > b)
+    worst = math.inf if stage.select_mode in ("min", "last") else -math.inf
     step_module: torch.nn.Module = _LossModule(model)
     if ctx.enabled:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -332,8 +351,8 @@ def train_stage(
             break
         torch.manual_seed(_derive_seed(cfg.seed, stage_index, epoch))
         corruption_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, epoch, 1))
-        if hasattr(train_view, "set_epoch"):
-            train_view.set_epoch(epoch)
+        if hasattr(base_view, "set_epoch"):
+            base_view.set_epoch(epoch)
         sampler.set_epoch(epoch)
         patterns = None
         if missing_rate is not None:
@@ -366,6 +385,8 @@ def train_stage(
                 else:
                     torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
+            if hasattr(model, "after_optimizer_step"):
+                model.after_optimizer_step()  # e.g. IMDer's EMA of the score weights
             count += 1
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
