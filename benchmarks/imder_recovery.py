@@ -308,7 +308,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
     agg, a = payload["aggregate"], payload["settings"]
     t = agg["fills"]
     lines = [
-        f"# IMDer recovery benchmark ({payload['device']}, torch {payload['torch']}, {payload['date']})",
+        f"# IMDer recovery benchmark ({payload.get('machine', payload['device'])}, torch {payload['torch']}, "
+        f"{payload['date']})",
         "",
         f"Data `{a['data']}` {payload['sizes']}, dims {payload['dims']}; seeds {a['seeds']} (mean ± std over seeds). "
         f"IMDer {a['arch']}, condition `clean`, score EMA 0.999. Stages: pretrain {a['pretrain_epochs']} epochs; "
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = _device_name()
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                 if k not in ("out", "work", "reuse", "no_report")}
-    payload = {"date": stamp, "device": dev, "machine": f"{dev} (the 2-core development CPU)",
+    payload = {"date": stamp, "device": dev, "machine": f"{dev} on the 2-core development CPU, shared",
                "torch": torch.__version__, "python": platform.python_version(), "tiny": args.tiny,
                "sizes": per_seed[0]["sizes"], "dims": per_seed[0]["dims"], "settings": settings, "aggregate": agg}
     payload["bars"] = bars(agg, args)
