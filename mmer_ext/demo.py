@@ -11,9 +11,10 @@ utterances, evaluates each under the six missing conditions and full, and writes
 - ``mmin_embeddings.png``: a 2-D t-SNE projection of MMIN's imagined vs the teacher's real joint embeddings;
 - an MMGCN section: MMGCN trained on the embedded synthetic dialogues, evaluated under the six conditions and full
   (WA, UA, weighted F1, per-class F1; ``mmgcn_results.csv``);
-- an IMDer section: IMDer's two stages (complete-data pretraining, then missing-data training at MR 0.1) on the
-  embedded MOSI-like sequences, evaluated over the missing-rate sweep MR 0.0 ... 0.7 (Acc-2, F1, Acc-7, MAE, Corr,
-  recovery error; ``imder_results.csv``).
+- an IMDer section: the recipe's three stages (complete-data pretraining, score pretraining, missing-data training
+  at MR 0.1) on the embedded MOSI-like sequences, evaluated over the missing-rate sweep MR 0.0 ... 0.7 (Acc-2, F1,
+  Acc-7, MAE, Corr, recovery error; ``imder_results.csv``), then the recovery against zero-fill and a ridge
+  regressor (table) with two pictures (``imder_recovery_heatmaps.png``, ``imder_recovery_pca.png``).
 
 The full-modality baseline is MMIN's own teacher (the same model, trained once). The students train fewer epochs
 than in the papers, on smaller feature dims (see :class:`DemoPlan`); both are recorded in the report.
@@ -151,7 +152,8 @@ def _mmgcn_section(plan: DemoPlan, out_dir: Path, *, seed: int, device: str, pro
 
 def _imder_section(plan: DemoPlan, out_dir: Path, *, seed: int, device: str, progress: bool,
                    log: Callable[[str], None]) -> dict[str, Any]:
-    """IMDer on the embedded MOSI-like sequences: both stages, then the missing-rate sweep on the test split."""
+    """IMDer on the embedded MOSI-like sequences: the recipe's stages, the missing-rate sweep on the test split, the
+    recovery comparison."""
     from mmer_ext.data import load_dataset
 
     t0 = time.perf_counter()

@@ -121,7 +121,8 @@ class IMDer(MERModel):
     Two stages, as the authors train it: ``IMDer(dims)`` is the complete-data pretraining model (projections
     trainable; with every modality present no recovery runs and the loss is the L1 term);
     ``IMDer(dims, teacher=pretrained, ...)`` copies the pretrained weights (same architecture arguments required)
-    and freezes the projections, then trains on missing data.
+    and freezes the projections, then trains on missing data. The package's recipes add a score-pretraining stage
+    between the two (``objective="score"``, a student of the pretrained model too).
 
     Parameters
     ----------

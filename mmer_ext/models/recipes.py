@@ -42,7 +42,12 @@ IMDer (SPEC 1.1, the authors' ``config/config.json``) trains on fixed-length seq
 model class: ``pretrain`` on complete data (their MR = 0.0 checkpoint), then ``main`` at the configured missing rate
 (``TrainConfig.missing_rate``, 0.1 by default as their ``train.py``) with the projections frozen. Adam without weight
 decay (the configured 0.005 is never passed), ReduceLROnPlateau (x0.5) and early stopping after 20 epochs on the
-validation L1 (= MAE, lower is better), gradient clipping by value:
+validation L1 (= MAE, lower is better), gradient clipping by value. Between the two, ``imder`` and
+``imder-mosei`` (not ``imder-authors``) run a ``score`` stage that is not the authors': the score networks (and pair
+fusions) alone learn from every complete training sample (``IMDer(objective="score")``), ``SCORE_STAGE`` epochs of
+``repeats`` passes, constant LR, the last epoch kept; it inherits the pretraining stage's architecture. The authors'
+score nets learn only inside the missing-data stage, on the rows that happen to be missing: a few dozen steps on
+small data, far from what recovery needs (``benchmarks/results/imder_recovery-*.md``).
 
 =============  =====  ====  ========  ========  ============  ==============================================
 recipe         batch  lr    patience  clip      MulT levels   dropouts (attn audio / embed)
