@@ -39,10 +39,8 @@ measured in ``--work`` are read back, so seeds can run as separate processes).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -54,10 +52,9 @@ import torch
 
 from mmer_ext._atomic import atomic_write_text
 from mmer_ext.data import load_dataset
-from mmer_ext.metrics import regression_metrics
 from mmer_ext.models import IMDer
 from mmer_ext.models.base import DATA_ORDER
-from mmer_ext.train.evaluation import MR_KEY, evaluate_missing_rates, missing_rate_batches, to_device
+from mmer_ext.train.evaluation import evaluate_missing_rates
 from mmer_ext.train.recovery import (RidgeRecovery, batches, endless, evaluate_fills, example_recoveries,
                                      network_calls, parse_sampler, pearson, projections)
 
