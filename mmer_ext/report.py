@@ -773,3 +773,61 @@ def write_report_md(
     text = "\n".join(parts)
     atomic_write_text(path, text)
     return path
+
+
+def plot_recovery_heatmaps(path: PathLike, real: Any, recovered: Mapping[str, Any], *, rows: int = 3,
+                           modality: str = "", dpi: int = 110) -> Path:
+    """Real vs recovered features of a few sequences as heatmaps (channel x time), one row per sequence, one
+    column per source: ``real`` ``[N, C, L]`` and each ``recovered[name]`` of the same shape (PNG). All panels
+    share one colour scale (the real features' 1st-99th percentile), so a shrunk or blown-up recovery shows."""
+    real = np.asarray(real, dtype=float)
+    recs = {k: np.asarray(v, dtype=float) for k, v in recovered.items()}
+    if real.ndim != 3 or any(v.shape != real.shape for v in recs.values()):
+        raise ValueError(f"real and every recovery must be [N, C, L] of one shape, got {real.shape} and "
+                         f"{[v.shape for v in recs.values()]}")
+    n = min(rows, real.shape[0])
+    if n < 1:
+        raise ValueError("no sequences to plot")
+    lo, hi = np.percentile(real[:n], [1, 99])
+    cols = {"real": real, **recs}
+    fig = _new_figure((2.6 * len(cols), 1.9 * n + 0.4))
+    axes = fig.subplots(n, len(cols), squeeze=False)
+    for i in range(n):
+        for j, (name, arr) in enumerate(cols.items()):
+            ax = axes[i][j]
+            im = ax.imshow(arr[i], aspect="auto", cmap="coolwarm", vmin=lo, vmax=hi, interpolation="nearest")
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+            ax.set_xlabel("time step" if i == n - 1 else "", fontsize=8)
+            ax.set_ylabel(f"seq {i}: channel" if j == 0 else "", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes, shrink=0.7)
+    fig.suptitle(f"IMDer: real vs recovered {modality} features (test sequences)".replace("  ", " "), fontsize=10)
+    return _save_png(fig, path, dpi)
+
+
+def plot_recovery_projection(path: PathLike, sets: Mapping[str, Any], *, max_points: int = 800, seed: int = 0,
+                             title: str = "IMDer: real, regressed and diffused features (PCA of the real ones)",
+                             dpi: int = 110) -> Path:
+    """A 2-D PCA projection of sets of feature vectors (``sets[name]`` ``[N_k, C]``, e.g. per-step frames of real,
+    regressed and diffused features); the axes are the first two principal components of the *first* set, so
+    every set is seen in the real data's coordinates (PNG)."""
+    arrays = {k: np.asarray(v, dtype=float) for k, v in sets.items()}
+    if not arrays or any(a.ndim != 2 for a in arrays.values()):
+        raise ValueError("sets must map names to [N, C] arrays")
+    rng = np.random.default_rng(seed)
+    first = next(iter(arrays.values()))
+    mean = first.mean(axis=0)
+    _, _, vt = np.linalg.svd(first - mean, full_matrices=False)
+    basis = vt[:2].T
+    fig = _new_figure((5.2, 4.2))
+    ax = fig.subplots()
+    for (name, arr), color in zip(arrays.items(), _colors(len(arrays))):
+        pick = rng.choice(arr.shape[0], size=min(max_points, arr.shape[0]), replace=False)
+        xy = (arr[pick] - mean) @ basis
+        ax.scatter(xy[:, 0], xy[:, 1], s=5, alpha=0.45, color=color, label=name)
+    ax.set_xlabel("PC 1 of the real features")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, markerscale=3)
+    return _save_png(fig, path, dpi)

@@ -309,3 +309,22 @@ def test_report_md(tmp_path):
     assert "## Seeds\n\n0, 1, 2" in text
     assert '"lr": 0.0002' in text and text.index("## Seeds") < text.index("## Configuration")
     assert _files(out_dir) == ["figs", "report.md"]
+
+
+def test_recovery_pictures(tmp_path):
+    import numpy as np
+
+    from mmer_ext import report
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(4, 8, 10))
+    path = report.plot_recovery_heatmaps(tmp_path / "h.png", real, {"ridge": real * 0.5, "diffused": real + 1},
+                                         rows=3, modality="V")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="one shape"):
+        report.plot_recovery_heatmaps(tmp_path / "bad.png", real, {"ridge": real[:, :4]})
+    frames = real.transpose(0, 2, 1).reshape(-1, 8)
+    path = report.plot_recovery_projection(tmp_path / "p.png", {"real": frames, "ridge": frames * 0.3})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="N, C"):
+        report.plot_recovery_projection(tmp_path / "bad.png", {"real": real})

@@ -8,6 +8,7 @@ and the MulT backbone (:class:`~mmer_ext.models.mult.MulT`) fuses the three sequ
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -20,9 +21,12 @@ from mmer_ext.models.mult import MulT
 from mmer_ext.models.score_net import CONDITION_NOISE, ScoreNet, dsm_loss
 from mmer_ext.sampling import SAMPLERS, sample
 
-__all__ = ["IMDer", "RCANGroup", "RecoveryRefiner"]
+__all__ = ["IMDer", "OBJECTIVES", "RCANGroup", "RecoveryRefiner"]
 
 _PAIRS = ("AV", "AL", "VL")
+#: What :meth:`IMDer.training_loss` optimises: the recognition task with recovery ("task"), or only the score
+#: networks (and the pair fusions) on every present modality of every row ("score": the score-pretraining stage).
+OBJECTIVES = ("task", "score")
 
 
 def _run_sampler(name: str, score_fn: Callable, cond: Tensor, **kw) -> Tensor:
@@ -117,7 +121,8 @@ class IMDer(MERModel):
     Two stages, as the authors train it: ``IMDer(dims)`` is the complete-data pretraining model (projections
     trainable; with every modality present no recovery runs and the loss is the L1 term);
     ``IMDer(dims, teacher=pretrained, ...)`` copies the pretrained weights (same architecture arguments required)
-    and freezes the projections, then trains on missing data.
+    and freezes the projections, then trains on missing data. The package's recipes add a score-pretraining stage
+    between the two (``objective="score"``, a student of the pretrained model too).
 
     Parameters
     ----------
@@ -136,6 +141,9 @@ class IMDer(MERModel):
         Kernel of the temporal projections (3, no padding).
     score_channels, score_heads, score_layers, score_embed_dim : sequence of int, int, int, int
         Score-network widths (32, 64, 128, 256), heads (8), cross-attention layers (2), time embedding (256).
+    score_cond_skip : bool
+        Add the condition to the score net's features at every level besides the cross-attention
+        (:class:`~mmer_ext.models.score_net.ScoreNet`'s ``cond_skip``; False: the authors' net).
     rcab_blocks, rcab_reduction : int
         RCAN blocks (20) and channel-attention reduction (16) of each refiner.
     sampler, steps, sigma, sampler_kwargs : str, int, float, dict
@@ -158,6 +166,15 @@ class IMDer(MERModel):
         the same noise as the target, sampling re-noises it with fresh noise); see the differences below.
         ``"independent"``: training perturbs the condition with its own noise, sampling re-noises it (consistent,
         but the condition is blurred by the noise of each time).
+    score_ema : float or None
+        Decay of an exponential moving average of the score weights (0.999, warmed up over the first updates); the
+        samplers read the average, as the score-SDE reference code evaluates its EMA. The trainer moves it after
+        every optimizer step (:meth:`after_optimizer_step`). None: sample with the live weights (the authors').
+    objective : {"task", "score"}
+        ``"task"``: the recognition loss with recovery (above). ``"score"``: only the score networks and the pair
+        fusions, on every present modality of every row (:meth:`score_pretraining_loss`) -- the recipe's
+        score-pretraining stage on complete data, which gives the score nets the thousands of steps they need
+        (the missing-data stage alone gives them a few dozen, on the missing rows only).
 
     Differences from the authors' code
     ----------------------------------
@@ -200,7 +217,7 @@ class IMDer(MERModel):
     clip_grad_norm: float | None = None
     #: Constructor defaults that changed, with the value they had before: a saved configuration without one of these
     #: keys was written under the old value (``mmer_ext.train.load_model`` restores it; new files state the key).
-    legacy_defaults = {"condition_noise": "shared"}
+    legacy_defaults = {"condition_noise": "shared", "score_ema": None}
 
     def __init__(
         self,
@@ -224,6 +241,7 @@ class IMDer(MERModel):
         score_heads: int = 8,
         score_layers: int = 2,
         score_embed_dim: int = 256,
+        score_cond_skip: bool = False,
         rcab_blocks: int = 20,
         rcab_reduction: int = 16,
         sampler: str = "em",
@@ -233,6 +251,8 @@ class IMDer(MERModel):
         score_weight: float = 0.1,
         clip_grad_value: float | None = 1.0,
         condition_noise: str = "clean",
+        score_ema: float | None = 0.999,
+        objective: str = "task",
         text_encoder: str | None = None,
     ) -> None:
         super().__init__()
@@ -252,6 +272,12 @@ class IMDer(MERModel):
             raise ValueError(f"IMDer: condition_noise must be one of {CONDITION_NOISE}, got {condition_noise!r}")
         self.condition_noise = condition_noise
         self.sigma = float(sigma)
+        if score_ema is not None and not 0.0 < float(score_ema) < 1.0:
+            raise ValueError(f"IMDer: score_ema must be a decay in (0, 1) or None, got {score_ema}")
+        self.score_ema_decay = None if score_ema is None else float(score_ema)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"IMDer: objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective = objective
         self.clip_grad_value = None if clip_grad_value is None else float(clip_grad_value)
         self.set_sampler(sampler, steps, **dict(sampler_kwargs or {}))
         d = self.d_model
@@ -260,9 +286,14 @@ class IMDer(MERModel):
         self.fuse = nn.ModuleDict({pair: nn.Conv1d(2 * d, d, 1) for pair in _PAIRS})
         self.score = nn.ModuleDict({
             m: ScoreNet(d, None, d, widths=score_channels, embed_dim=score_embed_dim, num_heads=score_heads,
-                        num_layers=score_layers, sigma=self.sigma)
+                        num_layers=score_layers, sigma=self.sigma, cond_skip=score_cond_skip)
             for m in DATA_ORDER
         })
+        if self.score_ema_decay is not None:
+            # The sampler reads this average of the score weights (as the score-SDE reference code evaluates its EMA);
+            # frozen: it moves only through after_optimizer_step(). Its update count warms the decay up.
+            self.register_frozen("score_ema", copy.deepcopy(self.score))
+            self.register_buffer("score_ema_updates", torch.zeros((), dtype=torch.long))
         self.refine = nn.ModuleDict({m: RecoveryRefiner(d, rcab_blocks, rcab_reduction) for m in DATA_ORDER})
         self.text_encoder = text_encoder
         self.bert = None
@@ -286,8 +317,17 @@ class IMDer(MERModel):
                 raise ValueError(f"IMDer: teacher has dims {teacher.dims} / {teacher.num_classes} classes, the "
                                  f"student {self.dims} / {self.num_classes}")
             self.proj = proj
+            state = teacher.state_dict()
+            # A teacher without a score EMA (or a student without one) still hands over everything else; a new EMA
+            # starts from the teacher's score weights.
+            state = {k: v for k, v in state.items() if not k.startswith("score_ema")}
+            if self.score_ema_decay is not None:
+                source = teacher.score_ema if teacher.score_ema_decay is not None else teacher.score
+                state.update({f"score_ema.{k}": v for k, v in source.state_dict().items()})
+                state["score_ema_updates"] = (teacher.score_ema_updates if teacher.score_ema_decay is not None
+                                              else torch.zeros((), dtype=torch.long))
             try:
-                self.load_state_dict(teacher.state_dict())
+                self.load_state_dict(state)
             except RuntimeError as err:
                 raise ValueError("IMDer: the teacher's architecture differs from the student's (pass the same "
                                  f"architecture arguments): {err}") from None
@@ -383,13 +423,76 @@ class IMDer(MERModel):
             cond = cond.index_copy(0, both, self.fuse[o1 + o2](torch.cat([p1[both], p2[both]], dim=1)))
         return rows, cond
 
+    def sample_modality(self, m: str, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A raw sample (before the refiner) of modality ``m``'s projected features ``[n, d, L]`` given conditions
+        ``cond`` ``[n, d, L]``, with the configured sampler and the score EMA (when kept)."""
+        return self._sample(m, cond, generator)
+
     def _sample(self, m: str, cond: Tensor, generator: torch.Generator | None) -> Tensor:
         with torch.no_grad():
-            return _run_sampler(self.sampler, self.score[m], cond.detach(), steps=self.steps,
+            nets = self.score_ema if self.score_ema_decay is not None else self.score
+            return _run_sampler(self.sampler, nets[m], cond.detach(), steps=self.steps,
                                 sigma=self.sigma, condition_noise=self.condition_noise, generator=generator,
                                 **self.sampler_kwargs)
 
-    def _run(self, batch: Mapping[str, Tensor], *, losses: bool, generator: torch.Generator | None = None) -> dict:
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Move the score EMA towards the current score weights (the trainer calls this after every optimizer
+        step). The decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the ``n`` updates so far, so early
+        averages do not drag the random initialisation along."""
+        if self.score_ema_decay is None:
+            return
+        n = int(self.score_ema_updates)
+        decay = min(self.score_ema_decay, (1.0 + n) / (10.0 + n))
+        live = list(self.score.parameters())
+        if any(p.requires_grad for p in live):
+            torch._foreach_lerp_(list(self.score_ema.parameters()), live, 1.0 - decay)
+        self.score_ema_updates += 1
+
+    def score_pretraining_loss(self, batch: Mapping[str, Tensor],
+                               generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The score-matching loss of every score network on every row where its modality is present, conditioned
+        on a random non-empty subset of the row's other present modalities (one of: the first, the second, their
+        fusion, each equally likely where both are present): what the score nets see at recovery time, learned from
+        every complete sample instead of only the rows that happen to be missing. ``(loss, {"score_A", ...})``;
+        the loss is the sum over modalities of the per-row mean. Subsets are drawn from ``generator`` (CPU or the
+        batch's device) or the global RNG."""
+        present = self.presence(batch)
+        inputs = dict(zip(DATA_ORDER, self.inputs(batch)))
+        if self.bert is not None:
+            text = self.encode_text(batch)
+            inputs["L"] = text * present[:, 2].view(-1, 1, 1).to(text.dtype)
+        with torch.no_grad():
+            feats = {m: self.project(inputs[m], m).detach() for m in DATA_ORDER}
+        terms: dict[str, Tensor] = {}
+        for j, m in enumerate(DATA_ORDER):
+            rows = torch.nonzero(present[:, j]).flatten()
+            o1, o2 = (DATA_ORDER.index(o) for o in DATA_ORDER if o != m)
+            others = present[rows][:, [o1, o2]]
+            usable = others.any(dim=1)
+            rows, others = rows[usable], others[usable]
+            if not rows.numel():
+                continue
+            # Per row: keep the first, the second or both of the present others (uniformly among what is possible).
+            u = torch.rand(rows.numel(), generator=generator, device=generator.device if generator is not None
+                           else present.device).to(present.device)
+            both = others.all(dim=1)
+            keep1 = torch.where(both, u < 2 / 3, others[:, 0])
+            keep2 = torch.where(both, u >= 1 / 3, others[:, 1])
+            sub = torch.ones(rows.numel(), 3, dtype=torch.bool, device=present.device)
+            sub[:, j] = False
+            sub[:, o1], sub[:, o2] = keep1, keep2
+            view = {k: feats[k][rows] for k in DATA_ORDER}
+            _, cond = self._condition(view, sub, m)
+            terms[f"score_{m}"] = dsm_loss(self.score[m], view[m], cond, self.sigma, generator=generator,
+                                           condition_noise=self.condition_noise)
+        if not terms:
+            raise ValueError("IMDer.score_pretraining_loss: no row has a modality together with another one")
+        loss = torch.stack(list(terms.values())).sum()
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def _run(self, batch: Mapping[str, Tensor], *, losses: bool, generator: torch.Generator | None = None,
+             fill: Callable[[str, Tensor], Tensor] | None = None, refine: bool = True) -> dict:
         present = self.presence(batch)
         b = present.shape[0]
         inputs = dict(zip(DATA_ORDER, self.inputs(batch)))
@@ -414,7 +517,8 @@ class IMDer(MERModel):
             if losses:
                 score_terms.append(dsm_loss(self.score[m], target, cond, self.sigma, generator=generator,
                                             condition_noise=self.condition_noise) * (rows.numel() / b))
-            rec = self.refine[m](self._sample(m, cond, generator))
+            raw = self._sample(m, cond, generator) if fill is None else fill(m, cond)
+            rec = self.refine[m](raw) if refine else raw
             if losses:
                 rec_terms.append((rec - target).pow(2).flatten(1).mean(1).sum() / b)
             recovery[m] = (rec, target)
@@ -439,11 +543,16 @@ class IMDer(MERModel):
 
     @torch.no_grad()
     def predict_with_recovery(
-        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None
+        self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None, *,
+        fill: Callable[[str, Tensor], Tensor] | None = None, refine: bool = True,
     ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
         """``(predict(batch), recover(batch))`` from one pass (one sampler run per missing modality), without
-        gradient."""
-        res = self._run(batch, losses=False, generator=generator)
+        gradient.
+
+        ``fill(m, cond) -> [n, d, L]`` replaces the sampler (a baseline recovery: zeros, the mean, a regressor from
+        the same condition ``cond`` ``[n, d, L]``); ``refine=False`` passes the raw sample (or fill) to the fusion
+        without the refiner."""
+        res = self._run(batch, losses=False, generator=generator, fill=fill, refine=refine)
         pred = res["pred"] if self.num_classes == 1 else res["pred"].argmax(dim=-1)
         return pred, res["recovery"]
 
@@ -460,7 +569,10 @@ class IMDer(MERModel):
         self, batch: Mapping[str, Tensor], generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(loss, {"l1" | "ce", "score", "rec"})`` with ``loss = task + score_weight * (score + rec)``; the
-        parts are the unweighted terms, detached."""
+        parts are the unweighted terms, detached. With ``objective="score"`` it is
+        :meth:`score_pretraining_loss` instead."""
+        if self.objective == "score":
+            return self.score_pretraining_loss(batch, generator=generator)
         res = self._run(batch, losses=True, generator=generator)
         label = batch["label"].to(res["pred"].device)
         if self.num_classes == 1:

@@ -43,7 +43,12 @@ IMDer (SPEC 1.1, the authors' ``config/config.json``) trains on fixed-length seq
 model class: ``pretrain`` on complete data (their MR = 0.0 checkpoint), then ``main`` at the configured missing rate
 (``TrainConfig.missing_rate``, 0.1 by default as their ``train.py``) with the projections frozen. Adam without weight
 decay (the configured 0.005 is never passed), ReduceLROnPlateau (x0.5) and early stopping after 20 epochs on the
-validation L1 (= MAE, lower is better), gradient clipping by value:
+validation L1 (= MAE, lower is better), gradient clipping by value. Between the two, ``imder`` and
+``imder-mosei`` (not ``imder-authors``) run a ``score`` stage that is not the authors': the score networks (and pair
+fusions) alone learn from every complete training sample (``IMDer(objective="score")``), ``SCORE_STAGE`` epochs of
+``repeats`` passes, constant LR, the last epoch kept; it inherits the pretraining stage's architecture. The authors'
+score nets learn only inside the missing-data stage, on the rows that happen to be missing: a few dozen steps on
+small data, far from what recovery needs (``benchmarks/results/imder_recovery-*.md``).
 
 =============  =====  ====  ========  ========  ============  ==============================================
 recipe         batch  lr    patience  clip      MulT levels   dropouts (attn audio / embed)
@@ -126,8 +131,9 @@ class Stage:
         Validation metric that picks the best epoch ("UA"; "WF1" for MMGCN; "MAE" for IMDer).
     hparams : dict
         Constructor keyword arguments.
-    select_mode : {"max", "min"}
-        Whether a larger or a smaller ``select_metric`` is better.
+    select_mode : {"max", "min", "last"}
+        Whether a larger or a smaller ``select_metric`` is better; ``"last"`` keeps the last epoch (a stage its
+        validation metric cannot judge).
     lr_policy : {"linear", "plateau"}
         ``linear``: constant for ``epochs`` then linear decay to 0 over ``epochs_decay`` (MMIN family);
         ``plateau``: ``ReduceLROnPlateau`` on the validation metric, factor 0.5, ``plateau_patience`` (IMDer).
@@ -139,6 +145,11 @@ class Stage:
     reseed_each_pass : int or None
         Re-seed torch's RNG with this value at the start of every training and evaluation pass, and repeat epoch
         0's data order every epoch (MMGCN's authors: 27350); None draws a new stream per ``(seed, epoch)``.
+    repeats : int
+        Passes over the training data per epoch (validation and checkpoints once per epoch). An epoch count given
+        in the config (``epochs``, ``stage_epochs``) counts passes: the stage then runs that many, one per epoch.
+    inherit_hparams : bool
+        Start from the previous stage's resolved hparams (its architecture), then apply this stage's own.
     """
 
     name: str
@@ -159,6 +170,8 @@ class Stage:
     early_stop: int | None = None
     noise_padding: bool = False
     reseed_each_pass: int | None = None
+    repeats: int = 1
+    inherit_hparams: bool = False
 
     @property
     def total_epochs(self) -> int:
@@ -213,11 +226,28 @@ def _imder_stages(batch_size: int, patience: int, hparams: dict[str, Any]) -> tu
     return (Stage("pretrain", data="complete", **common), Stage("main", data="missing-rate", **common))
 
 
+def _imder_with_score_stage(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    # Score pretraining between the two: the projections are frozen (the stage is a student of the pretrained
+    # model), every complete sample trains the score nets of all three modalities, constant LR, the last epoch kept.
+    score = Stage("score", IMDer, data="complete", corruption="zero", epochs=SCORE_STAGE["epochs"], epochs_decay=0,
+                  batch_size=SCORE_STAGE["batch_size"], lr=SCORE_STAGE["lr"], betas=_TEACHER_BETAS,
+                  select_metric="MAE", select_mode="last", lr_policy="linear", repeats=SCORE_STAGE["repeats"],
+                  inherit_hparams=True, hparams={"objective": "score",
+                                                 "condition_noise": stages[0].hparams["condition_noise"]})
+    return (stages[0], score, stages[1])
+
+
+#: The score-pretraining stage of the ``imder`` recipes: epochs x repeats passes at this batch size
+#: (on the embedded 400-sequence training split: 7 batches a pass).
+SCORE_STAGE = {"epochs": 10, "repeats": 40, "batch_size": 64, "lr": 1e-3}
+
+
 # The condition mode is stated in every IMDer recipe (and so in every checkpoint's metadata); "clean" is ours,
 # "shared" the authors' (see IMDer's notes: their mode reads the condition with the wrong sign).
-RECIPES["imder"] = _imder_stages(32, 24, {"condition_noise": "clean"})
-RECIPES["imder-mosei"] = _imder_stages(128, 5, {"nlevels": 6, "attn_dropout_a": 0.0, "embed_dropout": 0.0,
-                                                "clip_grad_value": 0.6, "condition_noise": "clean"})
+RECIPES["imder"] = _imder_with_score_stage(_imder_stages(32, 24, {"condition_noise": "clean"}))
+RECIPES["imder-mosei"] = _imder_with_score_stage(_imder_stages(
+    128, 5, {"nlevels": 6, "attn_dropout_a": 0.0, "embed_dropout": 0.0, "clip_grad_value": 0.6,
+             "condition_noise": "clean"}))
 RECIPES["imder-authors"] = _imder_stages(32, 24, {"condition_noise": "shared"})
 
 

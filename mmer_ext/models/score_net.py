@@ -78,8 +78,10 @@ class _Level(nn.Module):
         num_layers: int,
         groups: int | None,
         attn_mask: bool,
+        cond_skip: bool = False,
     ) -> None:
         super().__init__()
+        self.cond_skip = cond_skip
         self.conv = conv
         self.cond_conv = cond_conv
         self.attn = TransformerEncoder(channels, num_heads, num_layers, attn_mask=attn_mask)
@@ -91,6 +93,8 @@ class _Level(nn.Module):
         if cond is not None:
             cond = _resample(self.cond_conv, cond, length)
             h = h + self.attn(h.transpose(1, 2), cond.transpose(1, 2)).transpose(1, 2)
+            if self.cond_skip:
+                h = h + cond
         if self.dense is not None:
             h = F.silu(self.norm(h + self.dense(emb).unsqueeze(-1)))
         return h, cond
@@ -121,6 +125,10 @@ class ScoreNet(nn.Module):
         The VE SDE's sigma (25); the output is divided by ``std(t)``.
     attn_mask : bool
         Causal cross-attention (True, as the authors).
+    cond_skip : bool
+        Also add the condition path's features to ``h`` at every level (False: the authors' net, where the
+        condition enters only through the causal cross-attention, which has to learn to attend step to step; on the
+        embedded data that path learned slowly, see ``benchmarks/results/imder_recovery-*.md``).
 
     ``forward(x [B, C, L], t [B] or scalar, cond [B, Cc, L] or None) -> [B, C, L]``; with ``cond=None`` the
     cross-attention is skipped (an unconditional score model).
@@ -141,6 +149,7 @@ class ScoreNet(nn.Module):
         groups: int = 32,
         sigma: float = 25.0,
         attn_mask: bool = True,
+        cond_skip: bool = False,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -157,7 +166,7 @@ class ScoreNet(nn.Module):
         self.sigma = float(sigma)
         self.time_embed = nn.Sequential(GaussianFourierProjection(embed_dim, fourier_scale),
                                         nn.Linear(embed_dim, embed_dim))
-        kw = dict(num_heads=num_heads, num_layers=num_layers, attn_mask=attn_mask)
+        kw = dict(num_heads=num_heads, num_layers=num_layers, attn_mask=attn_mask, cond_skip=bool(cond_skip))
 
         def down(cin: int, cout: int, stride: int) -> nn.Conv1d:
             return nn.Conv1d(cin, cout, 3, stride=stride, padding=1, bias=False)

@@ -116,6 +116,12 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
         elif cfg.epochs_decay is not None:
             decay = cfg.epochs_decay
         hparams = {**stage.hparams, **_sampler_hparams(cfg, stage), **cfg.hparams.get(stage.name, {})}
+        repeats = stage.repeats
+        if wanted is not None:
+            # An explicit epoch count counts passes over the data, also for a stage that repeats them per epoch.
+            repeats = 1
+        if stage.inherit_hparams and stages:
+            hparams = {**stages[-1].hparams, **hparams}
         stages.append(replace(
             stage,
             epochs=epochs,
@@ -124,6 +130,7 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
             lr=stage.lr if cfg.lr is None else cfg.lr,
             corruption=cfg.corruption or stage.corruption,
             hparams=hparams,
+            repeats=repeats,
         ))
     return tuple(stages)
 
@@ -265,9 +272,13 @@ def check_model_metadata(path: str | Path, meta: dict[str, Any]) -> dict[str, An
             and all(isinstance(h, dict) for h in hparams)):
         raise CheckpointError(f"{where}: hparams must be a list of 1..{len(recipe)} objects (one per stage of "
                               f"{meta['recipe']}), got {hparams!r:.80}")
-    if meta["stages"] != names[: len(hparams)]:
-        raise CheckpointError(f"{where}: stages {meta['stages']!r} are not the stages {names[:len(hparams)]} of recipe "
-                              f"{meta['recipe']}")
+    # Stages by name, in the recipe's order and from its first: a file written before a recipe gained a stage
+    # (IMDer's "score") names the stages it has.
+    stages = meta["stages"]
+    if not (isinstance(stages, list) and len(stages) == len(hparams) and all(n in names for n in stages)
+            and stages[:1] == names[:1] and [n for n in names if n in stages] == stages):
+        raise CheckpointError(f"{where}: stages {stages!r} are not {len(hparams)} stages of recipe "
+                              f"{meta['recipe']} ({names}, in that order, from the first)")
     dims = meta["dims"]
     if not (isinstance(dims, list) and len(dims) == 3 and all(_is_int(d, 1) for d in dims)):
         raise CheckpointError(f"{where}: dims must be three positive integers (A, V, L), got {dims!r}")
@@ -301,8 +312,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", *,
     from mmer_ext.data import ModalityDims
 
     meta = check_model_metadata(path, read_weights_metadata(path))
-    recipe = RECIPES[meta["recipe"]]
-    stages = tuple(replace(s, hparams=_restored_hparams(s, h)) for s, h in zip(recipe, meta["hparams"]))
+    by_name = {s.name: s for s in RECIPES[meta["recipe"]]}
+    stages = tuple(replace(by_name[n], hparams=_restored_hparams(by_name[n], h))
+                   for n, h in zip(meta["stages"], meta["hparams"]))
     try:
         models = build_models(stages, ModalityDims(*meta["dims"]), meta["num_classes"], meta.get("data_kwargs"))
     except (TypeError, ValueError, KeyError) as e:
@@ -385,7 +397,9 @@ def train_stage(
     start_time = time.perf_counter()
     total_epochs = stage.epochs + stage.epochs_decay
     views = views_for(splits["train"])
-    train_view = views.make(splits["train"], STAGE_DATA_MODES[stage.data], cfg.seed)
+    base_view = views.make(splits["train"], STAGE_DATA_MODES[stage.data], cfg.seed)
+    # `repeats` passes over the data make one epoch (one validation and checkpoint per `repeats` passes).
+    train_view = base_view if stage.repeats == 1 else torch.utils.data.ConcatDataset([base_view] * stage.repeats)
     val_conditions = "full" if STAGE_DATA_MODES[stage.data] == "full" else "six"
     # Sequence data (IMDer): missingness comes from the missing-rate protocol, drawn per epoch over the loader's order.
     missing_rate = _stage_missing_rate(cfg, stage) if views.kind == "sequences" else None
@@ -407,8 +421,11 @@ def train_stage(
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage.epochs, stage.epochs_decay))
     else:
         raise ValueError(f"stage {stage.name!r}: unknown lr_policy {stage.lr_policy!r}")
-    better = (lambda a, b: a < b) if stage.select_mode == "min" else (lambda a, b: a > b)
-    worst = math.inf if stage.select_mode == "min" else -math.inf
+    if stage.select_mode == "last":  # a stage whose metric does not judge it (IMDer's score pretraining)
+        better = lambda a, b: True  # noqa: E731
+    else:
+        better = (lambda a, b: a < b) if stage.select_mode == "min" else (lambda a, b: a > b)
+    worst = math.inf if stage.select_mode in ("min", "last") else -math.inf
     step_module: torch.nn.Module = _LossModule(model)
     if ctx.enabled:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -442,8 +459,8 @@ def train_stage(
                      else _derive_seed(cfg.seed, stage_index, epoch))
         torch.manual_seed(pass_seed)
         corruption_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, pass_epoch, 1))
-        if hasattr(train_view, "set_epoch"):
-            train_view.set_epoch(pass_epoch)
+        if hasattr(base_view, "set_epoch"):
+            base_view.set_epoch(pass_epoch)
         sampler.set_epoch(pass_epoch)
         patterns = None
         if missing_rate is not None:
@@ -477,6 +494,8 @@ def train_stage(
                 else:
                     torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
+            if hasattr(model, "after_optimizer_step"):
+                model.after_optimizer_step()  # e.g. IMDer's EMA of the score weights
             count += 1
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)

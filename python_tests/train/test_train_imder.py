@@ -34,7 +34,7 @@ def _cfg(tmp_path, **kw):
 
 def test_fit_runs_both_stages_and_the_sweep(tmp_path, seq_splits):
     result = fit(_cfg(tmp_path), splits=seq_splits)
-    assert [s.name for s in result.stages] == ["pretrain", "main"]
+    assert [s.name for s in result.stages] == ["pretrain", "score", "main"]
     metrics = result.test_metrics
     assert {f"MR={mr:.1f}" for mr in MISSING_RATES} <= set(metrics)
     for mr in MISSING_RATES:
@@ -58,7 +58,8 @@ def test_fit_runs_both_stages_and_the_sweep(tmp_path, seq_splits):
 
     # The condition mode is stated in the file; a file written before "clean" became the default (no such key)
     # loads with the authors' "shared", what it was trained with.
-    assert [h["condition_noise"] for h in meta["hparams"]] == ["clean", "clean"]
+    assert [h["condition_noise"] for h in meta["hparams"]] == ["clean", "clean", "clean"]
+    assert [h.get("objective", "task") for h in meta["hparams"]] == ["task", "score", "task"]
     assert loaded.condition_noise == "clean"
     _rewrite_metadata(tmp_path / "run" / "model.safetensors", tmp_path / "old.safetensors",
                       lambda m: {**m, "hparams": [{k: v for k, v in h.items() if k != "condition_noise"}
@@ -85,7 +86,7 @@ def test_authors_recipe_keeps_their_condition_noise(tmp_path, seq_splits):
     assert all(s.hparams["condition_noise"] == "clean" for r in ("imder", "imder-mosei") for s in RECIPES[r])
     # the config key still overrides it, per stage
     stages = resolve_stages(_cfg(tmp_path, hparams={"main": {"condition_noise": "independent"}}))
-    assert [s.hparams["condition_noise"] for s in stages] == ["clean", "independent"]
+    assert [s.hparams["condition_noise"] for s in stages] == ["clean", "clean", "independent"]
 
 
 def test_missing_rate_batches_follow_the_protocol(seq_splits):
