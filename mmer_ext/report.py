@@ -52,6 +52,7 @@ __all__ = [
     "markdown_missing_rate_table",
     "missing_rate_table",
     "markdown_table",
+    "plot_confusion_matrices",
     "plot_embedding_projection",
     "plot_missing_rate_curve",
     "plot_training_curves",
@@ -463,6 +464,70 @@ def plot_ua_per_condition(
         # Explicit handles: a model whose bars are all missing still gets its own colour in the legend.
         handles = [Patch(color=c, label=m) for m, c in zip(models, _colors(n))]
         fig.legend(handles=handles, fontsize=8, loc="outside right upper", frameon=False)
+    return _save_png(fig, path, dpi)
+
+
+#: Panels of :func:`plot_confusion_matrices`, in the tables' order (the average has no matrix of its own).
+CONFUSION_PANELS: tuple[str, ...] = tuple(c for c in TABLE_CONDITIONS if c != "average")
+
+
+def normalise_confusion(counts: Any) -> np.ndarray:
+    """Rows divided by their sums (each row: how the items of one true class were predicted; the diagonal is the
+    per-class recall). A class with no items keeps a row of NaN rather than a row that reads as all-wrong."""
+    m = np.asarray(counts, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"a confusion matrix must be square, got shape {m.shape}")
+    rows = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rows > 0, m / np.where(rows > 0, rows, 1.0), np.nan)
+
+
+def plot_confusion_matrices(
+    path: PathLike,
+    confusion: Mapping[str, Any],
+    class_names: Sequence[str],
+    *,
+    title: str | None = None,
+    dpi: int = 110,
+) -> Path:
+    """A grid of confusion matrices, one per condition ({a} ... {v,l}, then {a,v,l}), normalised by true class
+    (PNG). ``confusion``: ``{condition label: counts [true][pred]}`` as in the evaluation JSON's ``"confusion"``;
+    conditions it lacks are left out. Each cell shows the fraction of the row's items; the panel title gives the
+    number of items."""
+    panels = [c for c in CONFUSION_PANELS if c in confusion]
+    if not panels:
+        raise ValueError(f"confusion holds none of the conditions {list(CONFUSION_PANELS)}")
+    k = len(class_names)
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    size = 1.1 + 0.45 * k
+    fig = _new_figure((cols * size + 0.8, rows * size + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    image = None
+    for i, ax in enumerate(axes.flat):
+        if i >= len(panels):
+            ax.set_axis_off()
+            continue
+        counts = np.asarray(confusion[panels[i]])
+        if counts.shape != (k, k):
+            raise ValueError(f"confusion[{panels[i]!r}] has shape {counts.shape}, {len(class_names)} class names")
+        frac = normalise_confusion(counts)
+        image = ax.imshow(frac, vmin=0.0, vmax=1.0, cmap="Blues")
+        for r in range(k):
+            for c in range(k):
+                if np.isfinite(frac[r, c]):
+                    ax.text(c, r, f"{frac[r, c]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if frac[r, c] > 0.6 else "black")
+        ax.set_title(f"{panels[i]} (n={int(counts.sum())})", fontsize=9)
+        ax.set_xticks(range(k), [str(n) for n in class_names], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(k), [str(n) for n in class_names] if i % cols == 0 else [], fontsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("true", fontsize=8)
+        if i // cols == rows - 1:
+            ax.set_xlabel("predicted", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of the true class")
+    fig.suptitle(title or "confusion per available-modality condition (rows: true class)", fontsize=10)
     return _save_png(fig, path, dpi)
 
 

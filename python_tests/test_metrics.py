@@ -159,3 +159,30 @@ def test_condition_metrics_rejects_empty_and_mismatch():
         condition_metrics([], [], [])
     with pytest.raises(ValueError, match="length"):
         condition_metrics([0, 1], [0], [0, 1])
+
+
+def test_confusion_matrices_by_hand():
+    """Worked by hand: 3 classes, two conditions ({a} = 0, {a,v,l} = 6)."""
+    from mmer_ext.metrics import condition_confusions, confusion_counts
+    from mmer_ext.report import normalise_confusion
+
+    y_true = [0, 0, 1, 2, 2, 2, 0, 1]
+    y_pred = [0, 1, 1, 2, 0, 2, 0, 0]
+    cond = [0, 0, 0, 0, 6, 6, 6, 6]
+    # {a}: (0->0), (0->1), (1->1), (2->2)
+    # {a,v,l}: (2->0), (2->2), (0->0), (1->0)
+    per = condition_confusions(y_true, y_pred, cond, num_classes=3)
+    assert list(per) == ["{a}", "{a,v,l}", "overall"]
+    assert per["{a}"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert per["{a,v,l}"] == [[1, 0, 0], [1, 0, 0], [1, 0, 1]]
+    assert per["overall"] == [[2, 1, 0], [1, 1, 0], [1, 0, 2]]
+    # A class that never occurs still gets its row and column.
+    assert confusion_counts([0, 0], [0, 0], num_classes=3).tolist() == [[2, 0, 0], [0, 0, 0], [0, 0, 0]]
+    norm = normalise_confusion(per["{a}"])
+    assert norm[0].tolist() == [0.5, 0.5, 0.0] and norm[2].tolist() == [0.0, 0.0, 1.0]
+    empty = normalise_confusion([[2, 0], [0, 0]])
+    assert empty[0].tolist() == [1.0, 0.0] and np.isnan(empty[1]).all()
+    with pytest.raises(ValueError, match="y_pred"):
+        confusion_counts([0, 1], [0, 3], num_classes=3)
+    with pytest.raises(ValueError, match="square"):
+        normalise_confusion([[1, 2, 3]])

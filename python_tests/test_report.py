@@ -309,3 +309,15 @@ def test_report_md(tmp_path):
     assert "## Seeds\n\n0, 1, 2" in text
     assert '"lr": 0.0002' in text and text.index("## Seeds") < text.index("## Configuration")
     assert _files(out_dir) == ["figs", "report.md"]
+
+
+def test_confusion_grid_figure(tmp_path):
+    from mmer_ext.report import plot_confusion_matrices
+
+    counts = {"{a}": [[3, 1], [0, 4]], "{a,v,l}": [[4, 0], [1, 3]], "overall": [[7, 1], [1, 7]]}
+    path = plot_confusion_matrices(tmp_path / "cm.png", counts, ["neu", "ang"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="none of the conditions"):
+        plot_confusion_matrices(tmp_path / "x.png", {"overall": [[1]]}, ["a"])
+    with pytest.raises(ValueError, match="shape"):
+        plot_confusion_matrices(tmp_path / "x.png", {"{a}": [[1, 0], [0, 1]]}, ["a", "b", "c"])

@@ -31,11 +31,11 @@ def test_train_then_evaluate(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "{a,v,l}" in proc.stdout and "model.safetensors" in proc.stdout
     saved = json.loads((out / "test_metrics.json").read_text())["metrics"]
-    saved.pop("per_class_F1")
 
     proc = _run(["evaluate", str(out / "model.safetensors"), "--json", "--device", "cpu"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == saved  # the data are regenerated from the config stored in the model file
+    assert (out / "confusion_matrices.png").is_file() and (out / "eval-test-zero-confusion.png").is_file()
 
     proc = _run(["evaluate", str(out / "model.safetensors"), "--corruption", "gaussian", "--noise-steps", "20"],
                 tmp_path)
