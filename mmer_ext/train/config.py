@@ -51,6 +51,13 @@ class TrainConfig:
         "norm_method of the real features, ...)", flag=None)
     fold: int = _opt(1, "cross-validation fold of the real utterance data, 1-based")
     seed: int = _opt(0, "seeds the weights, the data order, the missing conditions and the synthetic data")
+    folds: str | None = _opt(None, "cross-validation: 'all' (every fold of the iemocap: / msp: layout, 10 / 12), a "
+                                   "list '1,2,3' or a range '1-5'; each fold trains in its own subdirectory of --out "
+                                   "and the results are aggregated as mean ± std (default: the one --fold)",
+                             metavar="all|LIST")
+    seeds: str | None = _opt(None, "repeat the run over seeds: a count N (seeds --seed ... --seed+N-1) or a list "
+                                   "'0,4,7'; with --folds, every fold under every seed (default: the one --seed)",
+                             metavar="N|LIST")
     out_dir: str = _opt("runs/train", "run directory: checkpoints, metrics.csv, run.json, the final model",
                         flag="--out", metavar="DIR")
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
@@ -166,6 +173,10 @@ def _validate(cfg: TrainConfig) -> None:
                 raise ConfigError(f"{name}: {mr} is not one of IMDer's missing rates {list(MISSING_RATES)}")
     if cfg.fold < 1:
         raise ConfigError(f"fold must be at least 1, got {cfg.fold}")
+    if cfg.seeds is not None:
+        from mmer_ext.train.cv import parse_seeds
+
+        parse_seeds(cfg.seeds, cfg.seed)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
