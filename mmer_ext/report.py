@@ -58,6 +58,7 @@ __all__ = [
     "plot_embedding_projection",
     "plot_missing_rate_curve",
     "plot_run_spread",
+    "plot_seed_spread",
     "plot_training_curves",
     "plot_ua_per_condition",
     "results_table",
@@ -570,6 +571,39 @@ def plot_run_spread(
     ax.set_ylabel(metric + ("" if scale == 1.0 else " (%)"))
     ax.set_title(title or f"{metric} over {len(runs)} runs")
     ax.grid(axis="y", alpha=0.3)
+    return _save_png(fig, path, dpi)
+
+
+def plot_seed_spread(
+    path: PathLike,
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    metric: str = "UA",
+    *,
+    dpi: int = 120,
+) -> Path:
+    """One panel per protocol: each model's per-seed values (points, fractions shown in percent) over a bar at their
+    mean, so the spread over seeds is read beside the difference between models (PNG). ``panels``:
+    ``{panel title: {model: [value of each seed]}}``."""
+    if not panels:
+        raise ValueError("no panels to plot")
+    fig = _new_figure((max(6.0, 3.2 * len(panels)), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
+    for ax, (title, per_model) in zip(axes, panels.items()):
+        models = list(per_model)
+        colors = _colors(len(models))
+        for i, model in enumerate(models):
+            values = 100.0 * np.asarray(per_model[model], dtype=np.float64)
+            ax.bar(i, values.mean(), width=0.6, color=colors[i], alpha=0.35)
+            ax.scatter(i + rng.uniform(-0.12, 0.12, values.size), values, s=18, color=colors[i], zorder=3)
+        finite = np.concatenate([100.0 * np.asarray(v, dtype=np.float64) for v in per_model.values()])
+        lo, hi = float(finite.min()), float(finite.max())
+        pad = max(1.0, 0.15 * (hi - lo))
+        ax.set_ylim(lo - 3 * pad, hi + pad)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(axis="y", alpha=0.3)
     return _save_png(fig, path, dpi)
 
 
