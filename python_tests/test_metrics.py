@@ -186,3 +186,28 @@ def test_confusion_matrices_by_hand():
         confusion_counts([0, 1], [0, 3], num_classes=3)
     with pytest.raises(ValueError, match="square"):
         normalise_confusion([[1, 2, 3]])
+
+
+def test_paired_test_over_seeds():
+    """ttest_rel by hand: differences d = (1, 2, 3): mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.4641, df 2."""
+    from scipy import stats
+
+    from mmer_ext.significance import markdown_orderings, paired_test, pairwise_orderings
+
+    r = paired_test([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert r["mean_diff"] == pytest.approx(2.0) and r["std_diff"] == pytest.approx(1.0)
+    assert r["t"] == pytest.approx(2 * 3 ** 0.5)
+    assert r["p"] == pytest.approx(2 * stats.t.sf(2 * 3 ** 0.5, df=2))  # 0.0742: not significant with 3 seeds
+    assert paired_test([1.0, 2.0], [1.0, 2.0])["p"] == 1.0
+    assert paired_test([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])["p"] == 0.0  # the same gain under every seed
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_test([1.0], [2.0])
+    with pytest.raises(ValueError, match="same length"):
+        paired_test([1.0, 2.0], [1.0])
+    # A 0.02-point gap in the means with seed-to-seed noise of several points is not an ordering.
+    orderings = pairwise_orderings({"A": [0.50, 0.56, 0.53], "B": [0.55, 0.49, 0.5498], "C": [0.70, 0.72, 0.71]})
+    assert [(o["better"], o["worse"]) for o in orderings] == [("C", "A"), ("C", "B"), ("A", "B")]
+    by_pair = {(o["better"], o["worse"]): o for o in orderings}
+    assert not by_pair[("A", "B")]["significant"] and by_pair[("C", "A")]["significant"]
+    table = markdown_orderings(orderings)
+    assert "| A > B |" in table and "not significant" in table and "**significant**" in table

@@ -84,7 +84,8 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "demo"
     for name in ("report.md", "results.csv", "results.json", "ua_per_condition.png", "mmin_embeddings.png",
-                 "mmgcn_results.csv", "imder_results.csv"):
+                 "mmgcn_results.csv", "imder_results.csv", "results_per_seed.csv", "ua_seed_spread.png",
+                 "confusion_mmin.png", "confusion_nmer.png", "mmgcn_confusion.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     for model in ("full-modality baseline", "augmented baseline", "MMIN", "IF-MMIN", "NMER"):
@@ -97,3 +98,12 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     assert set(results["dialogues"]["metrics"]) >= {"{a}", "average", "{a,v,l}"}
     assert "## IMDer on synthetic MOSI-like sequences" in report and "MR=0.7" in report
     assert {f"MR={mr / 10:.1f}" for mr in range(8)} <= set(results["imder"]["metrics"])
+    # The utterance models over seeds: per-seed metrics, their mean in the table, the paired tests of the orderings.
+    assert results["seeds"] == [0, 1]
+    per_seed = results["tables_per_seed"]["zero"]["MMIN"]
+    assert len(per_seed) == 2 and "confusion" in per_seed[0]
+    mean_ua = (per_seed[0]["average"]["UA"] + per_seed[1]["average"]["UA"]) / 2
+    assert abs(results["tables"]["zero"]["MMIN"]["average"]["UA"] - mean_ua) < 1e-12
+    assert len(results["orderings"]["zero"]) == 10  # every pair of the five models
+    assert "## Which orderings are significant" in report and "±" in report
+    assert "paired t-test" in report
