@@ -54,8 +54,10 @@ class DemoPlan:
     half IEMOCAP's size (1500/300/600 utterances), and trains each of the five utterance models under 3 seeds, so
     that its table is a mean ± std and its orderings can be tested over seeds. To keep the whole demo near 15
     minutes on 2 CPU cores with three seeds, the data were halved (from IEMOCAP's 3000/600/1200) and the students
-    cut from 25 to 20 epochs; the students are ~80 % of the utterance models' time and NMER's ~55 %. With the IEMOCAP
-    dims one epoch costs about 5x more. Teachers and baselines train the papers' 20 epochs (10 + 10 decay); students
+    cut from 25 to 20 epochs (the students are ~80 % of the utterance models' time, NMER's student alone ~55 %).
+    That leaves the students 40 % of the single-seed plan's optimizer steps, and it shows: on seeds 0-2 MMIN and
+    IF-MMIN fall significantly below both baselines, where the single-seed plan (3000 utterances, 25 student epochs)
+    had MMIN above them. With the IEMOCAP dims one epoch costs about 5x more. Teachers and baselines train the papers' 20 epochs (10 + 10 decay); students
     20 instead of the papers' 40-80. ``mmer-ext train`` uses the IEMOCAP dims by default.
 
     IMDer keeps the paper's architecture (d = 32, 4 MulT levels, 20-block refiners, 3.5M-parameter score networks)
