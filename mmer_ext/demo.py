@@ -1,22 +1,26 @@
 """The main job (``mmer-ext demo``, the README's ``make demo``): the MMIN paper's comparison on the embedded data.
 
 Trains the full-modality baseline, the augmented baseline, MMIN, IF-MMIN and NMER on the embedded synthetic
-utterances, evaluates each under the six missing conditions and full, and writes to ``out_dir``:
+utterances under 3 seeds each, evaluates each under the six missing conditions and full, and writes to ``out_dir``:
 
-- ``report.md``: the paper-style tables (missing = zeroed, MMIN's protocol; missing = noisy, NMER's protocol), the
-  test of the MMIN paper's hypothesis (average over the six conditions: MMIN > augmented > full-modality baseline)
-  as the run found it, seeds, epochs, timings;
-- ``results.csv`` / ``results.json``: the tables;
-- ``ua_per_condition.png``: UA per condition per model;
-- ``mmin_embeddings.png``: a 2-D t-SNE projection of MMIN's imagined vs the teacher's real joint embeddings;
+- ``report.md``: the paper-style tables as means over the seeds (missing = zeroed, MMIN's protocol; missing = noisy,
+  NMER's protocol), the same as mean ± std, which orderings of the models are significant (paired t-test over
+  seeds on the average UA), the test of the MMIN paper's hypothesis (average over the six conditions: MMIN >
+  augmented > full-modality baseline) as the run found it, seeds, epochs, timings;
+- ``results.csv`` / ``results_noisy.csv``: the mean tables; ``results_per_seed.csv`` / ``results_noisy_per_seed.csv``:
+  one row per model and seed, and each model's std; ``results.json``: all of it, with the paired tests;
+- ``ua_per_condition.png``: mean UA per condition per model; ``ua_seed_spread.png``: each seed's average UA;
+- ``confusion_<model>.png``: confusion matrices per condition (summed over the seeds, normalised by true class);
+- ``mmin_embeddings.png``: a 2-D t-SNE projection of MMIN's imagined vs the teacher's real joint embeddings (the
+  first seed);
 - an MMGCN section: MMGCN trained on the embedded synthetic dialogues, evaluated under the six conditions and full
-  (WA, UA, weighted F1, per-class F1; ``mmgcn_results.csv``);
+  (WA, UA, weighted F1, per-class F1; ``mmgcn_results.csv``; its confusion matrices ``mmgcn_confusion.png``);
 - an IMDer section: the recipe's three stages (complete-data pretraining, score pretraining, missing-data training
   at MR 0.1) on the embedded MOSI-like sequences, evaluated over the missing-rate sweep MR 0.0 ... 0.7 (Acc-2, F1,
   Acc-7, MAE, Corr, recovery error; ``imder_results.csv``), then the recovery against zero-fill and a ridge
   regressor (table) with two pictures (``imder_recovery_heatmaps.png``, ``imder_recovery_pca.png``).
 
-The full-modality baseline is MMIN's own teacher (the same model, trained once). The students train fewer epochs
+The full-modality baseline is MMIN's own teacher (the same model and seed, trained once). The students train fewer epochs
 than in the papers, on smaller feature dims (see :class:`DemoPlan`); both are recorded in the report.
 """
 
@@ -31,6 +35,8 @@ from mmer_ext import report
 from mmer_ext.data import CONDITION_LABELS, make_synthetic_dialogues, make_synthetic_utterances
 from mmer_ext.models.recipes import RECIPES
 from mmer_ext.train import collect_embeddings, evaluate_model, fit, load_config
+from mmer_ext.significance import ALPHA, markdown_orderings, pairwise_orderings
+from mmer_ext.train.cv import aggregate_metrics
 from mmer_ext.train.distributed import resolve_device
 
 __all__ = ["DemoPlan", "run_demo", "DEMO_MODELS"]
@@ -46,9 +52,14 @@ class DemoPlan:
     """Data and epochs of the demo; ``quick`` is a smoke run of the whole pipeline (tests, CI), not a result.
 
     The full plan uses the ``small`` synthetic preset (A/V/L dims 20/24/32 instead of IEMOCAP's 130/342/1024) at
-    IEMOCAP's size (3000/600/1200 utterances): with the IEMOCAP dims one epoch costs about 5x more, and the students
-    would get too few epochs to converge in ~10 minutes. Teachers and baselines train the papers' 20 epochs (10 + 10
-    decay); students 25 instead of the papers' 40-80. ``mmer-ext train`` uses the IEMOCAP dims by default.
+    half IEMOCAP's size (1500/300/600 utterances), and trains each of the five utterance models under 3 seeds, so
+    that its table is a mean ± std and its orderings can be tested over seeds. To keep the whole demo near 15
+    minutes on 2 CPU cores with three seeds, the data were halved (from IEMOCAP's 3000/600/1200) and the students
+    cut from 25 to 20 epochs (the students are ~80 % of the utterance models' time, NMER's student alone ~55 %).
+    That leaves the students 40 % of the single-seed plan's optimizer steps, and it shows: on seeds 0-2 MMIN and
+    IF-MMIN fall significantly below both baselines, where the single-seed plan (3000 utterances, 25 student epochs)
+    had MMIN above them. With the IEMOCAP dims one epoch costs about 5x more. Teachers and baselines train the papers' 20 epochs (10 + 10 decay); students
+    20 instead of the papers' 40-80. ``mmer-ext train`` uses the IEMOCAP dims by default.
 
     IMDer keeps the paper's MulT and refiners (d = 32, 4 MulT levels, 20-block refiners) on the ``small`` MOSI-like
     preset (400 / 100 / 200 sequences of 50 steps, text dims 32 instead of BERT's 768), with score networks sized for
@@ -63,6 +74,8 @@ class DemoPlan:
     data_options: dict[str, Any]
     dialogue_options: dict[str, Any]
     stage_epochs: dict[str, dict[str, int]]
+    # The utterance models train once per seed (seed, seed + 1, ...) on the same data; tables are mean ± std.
+    n_seeds: int = 3
     batch_size: dict[str, int] | None = None
     # IMDer: the synthetic MOSI-like sequences, and the recovery sampler used in training and evaluation.
     sequence_data: str = "synthetic-mosi-small"
@@ -74,13 +87,13 @@ class DemoPlan:
     @staticmethod
     def full() -> "DemoPlan":
         return DemoPlan(
-            data_options={"preset": "small", "n_train": 3000, "n_val": 600, "n_test": 1200},
+            data_options={"preset": "small", "n_train": 1500, "n_val": 300, "n_test": 600},
             # MMGCN: the small dialogue preset (40 / 8 / 12 dialogues of 10-40 utterances, dims 24/20/16) with the
             # paper's 64 layers and 20 epochs takes ~30 s; IEMOCAP-sized dialogues take ~2.5 min.
             dialogue_options={"preset": "small"},
             stage_epochs={"baseline": {"main": 20}, "augmented": {"main": 20},
-                          "mmin": {"teacher": 20, "student": 25}, "ifmmin": {"teacher": 20, "student": 25},
-                          "nmer": {"teacher": 20, "student": 25}, "mmgcn": {"main": 20},
+                          "mmin": {"teacher": 20, "student": 20}, "ifmmin": {"teacher": 20, "student": 20},
+                          "nmer": {"teacher": 20, "student": 20}, "mmgcn": {"main": 20},
                           "imder": {"pretrain": 15, "score": 60, "main": 6}},
             imder_hparams={"score_channels": [32, 64], "score_embed_dim": 64, "score_heads": 4, "score_layers": 1,
                            "score_cond_skip": True},
@@ -93,6 +106,7 @@ class DemoPlan:
             data_options={"preset": "small", "n_train": 192, "n_val": 48, "n_test": 64},
             dialogue_options={"preset": "small", "n_dialogues_train": 6, "n_val": 2, "n_test": 3},
             stage_epochs={m: {k: v for k, v in one.items() if k in _stage_names(m)} for m in DEMO_MODELS},
+            n_seeds=2,
             batch_size={**{m: 32 for m in UTTERANCE_MODELS}, "mmgcn": 4, "imder": 16},
             sequence_options={"sizes": (48, 16, 24)},
             imder_sampler=("ddim", 3),
@@ -106,16 +120,62 @@ def _stage_names(model: str) -> tuple[str, ...]:
     return tuple(s.name for s in RECIPES[model])
 
 
-def _hypothesis(avg_ua: dict[str, float]) -> str:
+def _hypothesis(avg_ua: dict[str, float], orderings: list[dict[str, Any]] | None = None, n_seeds: int = 1) -> str:
+    """The MMIN paper's ordering on the mean average UA; with seeds, each of its two steps is called established
+    only when the paired test over seeds finds it significant."""
     b, a, m = avg_ua.get("baseline"), avg_ua.get("augmented"), avg_ua.get("mmin")
     if None in (a, b, m):
         return "Not all three models of the hypothesis were trained."
-    holds_am, holds_ba = m > a, a > b
-    verdict = "holds" if holds_am and holds_ba else "does not hold"
-    parts = [f"MMIN {m:.2%} {'>' if holds_am else '<='} augmented {a:.2%}",
-             f"augmented {a:.2%} {'>' if holds_ba else '<='} full-modality baseline {b:.2%}"]
+    tests = {(r["better"], r["worse"]): r for r in orderings or []}
+
+    def step(hi: str, lo: str, v_hi: float, v_lo: float) -> tuple[str, str]:
+        """The text of one step and its state: supported, contradicted or tie (not significant)."""
+        name_hi, name_lo = DISPLAY_NAMES[hi], DISPLAY_NAMES[lo]
+        text = f"{name_hi} {v_hi:.2%} {'>' if v_hi > v_lo else '<='} {name_lo} {v_lo:.2%}"
+        r = tests.get((name_hi, name_lo)) or tests.get((name_lo, name_hi))
+        if r is None:
+            return text, "supported" if v_hi > v_lo else "contradicted"
+        sig = r["significant"]
+        state = ("supported" if v_hi > v_lo else "contradicted") if sig else "tie"
+        return text + f" ({'significant' if sig else 'not significant'}, paired p = {r['p']:.3f})", state
+
+    (t1, s1), (t2, s2) = step("mmin", "augmented", m, a), step("augmented", "baseline", a, b)
+    verdict = ("holds" if s1 == s2 == "supported" else
+               "does not hold" if "contradicted" in (s1, s2) else "is not established")
+    what = f"on the mean over {n_seeds} seeds" if orderings else "on this run"
     return (f"The MMIN paper's finding (average UA over the six missing conditions: MMIN > augmented baseline > "
-            f"full-modality baseline) **{verdict}** on this run: {'; '.join(parts)}.")
+            f"full-modality baseline) **{verdict}** {what}: {t1}; {t2}.")
+
+
+def _train_utterance_models(plan: DemoPlan, splits: dict[str, Any], out_dir: Path, *, seeds: list[int],
+                            models: tuple[str, ...], device: str, progress: bool, noise_steps: int,
+                            log: Callable[[str], None]) -> tuple[dict[str, list[Any]], dict[str, float]]:
+    """Every utterance model under every seed, each run in ``out_dir/<model>/seed-<s>/`` (resumable as any run)."""
+    runs: dict[str, list[Any]] = {}
+    timings: dict[str, float] = {}
+    for name in models:
+        t0 = time.perf_counter()
+        runs[name] = []
+        for s in seeds:
+            run_dir = out_dir / name / f"seed-{s}"
+            cfg = load_config(None, model=name, data="synthetic", data_options=plan.data_options, seed=s,
+                              out_dir=str(run_dir), device=device, stage_epochs=plan.stage_epochs[name],
+                              batch_size=(plan.batch_size or {}).get(name), progress=progress, noise_steps=noise_steps)
+            teacher = None
+            if name == "mmin" and "baseline" in runs:
+                # MMIN's teacher is the full-modality baseline of the same seed: trained once, used twice.
+                teacher = out_dir / "baseline" / f"seed-{s}" / "model.safetensors"
+            runs[name].append(fit(cfg, splits=splits, teacher_checkpoint=teacher, log=log))
+        timings[name] = time.perf_counter() - t0
+        log(f"{DISPLAY_NAMES[name]}: {len(seeds)} seeds trained in {timings[name]:.0f} s")
+    return runs, timings
+
+
+def _summed_confusion(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    import numpy as np
+
+    return {k: np.sum([np.asarray(m["confusion"][k]) for m in metrics], axis=0).tolist()
+            for k in metrics[0]["confusion"]}
 
 
 def _mmgcn_section(plan: DemoPlan, out_dir: Path, *, seed: int, device: str, progress: bool,
@@ -144,9 +204,14 @@ def _mmgcn_section(plan: DemoPlan, out_dir: Path, *, seed: int, device: str, pro
         "Per-class F1 (full modalities): " + ", ".join(f"{n} {v:.2%}" for n, v in zip(class_names, per_class)),
     ]
     report.write_table_csv(out_dir / "mmgcn_results.csv", {"MMGCN": metrics}, metrics=("WA", "UA", "WF1"))
+    confusion = metrics.pop("confusion")
+    report.plot_confusion_matrices(out_dir / "mmgcn_confusion.png", confusion, class_names,
+                                   title="MMGCN: test confusion per condition (rows: true class)")
+    lines += ["", "![MMGCN: confusion per condition, normalised by true class](mmgcn_confusion.png)"]
     seconds = time.perf_counter() - t0
     log(f"MMGCN: trained in {seconds:.0f} s")
-    return {"metrics": metrics, "per_class_F1": dict(zip(class_names, per_class)), "markdown": "\n".join(lines),
+    return {"metrics": metrics, "per_class_F1": dict(zip(class_names, per_class)), "confusion": confusion,
+            "markdown": "\n".join(lines),
             "sizes": {k: len(v) for k, v in splits.items()}, "seconds": seconds}
 
 
@@ -263,44 +328,60 @@ def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = 
     log(f"embedded synthetic data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         + f"; dims {tuple(splits['train'].dims)}; classes {list(splits['train'].class_names)}")
 
-    trained: dict[str, Any] = {}
-    timings: dict[str, float] = {}
-    for name in (m for m in models if m in UTTERANCE_MODELS):
-        t0 = time.perf_counter()
-        cfg = load_config(None, model=name, data="synthetic", data_options=plan.data_options, seed=seed,
-                          out_dir=str(out_dir / name), device=device, stage_epochs=plan.stage_epochs[name],
-                          batch_size=(plan.batch_size or {}).get(name), progress=progress, noise_steps=noise_steps)
-        teacher = None
-        if name == "mmin" and "baseline" in trained:
-            # MMIN's teacher is the full-modality baseline: train it once, use it twice.
-            teacher = out_dir / "baseline" / "model.safetensors"
-        result = fit(cfg, splits=splits, teacher_checkpoint=teacher, log=log)
-        trained[name] = result
-        timings[name] = time.perf_counter() - t0
-        log(f"{DISPLAY_NAMES[name]}: trained in {timings[name]:.0f} s")
+    seeds = [seed + i for i in range(plan.n_seeds)]
+    runs, timings = _train_utterance_models(plan, splits, out_dir, seeds=seeds, device=device, progress=progress,
+                                            noise_steps=noise_steps, log=log,
+                                            models=tuple(m for m in models if m in UTTERANCE_MODELS))
+    trained = {name: r[0] for name, r in runs.items()}  # the first seed's run: its embeddings are drawn
 
     test = splits["test"]
     num_classes = test.num_classes
     dev = resolve_device(device)
-    tables: dict[str, dict[str, Any]] = {"zero": {}, "gaussian": {}}
-    for name, result in trained.items():
-        for corruption in tables:
-            tables[corruption][DISPLAY_NAMES[name]] = evaluate_model(
-                result.model, test, num_classes=num_classes, conditions="six+full", device=dev,
-                corruption=corruption, noise_steps=noise_steps, seed=seed)
+    per_seed: dict[str, dict[str, list[dict[str, Any]]]] = {"zero": {}, "gaussian": {}}
+    for name, results in runs.items():
+        for corruption in per_seed:
+            # The same test noise for every model and seed (the evaluation seed stays `seed`): the seeds vary the
+            # training only, so model A's seed s and model B's seed s are a pair.
+            per_seed[corruption][DISPLAY_NAMES[name]] = [evaluate_model(
+                r.model, test, num_classes=num_classes, conditions="six+full", device=dev, corruption=corruption,
+                noise_steps=noise_steps, seed=seed, with_per_class=True) for r in results]
+    tables: dict[str, dict[str, Any]] = {c: {} for c in per_seed}
+    spreads: dict[str, dict[str, Any]] = {c: {} for c in per_seed}
+    for corruption, by_model in per_seed.items():
+        for display, metrics in by_model.items():
+            tables[corruption][display], spreads[corruption][display] = aggregate_metrics(metrics)
+    orderings = {c: pairwise_orderings({d: [m["average"]["UA"] for m in ms] for d, ms in by_model.items()})
+                 for c, by_model in per_seed.items() if len(seeds) > 1 and len(by_model) > 1}
 
     figures = {}
-    if trained:
+    if runs:
         report.write_table_csv(out_dir / "results.csv", tables["zero"])
         report.write_table_csv(out_dir / "results_noisy.csv", tables["gaussian"])
-        report.plot_ua_per_condition(out_dir / "ua_per_condition.png", tables["zero"])
-        figures["UA per missing condition (missing = zeroed)"] = "ua_per_condition.png"
+        for corruption, stem in (("zero", "results_per_seed.csv"), ("gaussian", "results_noisy_per_seed.csv")):
+            rows = {f"{d} seed {s}": m for d, ms in per_seed[corruption].items() for s, m in zip(seeds, ms)}
+            rows.update({f"{d} std": spreads[corruption][d] for d in per_seed[corruption]})
+            report.write_table_csv(out_dir / stem, rows, metrics=("WA", "UA", "F1"))
+        report.plot_ua_per_condition(out_dir / "ua_per_condition.png", tables["zero"],
+                                     title=f"UA per missing-modality condition, mean over {len(seeds)} seeds")
+        figures[f"UA per missing condition (missing = zeroed), mean over {len(seeds)} seeds"] = "ua_per_condition.png"
+        report.plot_seed_spread(out_dir / "ua_seed_spread.png",
+                                {c: {d: [m["average"]["UA"] for m in ms] for d, ms in by_model.items()}
+                                 for c, by_model in (("missing = zeroed", per_seed["zero"]),
+                                                     ("missing = noisy", per_seed["gaussian"]))},
+                                metric="average UA over the six conditions")
+        figures[f"Average UA of each seed (points) and their mean (bar), {len(seeds)} seeds"] = "ua_seed_spread.png"
+        for name in runs:
+            display = DISPLAY_NAMES[name]
+            summed = _summed_confusion(per_seed["zero"][display])
+            report.plot_confusion_matrices(out_dir / f"confusion_{name}.png", summed, test.class_names,
+                                           title=f"{display}: test confusion summed over {len(seeds)} seeds "
+                                                 "(missing = zeroed; rows: true class)")
+            figures[f"{display}: confusion per condition, normalised by true class"] = f"confusion_{name}.png"
     if "mmin" in trained:
         emb = collect_embeddings(trained["mmin"].model, test, device=dev, seed=seed)
         report.plot_embedding_projection(out_dir / "mmin_embeddings.png", emb["imagined"], emb["target"],
                                          emb["label"], test.class_names, seed=seed)
-        figures["MMIN: imagined vs real joint embeddings (t-SNE)"] = "mmin_embeddings.png"
-
+        figures[f"MMIN (seed {seed}): imagined vs real joint embeddings (t-SNE)"] = "mmin_embeddings.png"
     dialogue = _mmgcn_section(plan, out_dir, seed=seed, device=device, progress=progress, log=log) \
         if "mmgcn" in models else None
     if dialogue is not None:
@@ -318,18 +399,35 @@ def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = 
         "dialogues": dialogue, "imder": sequences,
         "sizes": {k: len(v) for k, v in splits.items()}, "dims": list(test.dims), "noise_steps": noise_steps,
         "seconds": {**timings, "total": elapsed}, "tables": tables, "condition_labels": list(CONDITION_LABELS),
-        "stages": {name: [{"name": s.name, "best_epoch": s.best_epoch, "seconds": s.seconds} for s in r.stages]
-                   for name, r in trained.items()},
+        "seeds": seeds, "tables_std": spreads, "tables_per_seed": per_seed, "orderings": orderings,
+        "stages": {name: [[{"name": s.name, "best_epoch": s.best_epoch, "seconds": s.seconds} for s in r.stages]
+                          for r in results] for name, results in runs.items()},
     }
-    report.write_results_json(out_dir / "results.json", payload)
-    hypothesis = _hypothesis(avg_ua)
+    report.write_results_json(out_dir / "results.json", payload, seeds=seeds)
+    hypothesis = _hypothesis(avg_ua, orderings.get("zero"), len(seeds))
     if quick:
-        hypothesis = ("**Quick smoke run** (1 epoch per stage, a few hundred utterances): it checks that the pipeline "
+        hypothesis = (f"**Quick smoke run** (1 epoch per stage, a few hundred utterances, {len(seeds)} seeds): it "
+                      "checks that the pipeline "
                       "works end to end; its numbers are not a result. " + hypothesis)
     extra = {}
     if trained:
-        extra[f"Missing = noisy (NMER's protocol: Gaussian noise, intensity T = {noise_steps})"] = \
-            report.markdown_table(tables["gaussian"])
+        noisy = f"missing = noisy (NMER's protocol: Gaussian noise, intensity T = {noise_steps})"
+        extra[f"Mean ± std over {len(seeds)} seeds"] = (
+            f"Seeds {', '.join(map(str, seeds))} on the same data (they vary the weights, the data order and the "
+            "training noise); the sample std (ddof = 1) over the seeds; WA / UA / macro-F1 in percent.\n\n"
+            "Missing = zeroed (MMIN's protocol):\n\n"
+            + report.markdown_mean_std_table({d: (tables["zero"][d], spreads["zero"][d]) for d in tables["zero"]})
+            + f"\nThe {noisy}:\n\n"
+            + report.markdown_mean_std_table({d: (tables["gaussian"][d], spreads["gaussian"][d])
+                                              for d in tables["gaussian"]}))
+        if orderings:
+            extra["Which orderings are significant"] = (
+                f"Average UA over the six missing conditions, every pair of models compared seed by seed (paired "
+                f"t-test, `scipy.stats.ttest_rel`, two-sided, {len(seeds) - 1} degrees of freedom); an ordering is "
+                f"called significant at p < {ALPHA:g}. A difference that is not significant is a tie on this run, "
+                "whatever the order of the means.\n\nMissing = zeroed:\n\n" + markdown_orderings(orderings["zero"])
+                + "\nMissing = noisy:\n\n" + markdown_orderings(orderings["gaussian"]))
+        extra[f"Mean over seeds, {noisy}"] = report.markdown_table(tables["gaussian"])
     if dialogue is not None:
         extra["MMGCN on synthetic dialogues"] = dialogue["markdown"]
     if sequences is not None:
@@ -341,7 +439,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = 
         out_dir / "report.md",
         title="mmer_ext demo: missing-modality emotion recognition on the embedded synthetic data",
         results=tables["zero"],
-        seeds=[seed],
+        seeds=seeds,
         config={"epochs per stage": {m: plan.stage_epochs[m] for m in models}, "data": plan.data_options,
                 "dialogue data": plan.dialogue_options,
                 "sizes": payload["sizes"], "dims (A, V, L)": list(test.dims), "device": str(dev)},
@@ -350,7 +448,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, seed: int = 0, quick: bool = 
         extra_sections=extra,
     )
     if trained:
-        log(report.format_table(tables["zero"]))
+        log(report.format_mean_std_table({d: (tables["zero"][d], spreads["zero"][d]) for d in tables["zero"]},
+                                         metrics=("UA",)))
         log(hypothesis.replace("**", ""))
     if dialogue is not None:
         log(report.format_table({"MMGCN": dialogue["metrics"]}, metrics=("WA", "UA", "WF1")))

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, recall_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
 from mmer_ext.data.protocols import CONDITION_LABELS, FULL_CONDITION
 
@@ -44,7 +44,9 @@ __all__ = [
     "RECOVERY_METRIC_NAMES",
     "REGRESSION_METRIC_NAMES",
     "classification_metrics",
+    "condition_confusions",
     "condition_metrics",
+    "confusion_counts",
     "per_class_f1",
     "recovery_metrics",
     "regression_metrics",
@@ -160,6 +162,27 @@ def per_class_f1(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np
     """
     yt, yp = _check_pair(y_true, y_pred, num_classes)
     return np.asarray(f1_score(yt, yp, labels=_labels(num_classes), average=None, zero_division=0), dtype=np.float64)
+
+
+def confusion_counts(y_true: Any, y_pred: Any, num_classes: int | None = None) -> np.ndarray:
+    """``sklearn.metrics.confusion_matrix``: entry ``[i, j]`` counts items of true class ``i`` predicted as ``j``
+    (int64). With ``num_classes`` the matrix is ``num_classes x num_classes`` even when a class never occurs, so
+    the matrices of every condition and fold can be added and compared."""
+    yt, yp = _check_pair(y_true, y_pred, num_classes)
+    return np.asarray(confusion_matrix(yt, yp, labels=_labels(num_classes)), dtype=np.int64)
+
+
+def condition_confusions(y_true: Any, y_pred: Any, condition: Any, num_classes: int) -> dict[str, list[list[int]]]:
+    """One confusion matrix (counts, rows = true class) per condition present, in condition order, and
+    ``"overall"``: all items pooled. Keys as in :func:`condition_metrics`."""
+    yt, yp = _check_pair(y_true, y_pred, num_classes)
+    cond = _as_label_array(condition, "condition")
+    if cond.shape[0] != yt.shape[0]:
+        raise ValueError(f"condition and y_true differ in length: {cond.shape[0]} vs {yt.shape[0]}")
+    out = {CONDITION_LABELS[c]: confusion_counts(yt[cond == c], yp[cond == c], num_classes).tolist()
+           for c in sorted(set(cond.tolist()))}
+    out["overall"] = confusion_counts(yt, yp, num_classes).tolist()
+    return out
 
 
 def condition_metrics(

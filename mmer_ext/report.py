@@ -46,14 +46,19 @@ __all__ = [
     "atomic_open",
     "atomic_write_bytes",
     "atomic_write_text",
+    "format_mean_std_table",
     "format_missing_rate_table",
     "format_results",
     "format_table",
+    "markdown_mean_std_table",
     "markdown_missing_rate_table",
     "missing_rate_table",
     "markdown_table",
+    "plot_confusion_matrices",
     "plot_embedding_projection",
     "plot_missing_rate_curve",
+    "plot_run_spread",
+    "plot_seed_spread",
     "plot_training_curves",
     "plot_ua_per_condition",
     "results_table",
@@ -289,6 +294,61 @@ def format_results(model: str, metrics: Mapping[str, Any]) -> str:
     return format_table({model: metrics})
 
 
+# ------------------------------------------------------------------------------------ mean ± std over folds and seeds
+def _pm(mean: float, std: float, scale: float) -> str:
+    if math.isnan(mean):
+        return MISSING_CELL
+    if math.isnan(std):
+        return f"{scale * mean:.2f}"
+    return f"{scale * mean:.2f} ± {scale * std:.2f}"
+
+
+def mean_std_rows(results: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]],
+                  metrics: Sequence[str] = ("WA", "UA", "F1"), *, regression: bool = False) -> list[list[str]]:
+    """Cells ``"mean ± std"`` (percent; MAE, Corr and the recovery metrics as they are). ``results``:
+    ``{model: (mean, std)}``, each in the per-condition layout of :func:`results_table` (or the missing-rate layout
+    with ``regression``). Classification: one row per (model, metric), the table's conditions as columns;
+    regression: one row per (model, missing rate), ``metrics`` (default: :data:`MISSING_RATE_METRICS`) as columns."""
+    _check_results({m: mean for m, (mean, _) in results.items()})
+    if regression:
+        metrics = MISSING_RATE_METRICS if tuple(metrics) == ("WA", "UA", "F1") else tuple(metrics)
+        rows = [["model", "MR", *metrics]]
+        for model, (mean, std) in results.items():
+            for key in sorted(k for k in mean if str(k).startswith("MR=")):
+                rows.append([str(model), key] + [
+                    _pm(_metric_value(mean[key], m), _metric_value(std.get(key), m), 1.0 if m in _AS_IS else 100.0)
+                    for m in metrics])
+        return rows
+    rows = [["model", "metric", *TABLE_CONDITIONS]]
+    for model, (mean, std) in results.items():
+        for m in metrics:
+            mc, sc = _model_cells(mean, m), _model_cells(std, m)
+            if all(math.isnan(v) for v in mc.values()):
+                continue
+            rows.append([str(model), m] + [_pm(mc[c], sc[c], 100.0) for c in TABLE_CONDITIONS])
+    return rows
+
+
+def markdown_mean_std_table(results: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]],
+                            metrics: Sequence[str] = ("WA", "UA", "F1"), *, regression: bool = False) -> str:
+    """:func:`mean_std_rows` as GitHub markdown."""
+    rows = mean_std_rows(results, metrics, regression=regression)
+    lines = ["| " + " | ".join(_md_escape(h) for h in rows[0]) + " |",
+             "|" + "|".join([":---", ":---"] + ["---:"] * (len(rows[0]) - 2)) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def format_mean_std_table(results: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]],
+                          metrics: Sequence[str] = ("WA", "UA", "F1"), *, regression: bool = False) -> str:
+    """:func:`mean_std_rows` as a fixed-width console table."""
+    rows = mean_std_rows(results, metrics, regression=regression)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = lambda r: " | ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(rows[0]), "-" * len(fmt(rows[0]))] + [fmt(r) for r in rows[1:]]) + "\n"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # JSON
 # --------------------------------------------------------------------------------------------------------------------
@@ -463,6 +523,151 @@ def plot_ua_per_condition(
         # Explicit handles: a model whose bars are all missing still gets its own colour in the legend.
         handles = [Patch(color=c, label=m) for m, c in zip(models, _colors(n))]
         fig.legend(handles=handles, fontsize=8, loc="outside right upper", frameon=False)
+    return _save_png(fig, path, dpi)
+
+
+def plot_run_spread(
+    path: PathLike,
+    runs: Mapping[str, Mapping[str, Any]],
+    metric: str = "UA",
+    *,
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """The spread of repeated runs (folds, seeds) per condition: a box per condition with every run drawn as a
+    point beside it (PNG). ``runs``: ``{run name: metrics}`` in the per-condition layout (or the missing-rate one,
+    then one box per missing rate). Percent except for MAE / Corr / recovery metrics."""
+    _check_results(runs)
+    if not runs:
+        raise ValueError("no runs to plot")
+    first = next(iter(runs.values()))
+    if _is_missing_rate_results(first):
+        keys = sorted(k for k in first if str(k).startswith("MR="))
+    else:
+        keys = list(TABLE_CONDITIONS)
+    scale = 1.0 if metric in _AS_IS else 100.0
+    columns = []
+    for key in keys:
+        cells = [(_model_cells(m, metric)[key] if key in TABLE_CONDITIONS else _metric_value(m.get(key), metric))
+                 for m in runs.values()]
+        columns.append(np.array([scale * v for v in cells if not math.isnan(v)], dtype=np.float64))
+    fig = _new_figure((max(6.0, 0.9 * len(keys) + 1.5), 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(len(keys), dtype=float)
+    shown = [i for i, c in enumerate(columns) if c.size]
+    if shown:
+        ax.boxplot([columns[i] for i in shown], positions=x[shown], widths=0.5, showfliers=False,
+                   medianprops={"color": "C1"})
+    rng = np.random.default_rng(0)  # the jitter only separates the points; fixed so the figure is reproducible
+    for i in shown:
+        ax.scatter(x[i] + rng.uniform(-0.12, 0.12, columns[i].size), columns[i], s=14, color="C0", alpha=0.8,
+                   zorder=3)
+    ax.set_xticks(x, keys)
+    if keys == list(TABLE_CONDITIONS):
+        ax.axvline(NUM_MISSING_CONDITIONS - 0.5, color="0.6", lw=0.8, ls="--")
+        ax.set_xlabel("available modalities")
+    else:
+        ax.set_xlabel("missing rate")
+    ax.set_ylabel(metric + ("" if scale == 1.0 else " (%)"))
+    ax.set_title(title or f"{metric} over {len(runs)} runs")
+    ax.grid(axis="y", alpha=0.3)
+    return _save_png(fig, path, dpi)
+
+
+def plot_seed_spread(
+    path: PathLike,
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    metric: str = "UA",
+    *,
+    dpi: int = 120,
+) -> Path:
+    """One panel per protocol: each model's per-seed values (points, fractions shown in percent) over a bar at their
+    mean, so the spread over seeds is read beside the difference between models (PNG). ``panels``:
+    ``{panel title: {model: [value of each seed]}}``."""
+    if not panels:
+        raise ValueError("no panels to plot")
+    fig = _new_figure((max(6.0, 3.2 * len(panels)), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
+    for ax, (title, per_model) in zip(axes, panels.items()):
+        models = list(per_model)
+        colors = _colors(len(models))
+        for i, model in enumerate(models):
+            values = 100.0 * np.asarray(per_model[model], dtype=np.float64)
+            ax.bar(i, values.mean(), width=0.6, color=colors[i], alpha=0.35)
+            ax.scatter(i + rng.uniform(-0.12, 0.12, values.size), values, s=18, color=colors[i], zorder=3)
+        finite = np.concatenate([100.0 * np.asarray(v, dtype=np.float64) for v in per_model.values()])
+        lo, hi = float(finite.min()), float(finite.max())
+        pad = max(1.0, 0.15 * (hi - lo))
+        ax.set_ylim(lo - 3 * pad, hi + pad)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(axis="y", alpha=0.3)
+    return _save_png(fig, path, dpi)
+
+
+#: Panels of :func:`plot_confusion_matrices`, in the tables' order (the average has no matrix of its own).
+CONFUSION_PANELS: tuple[str, ...] = tuple(c for c in TABLE_CONDITIONS if c != "average")
+
+
+def normalise_confusion(counts: Any) -> np.ndarray:
+    """Rows divided by their sums (each row: how the items of one true class were predicted; the diagonal is the
+    per-class recall). A class with no items keeps a row of NaN rather than a row that reads as all-wrong."""
+    m = np.asarray(counts, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"a confusion matrix must be square, got shape {m.shape}")
+    rows = m.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rows > 0, m / np.where(rows > 0, rows, 1.0), np.nan)
+
+
+def plot_confusion_matrices(
+    path: PathLike,
+    confusion: Mapping[str, Any],
+    class_names: Sequence[str],
+    *,
+    title: str | None = None,
+    dpi: int = 110,
+) -> Path:
+    """A grid of confusion matrices, one per condition ({a} ... {v,l}, then {a,v,l}), normalised by true class
+    (PNG). ``confusion``: ``{condition label: counts [true][pred]}`` as in the evaluation JSON's ``"confusion"``;
+    conditions it lacks are left out. Each cell shows the fraction of the row's items; the panel title gives the
+    number of items."""
+    panels = [c for c in CONFUSION_PANELS if c in confusion]
+    if not panels:
+        raise ValueError(f"confusion holds none of the conditions {list(CONFUSION_PANELS)}")
+    k = len(class_names)
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    size = 1.1 + 0.45 * k
+    fig = _new_figure((cols * size + 0.8, rows * size + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    image = None
+    for i, ax in enumerate(axes.flat):
+        if i >= len(panels):
+            ax.set_axis_off()
+            continue
+        counts = np.asarray(confusion[panels[i]])
+        if counts.shape != (k, k):
+            raise ValueError(f"confusion[{panels[i]!r}] has shape {counts.shape}, {len(class_names)} class names")
+        frac = normalise_confusion(counts)
+        image = ax.imshow(frac, vmin=0.0, vmax=1.0, cmap="Blues")
+        for r in range(k):
+            for c in range(k):
+                if np.isfinite(frac[r, c]):
+                    ax.text(c, r, f"{frac[r, c]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if frac[r, c] > 0.6 else "black")
+        ax.set_title(f"{panels[i]} (n={int(counts.sum())})", fontsize=9)
+        ax.set_xticks(range(k), [str(n) for n in class_names], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(k), [str(n) for n in class_names] if i % cols == 0 else [], fontsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("true", fontsize=8)
+        if i // cols == rows - 1:
+            ax.set_xlabel("predicted", fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="fraction of the true class")
+    fig.suptitle(title or "confusion per available-modality condition (rows: true class)", fontsize=10)
     return _save_png(fig, path, dpi)
 
 

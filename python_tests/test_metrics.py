@@ -159,3 +159,55 @@ def test_condition_metrics_rejects_empty_and_mismatch():
         condition_metrics([], [], [])
     with pytest.raises(ValueError, match="length"):
         condition_metrics([0, 1], [0], [0, 1])
+
+
+def test_confusion_matrices_by_hand():
+    """Worked by hand: 3 classes, two conditions ({a} = 0, {a,v,l} = 6)."""
+    from mmer_ext.metrics import condition_confusions, confusion_counts
+    from mmer_ext.report import normalise_confusion
+
+    y_true = [0, 0, 1, 2, 2, 2, 0, 1]
+    y_pred = [0, 1, 1, 2, 0, 2, 0, 0]
+    cond = [0, 0, 0, 0, 6, 6, 6, 6]
+    # {a}: (0->0), (0->1), (1->1), (2->2)
+    # {a,v,l}: (2->0), (2->2), (0->0), (1->0)
+    per = condition_confusions(y_true, y_pred, cond, num_classes=3)
+    assert list(per) == ["{a}", "{a,v,l}", "overall"]
+    assert per["{a}"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert per["{a,v,l}"] == [[1, 0, 0], [1, 0, 0], [1, 0, 1]]
+    assert per["overall"] == [[2, 1, 0], [1, 1, 0], [1, 0, 2]]
+    # A class that never occurs still gets its row and column.
+    assert confusion_counts([0, 0], [0, 0], num_classes=3).tolist() == [[2, 0, 0], [0, 0, 0], [0, 0, 0]]
+    norm = normalise_confusion(per["{a}"])
+    assert norm[0].tolist() == [0.5, 0.5, 0.0] and norm[2].tolist() == [0.0, 0.0, 1.0]
+    empty = normalise_confusion([[2, 0], [0, 0]])
+    assert empty[0].tolist() == [1.0, 0.0] and np.isnan(empty[1]).all()
+    with pytest.raises(ValueError, match="y_pred"):
+        confusion_counts([0, 1], [0, 3], num_classes=3)
+    with pytest.raises(ValueError, match="square"):
+        normalise_confusion([[1, 2, 3]])
+
+
+def test_paired_test_over_seeds():
+    """ttest_rel by hand: differences d = (1, 2, 3): mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.4641, df 2."""
+    from scipy import stats
+
+    from mmer_ext.significance import markdown_orderings, paired_test, pairwise_orderings
+
+    r = paired_test([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert r["mean_diff"] == pytest.approx(2.0) and r["std_diff"] == pytest.approx(1.0)
+    assert r["t"] == pytest.approx(2 * 3 ** 0.5)
+    assert r["p"] == pytest.approx(2 * stats.t.sf(2 * 3 ** 0.5, df=2))  # 0.0742: not significant with 3 seeds
+    assert paired_test([1.0, 2.0], [1.0, 2.0])["p"] == 1.0
+    assert paired_test([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])["p"] == 0.0  # the same gain under every seed
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_test([1.0], [2.0])
+    with pytest.raises(ValueError, match="same length"):
+        paired_test([1.0, 2.0], [1.0])
+    # A 0.02-point gap in the means with seed-to-seed noise of several points is not an ordering.
+    orderings = pairwise_orderings({"A": [0.50, 0.56, 0.53], "B": [0.55, 0.49, 0.5498], "C": [0.70, 0.72, 0.71]})
+    assert [(o["better"], o["worse"]) for o in orderings] == [("C", "A"), ("C", "B"), ("A", "B")]
+    by_pair = {(o["better"], o["worse"]): o for o in orderings}
+    assert not by_pair[("A", "B")]["significant"] and by_pair[("C", "A")]["significant"]
+    table = markdown_orderings(orderings)
+    assert "| A > B |" in table and "not significant" in table and "**significant**" in table

@@ -328,3 +328,36 @@ def test_recovery_pictures(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="N, C"):
         report.plot_recovery_projection(tmp_path / "bad.png", {"real": real})
+
+
+def test_confusion_grid_figure(tmp_path):
+    from mmer_ext.report import plot_confusion_matrices
+
+    counts = {"{a}": [[3, 1], [0, 4]], "{a,v,l}": [[4, 0], [1, 3]], "overall": [[7, 1], [1, 7]]}
+    path = plot_confusion_matrices(tmp_path / "cm.png", counts, ["neu", "ang"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="none of the conditions"):
+        plot_confusion_matrices(tmp_path / "x.png", {"overall": [[1]]}, ["a"])
+    with pytest.raises(ValueError, match="shape"):
+        plot_confusion_matrices(tmp_path / "x.png", {"{a}": [[1, 0], [0, 1]]}, ["a", "b", "c"])
+
+
+def test_mean_std_tables_and_the_spread_figure(tmp_path):
+    from mmer_ext.report import format_mean_std_table, markdown_mean_std_table, mean_std_rows, plot_run_spread
+
+    mean = {"{a}": {"WA": 0.5, "UA": 0.25}, "average": {"WA": 0.5, "UA": 0.25}}
+    std = {"{a}": {"WA": 0.01, "UA": float("nan")}, "average": {"WA": 0.02, "UA": 0.03}}
+    rows = mean_std_rows({"m": (mean, std)}, metrics=("WA", "UA"))
+    assert rows[1][:3] == ["m", "WA", "50.00 ± 1.00"] and rows[2][2] == "25.00"  # a single run has no std
+    assert rows[1][rows[0].index("{v}")] == "–" and rows[1][rows[0].index("average")] == "50.00 ± 2.00"
+    assert "50.00 ± 1.00" in markdown_mean_std_table({"m": (mean, std)}) and "|" in format_mean_std_table(
+        {"m": (mean, std)})
+    reg_mean = {"MR=0.0": {"Acc2_non0": 0.7, "MAE": 0.9}, "MR=0.5": {"Acc2_non0": 0.6, "MAE": 1.1}}
+    reg_std = {"MR=0.0": {"Acc2_non0": 0.01, "MAE": 0.05}, "MR=0.5": {"Acc2_non0": 0.02, "MAE": 0.1}}
+    rows = mean_std_rows({"imder": (reg_mean, reg_std)}, metrics=("Acc2_non0", "MAE"), regression=True)
+    assert rows == [["model", "MR", "Acc2_non0", "MAE"], ["imder", "MR=0.0", "70.00 ± 1.00", "0.90 ± 0.05"],
+                    ["imder", "MR=0.5", "60.00 ± 2.00", "1.10 ± 0.10"]]
+    runs = {"fold 1": {"{a}": {"UA": 0.4}, "{a,v,l}": {"UA": 0.6}}, "fold 2": {"{a}": {"UA": 0.5}}}
+    assert plot_run_spread(tmp_path / "s.png", runs).read_bytes()[:4] == b"\x89PNG"
+    assert plot_run_spread(tmp_path / "r.png", {"seed 0": reg_mean, "seed 1": reg_mean},
+                           metric="MAE").read_bytes()[:4] == b"\x89PNG"

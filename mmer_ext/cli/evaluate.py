@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = evaluate_model(model, dataset, num_classes=meta["num_classes"], device=device,
                                  corruption=args.corruption or meta["corruption"],
                                  noise_steps=meta["noise_steps"] if args.noise_steps is None else args.noise_steps,
-                                 seed=cfg["seed"], noise_padding=_recipe_noise_padding(meta["recipe"]))
+                                 seed=cfg["seed"], noise_padding=_recipe_noise_padding(meta["recipe"]),
+                                 with_per_class=True)
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent
     settings = {"checkpoint": str(args.checkpoint), "recipe": meta["recipe"], "data": data, "split": args.split,
                 "fold": cfg["fold"] if args.fold is None else args.fold}
@@ -102,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         settings.update(corruption=args.corruption or meta["corruption"],
                         noise_steps=meta["noise_steps"] if args.noise_steps is None else args.noise_steps)
-    written = write_evaluation(out_dir, evaluation_stem(settings, same_source), meta["recipe"], metrics, settings)
+    written = write_evaluation(out_dir, evaluation_stem(settings, same_source), meta["recipe"], metrics, settings,
+                               class_names=meta.get("class_names"))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -128,9 +130,10 @@ def evaluation_stem(settings: dict[str, Any], same_source: bool) -> str:
 
 
 def write_evaluation(out_dir: Path, stem: str, model: str, metrics: dict[str, Any],
-                     settings: dict[str, Any]) -> list[Path]:
+                     settings: dict[str, Any], class_names: list[str] | None = None) -> list[Path]:
     """The metrics as JSON (with the settings and the environment), the table as CSV and markdown, and the chart:
-    UA per missing condition, or IMDer's metrics per missing rate."""
+    UA per missing condition, or IMDer's metrics per missing rate; for classification also the confusion matrices
+    per condition (``<stem>-confusion.png``)."""
     from mmer_ext import report
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +158,11 @@ def write_evaluation(out_dir: Path, stem: str, model: str, metrics: dict[str, An
               + "".join(f"- {k}: {v}\n" for k, v in settings.items()) + "\n")
     paths.append(report.atomic_write_text(out_dir / f"{stem}.md", header + markdown))
     paths.append(chart)
+    if "confusion" in metrics:
+        names = class_names or [str(i) for i in range(len(metrics["confusion"]["overall"]))]
+        paths.append(report.plot_confusion_matrices(
+            out_dir / f"{stem}-confusion.png", metrics["confusion"], names,
+            title=f"{model} on {settings['data']} ({settings['split']}): confusion per condition"))
     return paths
 
 

@@ -24,6 +24,8 @@ examples:
   mmer-ext train --model mmin --data synthetic:small --epochs 2 --out runs/mmin-try
   # the paper's recipe on IEMOCAP features, fold 3, from a YAML file with one override
   mmer-ext train --config mmin.yaml --data iemocap:/data/IEMOCAP --fold 3 --set hparams.student.cycle_weight=1
+  # the paper's protocol: all 10 IEMOCAP folds x 3 seeds, mean ± std per condition (resumable, run by run)
+  mmer-ext train --model mmin --data iemocap:/data/IEMOCAP --folds all --seeds 3 --out runs/mmin-cv
   # IMDer at missing rate 0.3 with a 10-step DDIM sampler
   mmer-ext train --model imder --data synthetic-mosi:small --missing-rate 0.3 --sampler ddim --steps 10
 """
@@ -122,8 +124,26 @@ def run(args: argparse.Namespace) -> int:
     if args.select_on_test:
         overrides.insert(0, "data_options.val_from=test")
     cfg = load_config(args.config, overrides, **fields)
+    if cfg.folds is not None or cfg.seeds is not None:
+        return _run_cv(cfg, args)
     result = fit(cfg, teacher_checkpoint=args.teacher)
     if result.test_metrics is not None:
         print(format_results(cfg.model, result.test_metrics))
         print(f"wrote {result.out_dir / 'model.safetensors'} and {result.out_dir / 'test_metrics.json'}")
+    return 0
+
+
+def _run_cv(cfg, args: argparse.Namespace) -> int:
+    from mmer_ext.report import format_mean_std_table, _is_missing_rate_results
+    from mmer_ext.train.config import ConfigError
+    from mmer_ext.train.cv import run_cv
+
+    if args.teacher is not None:
+        raise ConfigError("--teacher names one run's first stage; it cannot serve every fold and seed of --folds / "
+                          "--seeds")
+    result = run_cv(cfg)
+    if result.mean:
+        regression = _is_missing_rate_results(result.mean)
+        print(format_mean_std_table({cfg.model: (result.mean, result.std)}, regression=regression))
+        print("wrote " + ", ".join(str(p) for p in result.files))
     return 0

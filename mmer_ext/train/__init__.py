@@ -18,6 +18,8 @@ _EXPORTS = {
     "TrainConfig": "config",
     "config_to_dict": "config",
     "load_config": "config",
+    "CVResult": "cv",
+    "run_cv": "cv",
     "collect_embeddings": "evaluation",
     "evaluate_model": "evaluation",
     "predict": "evaluation",
@@ -32,6 +34,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from mmer_ext.train.checkpoint import CheckpointError, load_weights, read_weights_metadata, save_weights
     from mmer_ext.train.config import ConfigError, TrainConfig, config_to_dict, load_config
+    from mmer_ext.train.cv import CVResult, run_cv
     from mmer_ext.train.evaluation import collect_embeddings, evaluate_model, predict
     from mmer_ext.train.trainer import FitResult, fit, load_model, resolve_stages
 

@@ -87,6 +87,13 @@ class TrainConfig:
     fold: int = _opt(1, "cross-validation fold of the real utterance data, 1-based", limits=Limits(ge=1))
     seed: int = _opt(0, "seeds the weights, the data order, the missing conditions and the synthetic data",
                      limits=Limits(ge=0, le=MAX_SEED))
+    folds: str | None = _opt(None, "cross-validation: 'all' (every fold of the iemocap: / msp: layout, 10 / 12), a "
+                                   "list '1,2,3' or a range '1-5'; each fold trains in its own subdirectory of --out "
+                                   "and the results are aggregated as mean ± std (default: the one --fold)",
+                             metavar="all|LIST")
+    seeds: str | None = _opt(None, "repeat the run over seeds: a count N (seeds --seed ... --seed+N-1) or a list "
+                                   "'0,4,7'; with --folds, every fold under every seed (default: the one --seed)",
+                             metavar="N|LIST")
     out_dir: str = _opt("runs/train", "run directory: checkpoints, metrics.csv, run.json, the final model",
                         flag="--out", metavar="DIR", limits=Limits(pattern=r".*\S.*", what="a directory path"))
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N",
@@ -230,6 +237,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"keep_checkpoints must be at least 1, or -1 for all, got {cfg.keep_checkpoints}")
     if not cfg.eval_missing_rates:
         raise ConfigError("eval_missing_rates must name at least one missing rate")
+    if cfg.seeds is not None:
+        from mmer_ext.train.cv import parse_seeds
+
+        parse_seeds(cfg.seeds, cfg.seed)
     return cfg
 
 

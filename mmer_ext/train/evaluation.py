@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmer_ext.data import NoiseScheduler
-from mmer_ext.metrics import condition_metrics, per_class_f1
+from mmer_ext.metrics import condition_confusions, condition_metrics, per_class_f1
 from mmer_ext.train.views import views_for
 
 __all__ = ["protocol_view", "iterate_batches", "predict", "evaluate_model", "collect_embeddings", "to_device",
@@ -96,9 +96,11 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Metrics (WA, UA, F1, WF1) per condition label, their ``average`` over the six and the pooled ``overall``;
     with ``with_per_class``, also ``"per_class_F1"``: the F1 of each class on the full-modality condition (or on all
-    items when full is not evaluated). ``batch_size`` counts utterances, or dialogues for dialogue data. Noise modes
-    draw the noise level per utterance (``noise_per="sample"``; "batch" is one level per batch of the condition-ordered
-    expansion) and keep padding frames zero unless ``noise_padding``."""
+    items when full is not evaluated), and ``"confusion"``: ``{condition label or "overall": counts [true][pred]}``
+    (:func:`mmer_ext.metrics.condition_confusions`), which shows the classes a condition collapses. ``batch_size``
+    counts utterances, or dialogues for dialogue data. Noise modes draw the noise level per utterance
+    (``noise_per="sample"``; "batch" is one level per batch of the condition-ordered expansion) and keep padding
+    frames zero unless ``noise_padding``."""
     views = views_for(dataset)
     if batch_size is None:
         batch_size = 16 if views.kind == "dialogues" else 256
@@ -112,6 +114,7 @@ def evaluate_model(
         keep = full if bool(full.any()) else torch.ones_like(full)
         metrics["per_class_F1"] = [float(v) for v in per_class_f1(out["label"][keep], out["pred"][keep],
                                                                    num_classes=num_classes)]
+        metrics["confusion"] = condition_confusions(out["label"], out["pred"], out["condition"], num_classes)
     return metrics
 
 

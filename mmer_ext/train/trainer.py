@@ -19,7 +19,9 @@ Layout of ``out_dir``::
                                  while that one is kept)
     <stage>/done.json            the stage finished: best epoch and its validation metrics
     model.safetensors            the final model (last stage, best epoch), self-describing
-    test_metrics.json            the final model on the test split, six conditions and full
+    test_metrics.json            the final model on the test split, six conditions and full (with per-class F1 and
+                                 a confusion matrix per condition for classification)
+    confusion_matrices.png       those confusion matrices, normalised by true class
 """
 
 from __future__ import annotations
@@ -754,6 +756,11 @@ def _fit_stages(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, A
         test_metrics = evaluate_split(final, splits["test"], cfg, stages[-1], device=device)
         _write_json(out_dir / "test_metrics.json", {"corruption": stages[-1].corruption, "metrics": test_metrics,
                                                     "stages": [asdict(r) for r in results]})
+        if "confusion" in test_metrics:
+            from mmer_ext.report import plot_confusion_matrices
+
+            plot_confusion_matrices(out_dir / "confusion_matrices.png", test_metrics["confusion"], class_names,
+                                    title=f"{cfg.model}: test confusion per condition (rows: true class)")
         if tracker is not None:
             tracker.write_csv()
             curves = tracker.finish()

@@ -278,8 +278,11 @@ def test_evaluate_writes_tables_and_chart(tiny_splits, tmp_path, capsys, monkeyp
     assert main(["evaluate", "run/model.safetensors", "--device", "cpu", "--corruption", "gaussian",
                  "--noise-steps", "20", "--out", "elsewhere"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == [
-        f"eval-test-gaussian-T20.{ext}" for ext in ("csv", "json", "md", "png")]
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == sorted(
+        [f"eval-test-gaussian-T20.{ext}" for ext in ("csv", "json", "md", "png")]
+        + ["eval-test-gaussian-T20-confusion.png"])
+    confusion = json.loads((tmp_path / "elsewhere" / "eval-test-gaussian-T20.json").read_text())["metrics"]["confusion"]
+    assert sum(map(sum, confusion["{a,v,l}"])) == len(tiny_splits["test"])
 
 
 def test_evaluation_files_of_a_missing_rate_sweep(tmp_path):

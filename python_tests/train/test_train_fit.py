@@ -39,12 +39,27 @@ def test_fit_writes_a_reloadable_model(model, tiny_splits, tmp_path):
         done = json.loads((tmp_path / stage.name / "done.json").read_text())
         assert done["best_epoch"] == 1
     per_class = result.test_metrics.pop("per_class_F1")
+    confusion = result.test_metrics.pop("confusion")
+    n_test, k = len(tiny_splits["test"]), tiny_splits["test"].num_classes
+    assert set(confusion) == set(CONDITION_LABELS) | {"overall"}
+    for cond, counts in confusion.items():
+        assert len(counts) == k and all(len(row) == k for row in counts)
+        assert sum(map(sum, counts)) == (7 * n_test if cond == "overall" else n_test)
+        # Row sums are the true class counts, whatever the model predicts.
+        assert [sum(row) for row in counts] == (torch.bincount(tiny_splits["test"].labels, minlength=k) *
+                                                (7 if cond == "overall" else 1)).tolist()
+    # The diagonal over the row sums is the per-class recall: its mean is the UA of the condition.
+    for cond in CONDITION_LABELS:
+        counts = torch.tensor(confusion[cond], dtype=torch.float64)
+        recall = counts.diag() / counts.sum(1).clamp_min(1)
+        assert abs(float(recall.mean()) - result.test_metrics[cond]["UA"]) < 1e-9
+    assert (tmp_path / "confusion_matrices.png").is_file()
     assert len(per_class) == tiny_splits["test"].num_classes and all(0.0 <= v <= 1.0 for v in per_class)
     assert set(result.test_metrics) == set(CONDITION_LABELS) | {"average", "overall"}
     for values in result.test_metrics.values():
         assert set(values) == {"WA", "UA", "F1", "WF1"} and all(0.0 <= v <= 1.0 for v in values.values())
     saved = json.loads((tmp_path / "test_metrics.json").read_text())
-    assert saved["metrics"] == {**result.test_metrics, "per_class_F1": per_class}
+    assert saved["metrics"] == {**result.test_metrics, "per_class_F1": per_class, "confusion": confusion}
 
     reloaded, meta = load_model(tmp_path / "model.safetensors")
     assert type(reloaded) is type(result.model)
@@ -173,6 +188,7 @@ def test_two_ddp_processes_match_one(tmp_path):
     mb = json.loads((ddp / "test_metrics.json").read_text())["metrics"]
     for fa, fb in zip(ma.pop("per_class_F1"), mb.pop("per_class_F1")):
         assert abs(fa - fb) <= 0.05
+    ma.pop("confusion"), mb.pop("confusion")
     for cond in ma:
         for metric in ma[cond]:
             assert abs(ma[cond][metric] - mb[cond][metric]) <= 0.05, (cond, metric)

@@ -23,6 +23,12 @@ def test_fit_mmgcn_on_synthetic_dialogues(tmp_path):
     assert result.stages[0].name == "main" and result.stages[0].best_epoch in (1, 2)
     metrics = result.test_metrics
     assert len(metrics.pop("per_class_F1")) == splits["test"].num_classes == 6
+    confusion = metrics.pop("confusion")
+    assert set(confusion) == set(CONDITION_LABELS) | {"overall"}
+    assert all(len(confusion[c]) == 6 and all(len(r) == 6 for r in confusion[c]) for c in confusion)
+    # Every test utterance is counted once per condition.
+    assert sum(map(sum, confusion["{a,v,l}"])) == splits["test"].num_utterances
+    assert (tmp_path / "confusion_matrices.png").is_file()
     assert set(metrics) == set(CONDITION_LABELS) | {"average", "overall"}
     model, meta = load_model(tmp_path / "model.safetensors")
     assert meta["data_kwargs"] == {"num_speakers": splits["train"].num_speakers}
