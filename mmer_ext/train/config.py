@@ -90,10 +90,13 @@ class TrainConfig:
     folds: str | None = _opt(None, "cross-validation: 'all' (every fold of the iemocap: / msp: layout, 10 / 12), a "
                                    "list '1,2,3' or a range '1-5'; each fold trains in its own subdirectory of --out "
                                    "and the results are aggregated as mean ± std (default: the one --fold)",
-                             metavar="all|LIST")
+                             metavar="all|LIST",
+                             limits=Limits(pattern=r"(?i)\s*all\s*|[\d,\s-]+",
+                                           what="'all', a list like 1,2,3 or a range like 1-5"))
     seeds: str | None = _opt(None, "repeat the run over seeds: a count N (seeds --seed ... --seed+N-1) or a list "
                                    "'0,4,7'; with --folds, every fold under every seed (default: the one --seed)",
-                             metavar="N|LIST")
+                             metavar="N|LIST",
+                             limits=Limits(pattern=r"[\d,\s-]+", what="a count N, a list like 0,4,7 or a range like 0-2"))
     out_dir: str = _opt("runs/train", "run directory: checkpoints, metrics.csv, run.json, the final model",
                         flag="--out", metavar="DIR", limits=Limits(pattern=r".*\S.*", what="a directory path"))
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N",

@@ -279,8 +279,8 @@ def check_model_metadata(path: str | Path, meta: dict[str, Any]) -> dict[str, An
     stages = meta["stages"]
     if not (isinstance(stages, list) and len(stages) == len(hparams) and all(n in names for n in stages)
             and stages[:1] == names[:1] and [n for n in names if n in stages] == stages):
-        raise CheckpointError(f"{where}: stages {stages!r} are not {len(hparams)} stages of recipe "
-                              f"{meta['recipe']} ({names}, in that order, from the first)")
+        raise CheckpointError(f"{where}: stages {stages!r} are not the stages {names[:len(hparams)]} of recipe "
+                              f"{meta['recipe']} (or others of {names} by name, in that order, from the first)")
     dims = meta["dims"]
     if not (isinstance(dims, list) and len(dims) == 3 and all(_is_int(d, 1) for d in dims)):
         raise CheckpointError(f"{where}: dims must be three positive integers (A, V, L), got {dims!r}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,7 +285,8 @@ def test_msp_recipes_carry_mmins_msp_settings():
 
 def test_mmin_msp_trains_on_the_msp_layout(tmp_path, capsys, monkeypatch):
     pytest.importorskip("h5py")
-    from python_tests.data.test_data_iemocap import _write_layout
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+    from test_data_iemocap import _write_layout  # the IEMOCAP / MSP layout writer of the loader tests
 
     from mmer_ext.cli import main
 
