@@ -34,7 +34,11 @@ from op_testing import (  # noqa: E402  (this folder, put on sys.path by pytest)
     subnormal_spacing,
 )
 
-N_MOMENTS = [1, 2, 5, 7]  # 7 needs 6 powers: the kernels sum at most 4 per sweep, so this takes a second sweep
+# The kernels sum the powers 1..n_moments of x - shift in sweeps of up to 8 (kMaxPowersPerSweep in cmd_cpu.cpp,
+# kMaxPowersPerLaunch in cmd_cuda.cu): these all fit one sweep (7 a partial one); test_many_moments_match_reference
+# takes 8 (one full sweep), 9 (a full sweep and a partial second), 16 (two full) and 17 (a partial third).
+N_MOMENTS = [1, 2, 5, 7]
+POWERS_PER_SWEEP = 8
 # B covers a single row (all central moments 0), two rows, odd counts that leave partial register tiles and row
 # blocks, and 10**5 rows (many row chunks, so the fixed-order combination of partial sums matters). D covers one
 # column, a partial 16-wide tile (17) and many full tiles (1024).
@@ -273,10 +277,13 @@ def test_strided_inputs_match_reference(op, layout, shape, n_moments, dtype, dev
     check_grads(op, xs, n_moments)
 
 
-@pytest.mark.parametrize("n_moments", [9, 10, 13])
+@pytest.mark.parametrize(
+    "n_moments", [POWERS_PER_SWEEP, POWERS_PER_SWEEP + 1, 2 * POWERS_PER_SWEEP, 2 * POWERS_PER_SWEEP + 1, 10, 13]
+)
 @pytest.mark.parametrize("op", OPS)
 def test_many_moments_match_reference(op, n_moments, device):
-    # More than two sweeps of powers, in float64 where the high moments are still well resolved.
+    # Sweep boundaries of the powers (see N_MOMENTS), in float64 where the high moments are still well resolved:
+    # a second sweep that restarted at the wrong power, or a partial one that summed a full sweep, changes rows > 8.
     xs = sample_inputs(device, torch.float64, batch_sizes_for(op, 70), 19, requires_grad=True)
     check_forward(op, xs, n_moments)
     check_grads(op, xs, n_moments)
@@ -440,30 +447,44 @@ def test_gradcheck_cmd_pairwise(n_moments):
     assert torch.autograd.gradcheck(lambda *v: cmd_pairwise(list(v), n_moments), tuple(xs))
 
 
-def test_double_backward_is_correct_or_refused():
+# Per op: None when the double backward is implemented (then it must match the reference), else the start of the
+# refusal it must raise. Both fused ops refuse today; an op that starts supporting it moves to None here, with its
+# result checked, rather than passing silently.
+_SECOND_ORDER = {
+    "central_moments": r"mmer_ext\.central_moments: second derivatives are not implemented",
+    "cmd": r"mmer_ext\.cmd: second derivatives are not implemented",
+    # cmd and cmd_pairwise share the backward op _cmd_pairwise_backward, whose refusal names "cmd" today.
+    "cmd_pairwise": r"mmer_ext\.cmd(_pairwise)?: second derivatives are not implemented",
+}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_double_backward_is_correct_or_refused(op):
     # The ops are documented as differentiable to first order. A second derivative (a gradient penalty) must then
-    # either raise or be right; silently returning a wrong one would corrupt training without a trace.
-    x1, x2 = sample_inputs("cpu", torch.float64, [6, 4], 3, requires_grad=True)
-    r1, r2 = as_ref([x1, x2], requires_grad=True)
-    cases = [
-        (
-            "central_moments",
-            lambda a, b: central_moments(a, 3).square().sum(),
-            lambda a, b: central_moments_ref(a, 3).square().sum(),
-        ),
-        ("cmd", lambda a, b: cmd(a, b, 3), lambda a, b: cmd_ref(a, b, 3)),
-    ]
-    for name, f, f_ref in cases:
-        (g_ref,) = torch.autograd.grad(f_ref(r1, r2), r1, create_graph=True)
-        (gg_ref,) = torch.autograd.grad(g_ref.square().sum(), r1)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                (g,) = torch.autograd.grad(f(x1, x2), x1, create_graph=True)
-                (gg,) = torch.autograd.grad(g.square().sum(), x1)
-        except RuntimeError:
-            continue  # refused: fine
-        torch.testing.assert_close(gg, gg_ref, msg=lambda m: f"{name}: silently wrong second derivative. {m}")
+    # either be refused with the documented message or be right; silently returning a wrong one would corrupt
+    # training without a trace, and any other error is a bug.
+    n_moments = 3
+    xs = sample_inputs("cpu", torch.float64, batch_sizes_for(op, 6), 3, requires_grad=True)
+    refs = as_ref(xs, requires_grad=True)
+
+    def first_grad(fn, inputs):
+        out = _call(op, fn, inputs, n_moments)
+        (g,) = torch.autograd.grad(out.square().sum(), inputs[0], create_graph=True)
+        return g
+
+    g_ref = first_grad(_IMPLS[op][1], refs)
+    (gg_ref,) = torch.autograd.grad(g_ref.square().sum(), refs[0])
+    g = first_grad(_IMPLS[op][0], xs)
+    torch.testing.assert_close(g.detach(), g_ref.detach(), msg=lambda m: f"{op}: wrong first derivative. {m}")
+    refusal = _SECOND_ORDER[op]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if refusal is not None:
+            with pytest.raises(RuntimeError, match=refusal):
+                torch.autograd.grad(g.square().sum(), xs[0])
+            return
+        (gg,) = torch.autograd.grad(g.square().sum(), xs[0])
+    torch.testing.assert_close(gg, gg_ref, msg=lambda m: f"{op}: silently wrong second derivative. {m}")
 
 
 # ---- torch.compile --------------------------------------------------------------------------------------------------
