@@ -22,16 +22,21 @@ from mmer_ext.ops._reference import (
     angular_adjacency_ref,
     block_graph_propagate_ref,
 )
+from op_testing import (  # noqa: E402  (this folder, put on sys.path by pytest)
+    ALL_DTYPES,
+    acc_eps,
+    as_float64_cpu,
+    assert_within,
+    cuda_only,
+    dtype_id,
+    out_eps,
+    place,
+)
 
-ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["dense", "blocks"]
 SCALE = 0.99999
 
 ops = torch.ops.mmer_ext
-
-
-def _dtype_id(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _iemocap_like_lengths() -> list[int]:
@@ -68,34 +73,10 @@ def _values(M: int, N: int, D: int, seed: int = 0) -> torch.Tensor:
     return (0.7 * shared + own) * rows
 
 
-def _place(values: torch.Tensor, device, dtype, layout: str) -> torch.Tensor:
-    """``values`` [M, N, D] in the given memory layout; the memory around a strided view is NaN."""
-    M, N, D = values.shape
-    v = values.to(device=device, dtype=dtype)
-    if layout == "contiguous":
-        x = v
-    elif layout == "utterance-major":  # [N, M, D] storage, permuted
-        x = v.permute(1, 0, 2).contiguous().permute(1, 0, 2)
-    elif layout == "feature-step":  # every other element of a wider last dim
-        base = torch.full((M, N, 2 * D + 1), float("nan"), device=device, dtype=dtype)
-        base[..., 1::2] = v
-        x = base[..., 1::2]
-    elif layout == "transposed":  # feature dim outermost in memory
-        x = v.permute(2, 0, 1).contiguous().permute(1, 2, 0)
-    else:
-        raise ValueError(layout)
-    assert torch.equal(x, v)
-    return x
-
-
 def sample_inputs(case, device, dtype, *, layout="contiguous", requires_grad=False, seed=0):
     M, lengths, D = case
-    x = _place(_values(M, sum(lengths), D, seed), device, dtype, layout)
+    x = place(_values(M, sum(lengths), D, seed), device, dtype, layout)
     return x.detach().requires_grad_(requires_grad), torch.tensor(lengths, dtype=torch.int64)
-
-
-def as_ref(x: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
-    return x.detach().to("cpu", torch.float64).requires_grad_(requires_grad)
 
 
 # ---- tolerances --------------------------------------------------------------------------------------------------
@@ -112,14 +93,6 @@ C_FWD = 2.0
 C_GRAD = 4.0
 
 
-def _acc_eps(dtype) -> float:
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-
-
-def _out_eps(dtype) -> float:
-    return torch.finfo(dtype).eps
-
-
 def _condition(x64: torch.Tensor, lengths: torch.Tensor) -> float:
     """1 + sqrt(D) * the largest arccos slope over the edges of the graph (see the error model)."""
     M, N, D = x64.shape
@@ -131,35 +104,18 @@ def _condition(x64: torch.Tensor, lengths: torch.Tensor) -> float:
 
 
 def forward_tolerance(expected: torch.Tensor, cond: float, dtype) -> torch.Tensor:
-    return C_FWD * _acc_eps(dtype) * cond * float(expected.abs().max()) + _out_eps(dtype) * expected.abs()
+    return C_FWD * acc_eps(dtype) * cond * float(expected.abs().max()) + out_eps(dtype) * expected.abs()
 
 
 def grad_tolerance(expected: torch.Tensor, cond: float, dtype, num_edges_per_node: int) -> torch.Tensor:
     # A node's gradient sums its edges' contributions: their rounding errors add up (sqrt of their count).
-    rel = C_GRAD * _acc_eps(dtype) * cond * math.sqrt(num_edges_per_node)
-    return rel * float(expected.abs().max()) + _out_eps(dtype) * expected.abs()
-
-
-def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol, what: str) -> None:
-    actual = actual.detach().to("cpu", torch.float64)
-    expected = expected.detach().to("cpu", torch.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    tol = torch.as_tensor(tol, dtype=torch.float64).expand_as(expected)
-    err = (actual - expected).abs()
-    bad = ~(err <= tol)  # NaN counts as bad
-    if bad.any():
-        idx = int(torch.nonzero(bad.flatten())[0])
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements outside the tolerance; first at flat index {idx}: "
-            f"got {actual.flatten()[idx].item()!r}, expected {expected.flatten()[idx].item()!r}, "
-            f"tolerance {tol.flatten()[idx].item():.3e}; "
-            f"worst error / tolerance {float((err / tol).nan_to_num(math.inf).max()):.3g}"
-        )
+    rel = C_GRAD * acc_eps(dtype) * cond * math.sqrt(num_edges_per_node)
+    return rel * float(expected.abs().max()) + out_eps(dtype) * expected.abs()
 
 
 def check_forward(x, lengths, **kwargs) -> torch.Tensor:
     out = angular_adjacency(x, lengths, **kwargs)
-    x64 = as_ref(x)
+    x64 = as_float64_cpu(x)
     expected = angular_adjacency_ref(x64, lengths, **kwargs)
     assert out.dtype == x.dtype and out.device == x.device
     tol = forward_tolerance(expected, _condition(x64, lengths), x.dtype)
@@ -173,7 +129,7 @@ def check_grads(x, lengths, **kwargs) -> None:
     # Rounded to the dtype first: the reference sees exactly the cotangent the op saw.
     cotangent = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).double()
     (grad,) = torch.autograd.grad(out, x, cotangent.to(device=out.device, dtype=out.dtype))
-    x64 = as_ref(x, requires_grad=True)
+    x64 = as_float64_cpu(x, requires_grad=True)
     expected_out = angular_adjacency_ref(x64, lengths, **kwargs)
     (expected,) = torch.autograd.grad(expected_out, x64, cotangent)
     assert grad.dtype == x.dtype and grad.shape == x.shape and grad.device == x.device
@@ -188,7 +144,7 @@ def check_grads(x, lengths, **kwargs) -> None:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_matches_reference(case, dtype, layout, device):
     x, lengths = sample_inputs(CASES[case], device, dtype)
@@ -196,7 +152,7 @@ def test_forward_matches_reference(case, dtype, layout, device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", list(CASES))
 def test_grads_match_reference(case, dtype, layout, device):
     x, lengths = sample_inputs(CASES[case], device, dtype, requires_grad=True)
@@ -206,7 +162,7 @@ def test_grads_match_reference(case, dtype, layout, device):
 @pytest.mark.parametrize("window", [None, 0, 1, 3])
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_options_match_reference(dtype, layout, normalize, window, device):
     x, lengths = sample_inputs((3, [6, 1, 9, 4], 11), device, dtype, requires_grad=True)
     options = dict(layout=layout, normalize=normalize, window=window, scale=0.9 if window == 3 else SCALE)
@@ -215,7 +171,7 @@ def test_options_match_reference(dtype, layout, normalize, window, device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_iemocap_batch_matches_reference(dtype, layout, device):
     x, lengths = sample_inputs(IEMOCAP, device, dtype, requires_grad=True)
     check_forward(x.detach(), lengths, layout=layout)
@@ -276,7 +232,7 @@ def _dialogue_nodes(lengths: list[int], M: int) -> list[torch.Tensor]:
     return nodes
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
 @pytest.mark.parametrize("case", ["mixed-1", "odd", "four-modalities"])
 def test_blocks_are_the_dense_rows_and_columns(case, normalize, dtype, device):
@@ -300,7 +256,7 @@ def test_blocks_are_the_dense_rows_and_columns(case, normalize, dtype, device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_exactly_symmetric(dtype, layout, device):
     x, lengths = sample_inputs(CASES["odd"], device, dtype)
     for window in (None, 1):
@@ -341,13 +297,13 @@ def test_mmgcn_loop_gradients_match(device):
     torch.testing.assert_close(g.cpu(), g_loop, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_spec_anchors(dtype, device):
     # SPEC 8: before normalisation, self-loop 0.998576, orthogonal 0.5, opposite 0.001424.
     x = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [-0.5, 0.0]]], device=device, dtype=dtype)
     a = angular_adjacency(x, torch.tensor([3]), normalize=False).double().cpu()
     # The anchors carry 6 decimals (rounding: up to 5e-7), then the output dtype's rounding.
-    tol = 2 * _out_eps(dtype) if dtype in (torch.float16, torch.bfloat16) else 1e-6
+    tol = 2 * out_eps(dtype) if dtype in (torch.float16, torch.bfloat16) else 1e-6
     assert a[0, 0].item() == pytest.approx(0.998576, abs=tol)
     assert a[0, 1].item() == pytest.approx(0.5, abs=tol)
     assert a[0, 2].item() == pytest.approx(0.001424, abs=max(tol * 0.01, 1e-6))
@@ -372,7 +328,7 @@ SCALES = {
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_scale_invariance(dtype, layout, device):
     # Cosines do not depend on the scale of the features: at 1e19 (float32) the norms overflowed, every cosine became
     # 0 and the graph differed by 0.19 from the graph at scale 1. The gradient scales as 1 / s.
@@ -410,7 +366,7 @@ def test_reference_is_scale_invariant():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_zero_vectors(dtype, layout, device):
     # A zero feature vector has cosine 0 with everything, itself included: weight 0.5, a zero gradient, no NaN.
     x64 = _values(3, 6, 5)
@@ -437,7 +393,7 @@ def test_all_zero_features(device):
     assert torch.isfinite(out).all() and torch.count_nonzero(grad) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_scale_one_gives_exact_weights_and_finite_gradients(dtype, device):
     # Identical and opposite vectors: arccos(+-1) has an infinite slope; the weights are exact (1 and 0) and the
     # gradient stays finite (1 - t^2 is floored at 1e-12, documented).
@@ -459,7 +415,7 @@ def test_scale_one_gives_exact_weights_and_finite_gradients(dtype, device):
 # ---- block_graph_propagate ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("case", ["one-dialogue", "mixed-1", "four-modalities", "one-modality"])
 def test_block_graph_propagate_matches_dense(case, dtype, device):
     M, lengths, _ = CASES[case]
@@ -659,7 +615,7 @@ def _outputs_and_grads(x, lengths):
     return results
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_thread_count_does_not_change_bits(dtype):
     x, lengths = sample_inputs((3, [30, 7, 55, 12, 1, 41], 33), "cpu", dtype)
     torch.set_num_threads(1)  # the autouse fixture restores the count
@@ -797,7 +753,7 @@ def test_backward_op_checks_its_arguments():
         ops._angular_adjacency_backward(out, x, lengths, stats[:1], SCALE, True, None, "dense")
 
 
-@pytest.mark.cuda
+@cuda_only
 def test_features_and_lengths_on_cuda_or_cpu():
     x, lengths = sample_inputs(CASES["odd"], "cuda", torch.float32)
     torch.testing.assert_close(angular_adjacency(x, lengths), angular_adjacency(x, lengths.cuda()))
@@ -808,15 +764,15 @@ def test_features_and_lengths_on_cuda_or_cpu():
 # ---- CUDA only ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.cuda
+@cuda_only
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_cuda_matches_cpu(dtype, layout):
     x_cpu, lengths = sample_inputs(IEMOCAP, "cpu", dtype, requires_grad=True)
     x_gpu = x_cpu.detach().cuda().requires_grad_()
     out_cpu = angular_adjacency(x_cpu, lengths, layout=layout)
     out_gpu = angular_adjacency(x_gpu, lengths, layout=layout)
-    x64 = as_ref(x_cpu)
+    x64 = as_float64_cpu(x_cpu)
     expected = angular_adjacency_ref(x64, lengths, layout=layout)
     tol = 2 * forward_tolerance(expected, _condition(x64, lengths), dtype)
     assert_within(out_gpu, out_cpu.double(), tol, "cuda vs cpu")

@@ -24,11 +24,9 @@ from mmer_ext.ops import (
     ve_perturb,
     ve_sde_em_step,
 )
+from op_testing import CUDA_ONLY  # noqa: E402  (this folder, put on sys.path by pytest)
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = CUDA_ONLY
 
 SIGMA = 25.0
 DT = 0.05

@@ -25,6 +25,7 @@ from mmer_ext.ops import (
     ve_sde_em_step,
 )
 from mmer_ext.ops import _reference as ref
+from op_testing import dtype_id, place, shape_id  # noqa: E402  (this folder, put on sys.path by pytest)
 
 SIGMA = 25.0
 DT = 0.999 / 99  # IMDer's Euler-Maruyama step (SPEC.md 8)
@@ -51,14 +52,6 @@ REFS = {
     "langevin_corrector_step": ref.langevin_corrector_step_ref,
     "ddim_step": ref.ddim_step_ref,
 }
-
-
-def _dtype_id(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _shape_id(shape) -> str:
-    return "x".join(map(str, shape))
 
 
 def _params(name: str, batch: int, form: str, device, dtype=torch.float64):
@@ -126,8 +119,8 @@ def _assert_parity(name, x, s, z, params, **tol):
 # ---- parity with the references -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("name", STEP_OPS)
 def test_matches_reference(name, shape, dtype, device):
     x, s, z = _inputs(shape, dtype, device)
@@ -163,19 +156,8 @@ def test_batch_param_equals_per_sample_scalar_calls(name, device):
             torch.testing.assert_close(got[b : b + 1], exp, rtol=1e-14, atol=1e-14)
 
 
-def _strided(v: torch.Tensor, kind: str) -> torch.Tensor:
-    """``v`` in a non-contiguous layout (same values); the memory around it is NaN."""
-    if kind == "transposed":
-        return v.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if kind == "step":
-        big = torch.full((*v.shape[:-1], 2 * v.shape[-1]), float("nan"), dtype=v.dtype, device=v.device)
-        big[..., ::2] = v
-        return big[..., ::2]
-    if kind == "offset":
-        flat = torch.full((v.numel() + 1,), float("nan"), dtype=v.dtype, device=v.device)
-        flat[1:] = v.reshape(-1)
-        return flat[1:].view(v.shape)  # contiguous but misaligned for vector loads
-    raise ValueError(kind)
+def _strided(v: torch.Tensor, layout: str) -> torch.Tensor:
+    return place(v, v.device, v.dtype, layout)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "step", "offset"])
@@ -321,7 +303,7 @@ def test_diffusion_coeff_anchor(device):
     assert DT == pytest.approx(0.010091, abs=5e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_coefficients_match_reference(dtype, device):
     t = torch.linspace(0.0, 1.0, 101, dtype=dtype, device=device).reshape(101, 1)
     for sigma in (25.0, 2.0, 0.5):

@@ -21,6 +21,7 @@ from mmer_ext.ops import (
     ve_sde_em_step,
 )
 from mmer_ext.ops import _reference as ref
+from op_testing import as_float64_cpu  # noqa: E402  (this folder, put on sys.path by pytest)
 
 ops = torch.ops.mmer_ext
 SIGMA = 25.0
@@ -134,7 +135,7 @@ def test_float32_grads_match_reference_autograd(case):
     cotangents = [torch.randn_like(o) for o in outs]
     wrt = [(x, s, z)[i] for i in used]
     got = torch.autograd.grad(outs, wrt, cotangents)
-    xr, sr, zr = (v.detach().double().requires_grad_() for v in (x, s, z))
+    xr, sr, zr = (as_float64_cpu(v, requires_grad=True) for v in (x, s, z))
     routs = ref_fn(xr, sr, zr)
     routs = routs if isinstance(routs, tuple) else (routs,)
     expected = torch.autograd.grad(routs, [(xr, sr, zr)[i] for i in used], [c.double() for c in cotangents])

@@ -23,19 +23,12 @@ from mmer_ext.ops import (
     ve_sde_em_step,
 )
 from mmer_ext.ops import _reference as ref
+from op_testing import cuda_only  # noqa: E402  (this folder, put on sys.path by pytest)
 
 SIGMA = 25.0
 DT = 0.01
 SNR = 0.16
 NOISY_OPS = ["ve_perturb", "ve_sde_em_step", "langevin_corrector_step", "ddim_step"]
-HAS_CUDA = torch.cuda.is_available()
-
-
-def cuda_test(f):
-    """A CUDA-only test: marked ``cuda`` and skipped without a GPU."""
-    return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(f))
-
-
 def _randn(shape, device, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -232,7 +225,7 @@ def _t_values(batch, device, dtype=torch.float64):
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 32, 48), (2, 3, 7), (64, 65537)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name", list(STEP_CALLS))
-@cuda_test
+@cuda_only
 def test_cuda_matches_cpu(name, dtype, shape, param):
     x, s, z = (_randn(shape, "cpu", dtype, seed=k) for k in range(3))
     tb = _t_values(shape[0], "cpu")
@@ -251,7 +244,7 @@ def test_cuda_matches_cpu(name, dtype, shape, param):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(STEP_CALLS))
-@cuda_test
+@cuda_only
 def test_cuda_half_precision_uses_float32_math(name, dtype):
     shape = (6, 32, 49)
     x, s, z = (_randn(shape, "cuda", dtype, seed=k) for k in range(3))
@@ -271,7 +264,7 @@ def test_cuda_half_precision_uses_float32_math(name, dtype):
     assert abs(float(zz.mean())) < 0.01 and abs(float(zz.var()) - 1) < 0.02
 
 
-@cuda_test
+@cuda_only
 def test_cuda_vector_and_scalar_paths_draw_the_same_noise():
     # A misaligned tensor takes the scalar path; the noise of each element must not change.
     x = _randn((5, 1003), "cuda")
@@ -287,7 +280,7 @@ def test_cuda_vector_and_scalar_paths_draw_the_same_noise():
         assert torch.equal(u, v)
 
 
-@cuda_test
+@cuda_only
 def test_cuda_argument_devices():
     x = _randn((4, 3), "cuda")
     with pytest.raises(RuntimeError, match=r"ve_sde_em_step: t is a \[B\] tensor on cpu but x is on cuda"):
@@ -300,7 +293,7 @@ def test_cuda_argument_devices():
         ve_perturb(x.cpu(), torch.tensor(0.5, device="cuda"))
 
 
-@cuda_test
+@cuda_only
 def test_cuda_host_parameters_do_not_sync():
     x = _randn((4, 32, 48), "cuda")
     t_host = torch.tensor(0.3)
@@ -336,7 +329,7 @@ def _sampler_loop(x, cond, gen, ts, t_form):
 
 @pytest.mark.parametrize("t_form", ["float", "0d_cpu", "batch"])
 @pytest.mark.parametrize("use_default_generator", [False, True], ids=["generator", "default"])
-@cuda_test
+@cuda_only
 def test_cuda_graph_replay_matches_eager_loop(use_default_generator, t_form):
     ts = torch.linspace(1.0, 1e-3, 11).tolist()
     x0 = _randn((16, 32, 48), "cuda") * float(ve_marginal_std(1.0))
@@ -373,7 +366,7 @@ def test_cuda_graph_replay_matches_eager_loop(use_default_generator, t_form):
     assert not torch.equal(out[1], expected[1])
 
 
-@cuda_test
+@cuda_only
 def test_cuda_large_batch_langevin_matches_reference():
     # Few samples with many elements: several reduction blocks per sample.
     x, s, z = (_randn((3, 1 << 20), "cuda", seed=k) for k in range(3))
@@ -383,7 +376,7 @@ def test_cuda_large_batch_langevin_matches_reference():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@cuda_test
+@cuda_only
 def test_cuda_compile_reduce_overhead():
     # Inductor's CUDA graphs around the op (noise= path, and the default generator inside the graph).
     def f(x, s, z, t):

@@ -40,6 +40,7 @@ from hypothesis import strategies as st
 import mmer_ext  # noqa: F401  (loads the compiled library)
 from mmer_ext import ops as O
 from mmer_ext.ops import _reference as R
+from op_testing import dtype_id  # noqa: E402  (this folder, put on sys.path by pytest)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ALL_FLOATS = [F32, F64, F16, BF16]
@@ -90,7 +91,7 @@ class Case:
     def describe(self) -> str:
         def show(v):
             if isinstance(v, torch.Tensor):
-                return f"Tensor{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}@{v.device}/{v.stride()}"
+                return f"Tensor{tuple(v.shape)}:{dtype_id(v.dtype)}@{v.device}/{v.stride()}"
             if isinstance(v, (list, tuple)):
                 return "[" + ", ".join(show(e) for e in v) + "]"
             if isinstance(v, torch.Generator):
