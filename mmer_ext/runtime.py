@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ThreadChoice", "choose_threads", "configure_threads", "load_average", "oversubscribed", "usable_cpus"]
+__all__ = ["ThreadChoice", "choose_threads", "configure_threads", "load_average", "oversubscribed",
+           "prefer_passive_wait", "usable_cpus"]
 
 # Load average (runnable + uninterruptible tasks, 1-minute mean) per usable CPU above which the machine counts as
 # oversubscribed: 1.5 leaves room for the odd short job without flipping a quiet workstation to one thread.
@@ -118,6 +120,31 @@ def configure_threads(requested: int | None = None, **kwargs) -> ThreadChoice:
     if choice.warning:
         warnings.warn(choice.warning, RuntimeWarning, stacklevel=2)
     return choice
+
+
+def prefer_passive_wait(environ: dict[str, str] | None = None, *, argv0: str | None = None,
+                        orig_argv: list[str] | None = None, torch_loaded: bool | None = None) -> bool:
+    """In the ``mmer-ext`` command, before torch loads, default ``OMP_WAIT_POLICY`` to PASSIVE; True if it did.
+
+    libgomp (torch's OpenMP runtime on Linux) reads ``OMP_WAIT_POLICY`` once, when the library is loaded by
+    ``import torch``, and offers no call to change it later, so this must run first (``mmer_ext/__init__.py``).
+    Unset, a thread that reaches a barrier spins before it sleeps; on a busy CPU the spinning threads take the
+    time slices the awaited thread needs, and small ops slow down by orders of magnitude (README, "Performance
+    notes"). PASSIVE threads sleep at once. Only the command line gets it: a program importing the package keeps
+    its own settings, and an explicit ``OMP_WAIT_POLICY`` is never overridden. Arguments replace the process's
+    (for tests).
+    """
+    environ = os.environ if environ is None else environ
+    torch_loaded = "torch" in sys.modules if torch_loaded is None else torch_loaded
+    argv0 = (sys.argv[0] if sys.argv else "") if argv0 is None else argv0
+    orig_argv = list(getattr(sys, "orig_argv", [])) if orig_argv is None else orig_argv
+    # The same test as mmer_ext._build.started_as_cli, which cannot be imported before torch.
+    cli = os.path.basename(argv0) in ("mmer-ext", "mmer-ext.exe") or any(
+        a == "-m" and b in ("mmer_ext", "mmer_ext.cli") for a, b in zip(orig_argv, orig_argv[1:]))
+    if not cli or torch_loaded or environ.get("OMP_WAIT_POLICY"):
+        return False
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
 
 
 def _positive_int(text: str | None) -> int | None:

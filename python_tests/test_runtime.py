@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -157,3 +160,35 @@ def test_main_applies_threads_before_the_command_and_warns_once(monkeypatch, res
     with pytest.warns(RuntimeWarning, match="as asked"):
         assert main(["demo", "--threads", "2"]) == 0
     assert seen["threads"] == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# OMP_WAIT_POLICY for the command line
+
+
+@pytest.mark.parametrize(
+    ("argv0", "orig_argv", "environ", "torch_loaded", "expected"),
+    [
+        ("/venv/bin/mmer-ext", [], {}, False, "PASSIVE"),
+        ("-m", ["python", "-m", "mmer_ext", "train"], {}, False, "PASSIVE"),
+        ("-m", ["python", "-m", "mmer_ext", "train"], {"OMP_WAIT_POLICY": "ACTIVE"}, False, "ACTIVE"),  # user's
+        ("-m", ["python", "-m", "mmer_ext", "train"], {}, True, None),  # too late: libgomp has read the environment
+        ("script.py", ["python", "script.py"], {}, False, None),  # a program importing the package keeps its own
+    ],
+)
+def test_prefer_passive_wait(argv0, orig_argv, environ, torch_loaded, expected):
+    changed = runtime.prefer_passive_wait(environ, argv0=argv0, orig_argv=orig_argv, torch_loaded=torch_loaded)
+    assert environ.get("OMP_WAIT_POLICY") == expected
+    assert changed == (expected == "PASSIVE" and argv0 != "script.py" and not torch_loaded)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="the check reads libgomp's OMP_DISPLAY_ENV report (torch's OpenMP runtime on Linux)")
+def test_command_line_starts_libgomp_without_spinning(tmp_path):
+    # What libgomp itself took: its start-up report lists the spin count (300000 by default, 0 under PASSIVE).
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    proc = subprocess.run([sys.executable, "-m", "mmer_ext", "info"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "GOMP_SPINCOUNT = '0'" in proc.stderr
