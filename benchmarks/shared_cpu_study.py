@@ -135,13 +135,18 @@ def measure(workload: str, threads: int, policy: str, load: int, args: argparse.
         time.sleep(0.3 if load else 0.0)  # let the busy loops get scheduled
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, check=True,
-                             capture_output=True, text=True, timeout=args.timeout)
+        try:
+            out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, check=True,
+                                 capture_output=True, text=True, timeout=args.timeout)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            # Recorded as a lower bound: the median of a condition that times out is at least the timeout.
+            result = {"wall_s": args.timeout, "cpu_s": float("nan"), "sys_s": float("nan"), "invol_ctx": 0,
+                      "vol_ctx": 0, "torch_threads": threads, "timed_out": True}
         total = time.perf_counter() - t0
         load_after = os.getloadavg()[0]
     finally:
         _stop_load(procs)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     result.update(workload=workload, threads=threads, policy=policy, load=load, process_s=total,
                   load1_before=load_before, load1_after=load_after,
                   time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -163,6 +168,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "workload": workload, "threads": threads, "policy": policy, "load": load, "n": len(rs),
             "wall_median_s": med, "wall_min_s": min(walls), "wall_max_s": max(walls),
             "cpu_over_wall": statistics.median(r["cpu_s"] / r["wall_s"] for r in rs),
+            "timeouts": sum(bool(r.get("timed_out")) for r in rs),
             "invol_ctx_median": statistics.median(r["invol_ctx"] for r in rs),
             "load1_median": statistics.median((r["load1_before"] + r["load1_after"]) / 2 for r in rs),
             "slowdown_vs_same_quiet": None if base is None or load == 0 else med / base,
@@ -191,7 +197,9 @@ def render(meta: dict, summary: list[dict]) -> str:
         best = "-" if s["vs_best_quiet"] is None else f"{s['vs_best_quiet']:.2f}x"
         lines.append(
             f"| {s['workload']} | {s['threads']} | {s['policy']} | {s['load']} | {s['load1_median']:.1f} | "
-            f"{s['wall_median_s']:.2f} s [{s['wall_min_s']:.2f}-{s['wall_max_s']:.2f}] | {s['cpu_over_wall']:.2f} | "
+            f"{'>= ' if s['timeouts'] * 2 > s['n'] else ''}{s['wall_median_s']:.2f} s "
+            f"[{s['wall_min_s']:.2f}-{s['wall_max_s']:.2f}{' incl. timeouts' if s['timeouts'] else ''}] | "
+            f"{s['cpu_over_wall']:.2f} | "
             f"{rel} | {best} |"
         )
     return "\n".join(lines) + "\n"
