@@ -2,10 +2,12 @@
 
 On a CPU shared with other jobs, torch's default (one OpenMP thread per core) is the wrong choice: every small op
 is a parallel region whose barrier waits for *all* its threads, and under oversubscription the kernel has usually
-descheduled one of them, so each op costs a scheduler time slice instead of microseconds (README, "Performance
-notes", measured by ``benchmarks/shared_cpu_study.py``). One thread has no barrier and degrades only by its share
-of the CPU. The policy below therefore uses one thread per usable CPU on a quiet machine and a single thread when
-the load average says the CPUs are already taken.
+descheduled one of them. With libgomp's default wait policy the waiting thread spins away the time slice the
+awaited one needs, and each op costs a scheduler time slice instead of microseconds (README, "Performance notes",
+measured by ``benchmarks/shared_cpu_study.py``). The command line therefore makes the threads sleep at once
+(``OMP_WAIT_POLICY=PASSIVE``, :func:`prefer_passive_wait`) and uses one thread per usable CPU; where the threads
+spin anyway (a user's explicit policy) and the load average says the CPUs are taken, a single thread, which has no
+barrier and slows down only by its share of the CPU.
 """
 
 from __future__ import annotations
@@ -81,9 +83,10 @@ def choose_threads(requested: int | None = None, *, cpus: int | None = None, loa
                    environ: dict[str, str] | None = None) -> ThreadChoice:
     """The thread count for torch's intra-op pool. Pure: ``cpus`` / ``load`` / ``environ`` default to this machine's.
 
-    ``requested`` (``--threads``) wins; then a valid ``OMP_NUM_THREADS`` (the user's explicit choice); otherwise one
-    thread when the machine is oversubscribed, else the usable CPUs. The warning is set whenever the machine is
-    oversubscribed, so an explicit choice is told too.
+    ``requested`` (``--threads``) wins; then a valid ``OMP_NUM_THREADS`` (the user's explicit choice); then, on an
+    oversubscribed machine whose OpenMP threads spin (``OMP_WAIT_POLICY`` not PASSIVE), one thread; else the usable
+    CPUs (with PASSIVE threads two threads beat one even on a busy machine in the study). The warning is set
+    whenever the machine is oversubscribed, so an explicit choice is told too.
     """
     if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
         raise ValueError(f"--threads must be a positive integer, got {requested!r}")
@@ -91,22 +94,29 @@ def choose_threads(requested: int | None = None, *, cpus: int | None = None, loa
     load = load_average() if load is None else load
     environ = os.environ if environ is None else environ
     busy = oversubscribed(load, cpus)
+    passive = environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
     env_threads = _positive_int(environ.get("OMP_NUM_THREADS"))
     if requested is not None:
         threads, reason = requested, "requested"
     elif env_threads is not None:
         threads, reason = env_threads, "OMP_NUM_THREADS"
-    elif busy:
+    elif busy and not passive:
         threads, reason = 1, "oversubscribed"
     else:
         threads, reason = cpus, "usable CPUs"
     warning = None
     if busy:
-        advice = ("using 1 torch thread (--threads N to override)" if reason == "oversubscribed"
-                  else f"using {threads} torch thread{'s' if threads != 1 else ''} as asked ({reason})"
-                  + ("; 1 thread is much faster on a busy machine" if threads > 1 else ""))
+        plural = "s" if threads != 1 else ""
+        if reason == "oversubscribed":
+            advice = "using 1 torch thread, as OpenMP threads spin here (OMP_WAIT_POLICY is not PASSIVE)"
+        elif reason == "usable CPUs":
+            advice = f"using {threads} torch thread{plural} with OMP_WAIT_POLICY=PASSIVE"
+        else:
+            advice = f"using {threads} torch thread{plural} as asked ({reason})"
+            if threads > 1 and not passive:
+                advice += "; without OMP_WAIT_POLICY=PASSIVE, 1 thread is much faster on a busy machine"
         warning = (f"the machine is oversubscribed (load average {load:.1f} on {cpus} usable CPU"
-                   f"{'s' if cpus != 1 else ''}): expect slow training; {advice}")
+                   f"{'s' if cpus != 1 else ''}): expect slow training; {advice} (--threads N to override)")
     return ThreadChoice(threads, reason, cpus, load, warning)
 
 

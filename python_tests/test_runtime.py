@@ -74,17 +74,26 @@ def test_quiet_machine_uses_every_usable_cpu():
     assert (choice.threads, choice.reason, choice.warning) == (4, "usable CPUs", None)
 
 
-def test_oversubscribed_machine_uses_one_thread_and_warns_once_in_one_line():
-    choice = choose_threads(cpus=2, load=8.7, environ={})
-    assert (choice.threads, choice.reason) == (1, "oversubscribed")
-    assert choice.warning is not None and "\n" not in choice.warning
-    assert "load average 8.7 on 2 usable CPUs" in choice.warning and "--threads" in choice.warning
+def test_oversubscribed_machine_with_spinning_threads_uses_one_thread_and_warns_in_one_line():
+    for environ in ({}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        choice = choose_threads(cpus=2, load=8.7, environ=environ)
+        assert (choice.threads, choice.reason) == (1, "oversubscribed")
+        assert choice.warning is not None and "\n" not in choice.warning
+        assert "load average 8.7 on 2 usable CPUs" in choice.warning and "--threads" in choice.warning
+
+
+def test_oversubscribed_machine_with_passive_threads_keeps_every_cpu_but_warns():
+    choice = choose_threads(cpus=2, load=8.7, environ={"OMP_WAIT_POLICY": "passive"})
+    assert (choice.threads, choice.reason) == (2, "usable CPUs")
+    assert "using 2 torch threads with OMP_WAIT_POLICY=PASSIVE" in choice.warning
 
 
 def test_requested_threads_win_but_the_warning_stays():
     choice = choose_threads(3, cpus=2, load=8.7, environ={"OMP_NUM_THREADS": "1"})
     assert (choice.threads, choice.reason) == (3, "requested")
     assert "as asked" in choice.warning and "1 thread is much faster" in choice.warning
+    passive = choose_threads(3, cpus=2, load=8.7, environ={"OMP_WAIT_POLICY": "PASSIVE"})
+    assert "as asked" in passive.warning and "much faster" not in passive.warning
     assert choose_threads(3, cpus=2, load=0.1, environ={}).warning is None
 
 
@@ -150,6 +159,7 @@ def test_main_applies_threads_before_the_command_and_warns_once(monkeypatch, res
     monkeypatch.setattr(runtime, "load_average", lambda: 42.0)
     monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     with pytest.warns(RuntimeWarning) as record:
         assert main(["demo"]) == 0
     assert seen["threads"] == 1

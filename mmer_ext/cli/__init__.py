@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in THREADED_COMMANDS:
         sub.choices[name].add_argument(
             "--threads", type=_positive_int, metavar="N",
-            help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 when the load average says the "
-                 "machine is oversubscribed, else the CPUs this process may use; see the README's performance notes)")
+            help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the CPUs this process may use; 1 "
+                 "when the machine is oversubscribed and OMP_WAIT_POLICY is not PASSIVE; see the README's "
+                 "performance notes)")
     return parser
 
 
