@@ -78,7 +78,7 @@ def _fit(model: str, n_train: int) -> None:
     with tempfile.TemporaryDirectory(prefix="shared_cpu_study-") as out:
         cfg = load_config(
             None,
-            [f"data_options.preset=small", f"data_options.n_train={n_train}", "data_options.n_val=48",
+            ["data_options.preset=small", f"data_options.n_train={n_train}", "data_options.n_val=48",
              "data_options.n_test=64"],
             model=model, data="synthetic", epochs=1, out_dir=out, progress=False, resume=False,
             tensorboard=False,
