@@ -4,7 +4,9 @@
 #   make demo      the main job: train and compare baseline, augmented, MMIN, IF-MMIN and NMER on the embedded
 #                  synthetic data, then MMGCN and IMDer (~15 min on 2 cores); report.md and figures land in runs/demo/
 #   make test      the whole test suite (and the benchmarks once each, as a smoke test)
-#   make bench     the benchmarks with full timing
+#   make bench     the benchmarks with full timing; the report ends with a ratio summary (ours vs eager vs compiled)
+#   make bench-reference  the same, kept: benchmarks/results/cpu-<host>-<date>.json and .md (machine, CPU, cores,
+#                  torch version, load), to compare a later change with
 #   make wheel     a wheel for this torch in dist/
 #   make test-cpu  the same tests in a second environment with the CPU-only torch 2.13.0
 #   make gpu-check on a lent GPU machine, with its own python3/torch (nothing is installed): the sm_90 build, every
@@ -13,7 +15,9 @@
 #   make gpu-check-rehearsal  the same command with this venv's CUDA torch (what CI runs; no GPU needed)
 #
 # Variables: VENV (.venv), TORCH (torch==2.14.1), MMER_EXT_CUDA (AUTO | ON | OFF), PYTHON (python3),
-# RATIOS_JSON (make bench also writes the ratio table there, e.g. benchmarks/results/<device>-<date>.json).
+# RATIOS_JSON (make bench also writes the ratio table there, e.g. benchmarks/results/<device>-<date>.json, and
+# its markdown next to it), BENCH_ARGS (extra pytest arguments for bench / bench-reference, e.g. "-k small"),
+# BENCH_REFERENCE (bench-reference's JSON path).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,7 +34,10 @@ DEPS_STAMP := $(VENV)/.mmer_ext-deps
 GPU_CHECK_OUT ?= $(or $(OUT),build/gpu-check-out)
 GPU_CHECK_ARGS ?=
 
-.PHONY: venv build test demo bench wheel test-cpu gpu-check gpu-check-rehearsal clean
+BENCH_ARGS ?=
+BENCH_REFERENCE ?= benchmarks/results/cpu-$(shell hostname -s)-$(shell date -u +%Y-%m-%d).json
+
+.PHONY: venv build test demo bench bench-reference wheel test-cpu gpu-check gpu-check-rehearsal clean
 
 venv: $(DEPS_STAMP)
 
@@ -53,7 +60,11 @@ demo: build
 	$(VENV)/bin/mmer-ext demo --out runs/demo
 
 bench: build
-	$(PYTEST) benchmarks $(if $(RATIOS_JSON),--ratios-json $(RATIOS_JSON))
+	$(PYTEST) benchmarks $(if $(RATIOS_JSON),--ratios-json $(RATIOS_JSON)) $(BENCH_ARGS)
+
+# CPU only (CUDA_VISIBLE_DEVICES=""), so the file is the CPU reference even on a machine with a GPU.
+bench-reference: build
+	CUDA_VISIBLE_DEVICES= $(PYTEST) benchmarks --ratios-json $(BENCH_REFERENCE) $(BENCH_ARGS)
 
 wheel: $(DEPS_STAMP)
 	$(PY) -m pip wheel --no-build-isolation --no-deps -C build-dir=$(BUILD_DIR) -w dist .

@@ -12,9 +12,9 @@ specialised graph (the best case for the compiler) rather than the dynamic-shape
 the second size would produce. Compilation happens in the warm-up calls before timing; its duration is reported
 as "first call".
 
-Sizes: ``small`` = 3 x [128, 128], ``large`` = 3 x [4096, 512]; float32, n_moments = 5. ``fwd`` times the loss
-alone (inputs without grad); ``fwd+bwd`` times the loss and ``torch.autograd.grad`` of it with respect to the
-three inputs (no ``.grad`` accumulation, so every round does the same work).
+Sizes: ``b64`` / ``small`` / ``b256`` = 3 x [64 / 128 / 256, 128], ``large`` = 3 x [4096, 512]; float32,
+n_moments = 5. ``fwd`` times the loss alone (inputs without grad); ``fwd+bwd`` times the loss and
+``torch.autograd.grad`` of it with respect to the three inputs (no ``.grad`` accumulation, so every round does the same work).
 
 Correctness guard: before timing, every implementation's loss (and, for fwd+bwd, its gradients) must match the
 IF-MMIN-style reference evaluated in float64 on the same inputs, at float32 tolerances, so a fast-but-wrong
@@ -38,7 +38,8 @@ from mmer_ext.ops._reference import cmd_pairwise_ifmmin_style
 
 N_MOMENTS = 5
 M_INPUTS = 3
-SIZES = {"small": (128, 128), "large": (4096, 512)}
+# b64 / small / b256: IF-MMIN's batches of 64-256 with 128-d features (issue 17's rows); large: the bandwidth case.
+SIZES = {"b64": (64, 128), "small": (128, 128), "b256": (256, 128), "large": (4096, 512)}
 MODES = ("fwd", "fwd+bwd")
 
 allow_many_recompiles()

@@ -18,7 +18,10 @@ Options (besides pytest-benchmark's own):
 
 * ``--quick``: at most ~0.1 s of timed rounds per benchmark and at least 3 rounds (overrides
   ``--benchmark-max-time`` / ``--benchmark-min-rounds``). Also ``MMER_BENCH_QUICK=1``.
-* ``--ratios-json PATH``: write the ratio table as JSON. Also ``MMER_BENCH_RATIOS_JSON=PATH``.
+* ``--ratios-json PATH``: write the ratio table as JSON, and (timed runs) as markdown with the machine facts (host,
+  CPU model, cores, torch version, load) to PATH with the suffix ``.md``. Also ``MMER_BENCH_RATIOS_JSON=PATH``.
+
+The report ends with a summary: one row per benchmark group with ours' median and every ratio to it.
 
 Rounds: each benchmark is timed with ``benchmark.pedantic`` after its own warm-up (which also triggers
 ``torch.compile``). The warm-up calls give an estimate ``t`` of one call; ``iterations = ceil(1 ms / t)`` (so very
@@ -327,7 +330,11 @@ def _build_report(config: pytest.Config) -> dict[str, Any]:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
+            "host": platform.node(),
+            "cpu_model": _cpu_model(),
             "cpu_count": os.cpu_count(),
+            "usable_cpus": _usable_cpus(),
+            "load_average_1min_end": _load1(),
             "torch_threads": torch.get_num_threads(),
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             if torch.cuda.is_available()
@@ -340,6 +347,84 @@ def _build_report(config: pytest.Config) -> dict[str, Any]:
         },
         "groups": groups,
     }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _usable_cpus() -> int | None:
+    try:
+        from mmer_ext.runtime import usable_cpus
+
+        return usable_cpus()
+    except Exception:  # the report must not depend on the package importing
+        return None
+
+
+def _load1() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per benchmark group: ours' median and every ratio to it (the figures an issue quotes)."""
+    ratio_keys: list[str] = []
+    for g in report["groups"].values():
+        for key in g["ratios"]:
+            if key not in ratio_keys:
+                ratio_keys.append(key)
+    order = {f"{impl}/{BASELINE_IMPL}": i for i, impl in enumerate(IMPL_ORDER)}
+    ratio_keys.sort(key=lambda k: order.get(k, len(order)))
+    header = ["group", "ours median", *ratio_keys, "others"]
+    rows = []
+    for name, g in report["groups"].items():
+        ours = g["impls"].get(BASELINE_IMPL, {})
+        others = [r.get("others_cpu_pct") for r in g["impls"].values() if r.get("others_cpu_pct") is not None]
+        rows.append([name, _fmt_time(ours.get("median_s")),
+                     *(_fmt(g["ratios"].get(k), ".2f", "x") for k in ratio_keys),
+                     _fmt(max(others) if others else None, ".0f", "%")])
+    return header, rows
+
+
+def _format_summary(report: dict[str, Any]) -> list[str]:
+    header, rows = _summary_rows(report)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["", "summary: ratio = median(impl) / median(ours), > 1 means ours is faster"]
+    for row in (header, *rows):
+        lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                                        enumerate(zip(row, widths))))
+    return lines
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The ratio table as markdown with the machine facts, for a reference run kept in benchmarks/results/."""
+    meta = report["meta"]
+    header, rows = _summary_rows(report)
+    load = meta.get("load_average_1min_end")
+    facts = [
+        f"- machine: {meta.get('host')} ({meta.get('machine')}), CPU: {meta.get('cpu_model')}, "
+        f"{meta.get('cpu_count')} CPUs ({meta.get('usable_cpus')} usable), "
+        f"GPUs: {', '.join(meta['gpus']) if meta['gpus'] else 'none'}",
+        f"- torch {meta['torch']} with {meta['torch_threads']} threads, Python {meta['python']}, "
+        f"mmer_ext {meta['mmer_ext']}",
+        f"- created {meta['created']}; load average (1 min) at the end: {_fmt(load, '.2f')}; other processes used "
+        f"up to {_fmt(meta.get('others_cpu_pct_max'), '.0f', '%')} of the CPUs during a timed benchmark"
+        + (" (QUICK mode: few rounds)" if meta["quick"] else ""),
+    ]
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([f"# Benchmark ratios ({meta.get('host')}, {meta['created'][:10]})", "", *facts, "",
+                      meta["ratio_note"] + ".", "", *table]) + "\n"
 
 
 def _fmt_time(s: float | None) -> str:
@@ -408,6 +493,7 @@ def _format_report(report: dict[str, Any]) -> list[str]:
         summary = ", ".join(f"{k} = {_fmt(v, '.2f', 'x')}" for k, v in g["ratios"].items())
         if summary:
             lines.append(f"  ratios: {summary}")
+    lines.extend(_format_summary(report))
     worst = meta.get("others_cpu_pct_max")
     if worst is not None and worst > _CONTENTION_WARN_PCT:
         lines.append("")
@@ -431,4 +517,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-        terminalreporter.write_line(f"ratio table written to {out}")
+        md = out.with_suffix(".md")
+        if not report["meta"]["timings_disabled"]:
+            md.write_text(format_markdown(report))
+        terminalreporter.write_line(f"ratio table written to {out}" + ("" if report["meta"]["timings_disabled"]
+                                                                      else f" and {md}"))

@@ -5,7 +5,11 @@ Importing the package loads the compiled library, which registers the ops as ``t
 Python wrappers live in :mod:`mmer_ext.ops`.
 """
 
-import torch  # noqa: F401  (torch's libraries must be loaded before ours)
+from mmer_ext.runtime import prefer_passive_wait as _prefer_passive_wait
+
+_prefer_passive_wait()  # before torch loads its OpenMP runtime, which reads OMP_WAIT_POLICY once (mmer_ext.runtime)
+
+import torch  # noqa: E402, F401  (torch's libraries must be loaded before ours)
 
 from mmer_ext._build import load_library as _load_library
 from mmer_ext._build import started_as_cli as _started_as_cli

@@ -44,7 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
         # Accepted after the command too (`mmer-ext train ... --debug`); SUPPRESS keeps the top-level value otherwise.
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback of an error")
+    for name in THREADED_COMMANDS:
+        sub.choices[name].add_argument(
+            "--threads", type=_positive_int, metavar="N",
+            help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the CPUs this process may use; 1 "
+                 "when the machine is oversubscribed and OMP_WAIT_POLICY is not PASSIVE; see the README's "
+                 "performance notes)")
     return parser
+
+
+# The commands that compute with torch on the CPU and so get --threads and the oversubscription check.
+THREADED_COMMANDS = ("train", "evaluate", "demo")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,4 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmer-ext {args.command}: error: {mmer_ext.load_error}", file=sys.stderr)
         return 2
     # Every failure is one line naming what went wrong (exit 2: fix the input, 1: the run failed); --debug re-raises.
-    return run_reported(args.command, lambda: args.func(args), debug=args.debug)
+    return run_reported(args.command, lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command in THREADED_COMMANDS:
+        from mmer_ext.runtime import configure_threads
+
+        # Inside run_reported, so the oversubscription warning is printed as the command's one-line warning.
+        configure_threads(args.threads)
+    return args.func(args)
