@@ -120,10 +120,10 @@ def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[
     """Load a split dict ``{"train", "val", "test"}`` from a source string.
 
     ``"synthetic"`` or ``"synthetic:<preset>"`` (``iemocap`` or ``small``) -> :func:`make_synthetic_utterances`;
-    ``"iemocap:PATH"`` -> :func:`~mmer_ext.data.iemocap.load_iemocap`; ``"msp:PATH"`` (also ``msp_improv:`` / ``msp-improv:``) ->
-    :func:`~mmer_ext.data.iemocap.load_msp_improv`; ``"cache:DIR"`` -> the ``{train,val,test}.safetensors`` written by
-    :func:`~mmer_ext.data.utterance.save_splits`. ``seed`` goes to the generator, ``fold`` (1-based) to the real
-    loaders; other keyword arguments go to the loader.
+    ``"iemocap:PATH"`` -> :func:`~mmer_ext.data.iemocap.load_iemocap`; ``"msp:PATH"`` (also ``msp_improv:`` /
+    ``msp-improv:``) -> :func:`~mmer_ext.data.iemocap.load_msp_improv`; ``"cache:DIR"`` -> the
+    ``{train,val,test}.safetensors`` written by :func:`~mmer_ext.data.utterance.save_splits`. ``seed`` goes to the
+    generator, ``fold`` (1-based) to the real loaders; other keyword arguments go to the loader.
 
     Dialogue sources (:class:`~mmer_ext.data.dialogue.DialogueDataset` splits, for MMGCN) go to
     :func:`load_dialogue_dataset`: ``"synthetic-dialogue[:preset]"``, ``"iemocap-erc:PATH"``,

@@ -75,6 +75,9 @@ MMIN encoders, not only to averages.
 Sentiment sequences (IMDer, MOSI-shaped): :func:`make_synthetic_sequences` has its own generative model (a shared
 latent trajectory, a continuous label in [-3, 3]; see its docstring) and :func:`regression_calibration_report` its
 probes.
+
+ERC dialogues (MMGCN, IEMOCAP-ERC-shaped): :func:`make_synthetic_dialogues` runs the utterance model above in a
+*vector mode* (one feature vector per utterance) with IEMOCAP-ERC's six classes (see its docstring).
 """
 
 from __future__ import annotations
@@ -684,7 +687,7 @@ def make_synthetic_dialogues(
 ) -> dict[str, DialogueDataset]:
     r"""Synthetic ERC dialogues (the embedded default of MMGCN): seeded, offline, IEMOCAP-ERC-shaped.
 
-    Generative model - the utterance model of :mod:`mmer_ext.data.synthetic` in *vector mode*. That module draws
+    Generative model - the utterance model of :func:`make_synthetic_utterances` in *vector mode*. That model draws
     frame sequences ``x_t = e_t P_m u_m + sigma_f xi_t``; an ERC pickle holds one vector per utterance, so here each
     utterance gets ``x_m = P_m u_m + feature_noise * eps`` directly (``feature_noise`` 0.25 = the frame noise left
     after averaging about 16 frames), with the same pieces:
