@@ -12,7 +12,7 @@ import torch
 
 from mmer_ext.cli import build_parser, main
 from mmer_ext.data import DataFormatError, load_dataset
-from mmer_ext.data.specs import DATA_SPECS
+from mmer_ext.data.sources import DATA_SPECS
 from mmer_ext.train import TrainConfig, load_config
 
 COMMANDS = ("train", "evaluate", "demo", "convert", "info")

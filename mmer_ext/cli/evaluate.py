@@ -13,7 +13,7 @@ from typing import Any
 
 def add_parser(sub) -> None:
     from mmer_ext.cli._help import HelpFormatter, config_help
-    from mmer_ext.data.specs import data_spec_help
+    from mmer_ext.data.sources import data_spec_help
     from mmer_ext.train.config import CORRUPTIONS
 
     p = sub.add_parser(

@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from mmer_ext.cli._help import HelpFormatter
-from mmer_ext.data.specs import data_spec_help
+from mmer_ext.data.sources import data_spec_help
 from mmer_ext.train.config import TrainConfig
 
 EXAMPLES = """\

@@ -10,11 +10,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from mmer_ext.data.errors import DataFormatError
+
 __all__ = ["DataFormatError", "check_finite", "check_frames", "check_ids", "check_range", "one_hot_classes"]
-
-
-class DataFormatError(ValueError):
-    """A dataset file is missing or does not have the expected layout; the message names the file."""
 
 
 def check_finite(x: np.ndarray | torch.Tensor, where: str, row_name: str = "row") -> None:

@@ -1,4 +1,4 @@
-"""Loaders for the real IEMOCAP / MSP-IMPROV features in the MMIN / IF-MMIN / NMER layout, and ``load_dataset``.
+"""Loaders for the real IEMOCAP / MSP-IMPROV features in the MMIN / IF-MMIN / NMER layout.
 
 On-disk layout (as the authors' ``data/multimodal*_dataset.py`` read it)::
 
@@ -33,12 +33,12 @@ import contextlib
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
-from mmer_ext.data.checks import DataFormatError, check_finite, check_frames, check_ids, one_hot_classes
+from mmer_ext.data.checks import check_finite, check_frames, check_ids, one_hot_classes
+from mmer_ext.data.errors import DataFormatError, warn_untrusted_pickle
 from mmer_ext.data.utterance import ModalityDims, UtteranceDataset
 
 IEMOCAP_DIMS = ModalityDims(130, 342, 1024)
@@ -112,8 +112,6 @@ def _load_npy(path: str) -> np.ndarray:
     whatever code its author put in it, so it gets the same :class:`UnsafePickleWarning` as every pickle loader."""
     _require(path)
     if _npy_dtype(path).hasobject:
-        from mmer_ext.data.dialogue import warn_untrusted_pickle
-
         warn_untrusted_pickle(path, advice="re-save it as a bytes or str array (np.save(path, np.array(names, "
                                            "dtype='S')))")
         loader = {"allow_pickle": True}
@@ -366,75 +364,3 @@ def load_msp_improv(
     so the class names are generic unless given.
     """
     return _load("msp", path, cv, splits, norm_method, dims, tuple(class_names))
-
-
-def data_kind(spec: str) -> str | None:
-    """The kind of dataset ``spec`` loads -- ``"utterances"``, ``"dialogues"`` or ``"sequences"`` -- without loading
-    it; None for a source :func:`load_dataset` does not know (it will say so)."""
-    from mmer_ext.data.dialogue import DIALOGUE_SOURCES
-
-    source = spec.partition(":")[0].strip().lower()
-    if source in ("synthetic-mosi", "synthetic-mosi-small", "mmsa", "mmsa-cache"):
-        return "sequences"
-    if source in DIALOGUE_SOURCES or source in ("synthetic-dialogues", "iemocap_erc"):
-        return "dialogues"
-    if source in ("synthetic", "iemocap", "msp", "msp_improv", "msp-improv", "cache"):
-        return "utterances"
-    return None
-
-
-def load_dataset(spec: str, *, fold: int = 1, seed: int = 0, **kw: Any) -> dict[str, Any]:
-    """Load a split dict ``{"train", "val", "test"}`` from a source string.
-
-    ``"synthetic"`` or ``"synthetic:<preset>"`` (``iemocap`` or ``small``) -> :func:`make_synthetic_utterances`;
-    ``"iemocap:PATH"`` -> :func:`load_iemocap`; ``"msp:PATH"`` (also ``msp_improv:`` / ``msp-improv:``) ->
-    :func:`load_msp_improv`; ``"cache:DIR"`` -> the ``{train,val,test}.safetensors`` written by
-    :func:`~mmer_ext.data.utterance.save_splits`. ``seed`` goes to the generator, ``fold`` (1-based) to the real
-    loaders; other keyword arguments go to the loader.
-
-    Dialogue sources (:class:`~mmer_ext.data.dialogue.DialogueDataset` splits, for MMGCN) go to
-    :func:`~mmer_ext.data.dialogue.load_dialogue_dataset`: ``"synthetic-dialogue[:preset]"``, ``"iemocap-erc:PATH"``,
-    ``"meld:PATH"``, ``"dialogues:DIR"`` (``fold`` is ignored: these datasets have one fixed split).
-
-    Sentiment sequences (:class:`~mmer_ext.data.mmsa.SequenceDataset` splits, for IMDer): ``"synthetic-mosi"``
-    (also ``"synthetic-mosi:small"``) and ``"synthetic-mosi-small"`` -> :func:`make_synthetic_sequences` with the
-    ``mosi`` / ``small`` preset (``seed`` seeds the generator); ``"mmsa:PKL"`` -> :func:`~mmer_ext.data.mmsa.load_mmsa`
-    (``aligned_50.pkl`` / ``unaligned_50.pkl``; unpickles, with a warning); ``"mmsa-cache:DIR"`` -> the safe copy
-    written by :func:`~mmer_ext.data.mmsa.convert_mmsa`. ``fold`` and, for the files, ``seed`` are ignored.
-    """
-    from mmer_ext.data.dialogue import DIALOGUE_SOURCES, load_dialogue_dataset
-    from mmer_ext.data.synthetic import make_synthetic_utterances
-    from mmer_ext.data.utterance import load_splits
-
-    source, _, arg = spec.partition(":")
-    source = source.strip().lower()
-    if source in ("synthetic-mosi", "synthetic-mosi-small"):
-        from mmer_ext.data.synthetic import make_synthetic_sequences
-
-        preset = "small" if source.endswith("-small") else (arg or "mosi")
-        if source.endswith("-small") and arg:
-            raise DataFormatError(f"dataset spec {spec!r}: 'synthetic-mosi-small' takes no ':' argument")
-        return make_synthetic_sequences(**{"preset": preset, **kw, "seed": seed})
-    if source in ("mmsa", "mmsa-cache"):
-        from mmer_ext.data.mmsa import load_mmsa, load_mmsa_cache
-
-        if not arg:
-            raise DataFormatError(f"dataset spec {spec!r} needs a path: '{source}:PATH'")
-        return load_mmsa(arg, **kw) if source == "mmsa" else load_mmsa_cache(arg, **kw)
-    if source in DIALOGUE_SOURCES or source in ("synthetic-dialogues", "iemocap_erc"):
-        return load_dialogue_dataset(spec, seed=seed, **kw)
-    if source == "synthetic":
-        if arg:
-            kw = {**kw, "preset": arg}
-        return make_synthetic_utterances(seed=seed, **kw)
-    if not arg:
-        raise DataFormatError(f"dataset spec {spec!r} needs a path: '{source}:PATH'")
-    if source == "iemocap":
-        return load_iemocap(arg, **{"cv": fold, **kw})
-    if source in ("msp", "msp_improv", "msp-improv"):
-        return load_msp_improv(arg, **{"cv": fold, **kw})
-    if source == "cache":
-        return load_splits(arg, **kw)
-    raise DataFormatError(f"unknown dataset source {source!r} in {spec!r}; expected synthetic, iemocap, msp, cache, "
-                          "a dialogue source (synthetic-dialogue, iemocap-erc, meld, dialogues) or a sentiment "
-                          "source (synthetic-mosi, synthetic-mosi-small, mmsa, mmsa-cache)")

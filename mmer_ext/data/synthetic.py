@@ -20,7 +20,7 @@ normal, :math:`[a; b]` concatenation.
 :math:`2..K-1` are :math:`\nu \sqrt{K-2}\, q_c` with :math:`q_0..q_3` random orthonormal vectors (so every pair of
 classes is equally far apart there and the difficulty does not depend on the seed; plain :math:`N(0, \nu^2)` draws
 when :math:`K < 6`). Speaker offsets :math:`\delta_s \sim N(0, I_K)`. Per modality a loading vector
-:math:`w_m \in R^{K+K_c}` - (arousal, valence, other emotion coordinates) weights from ``_MODALITY_PROFILES``
+:math:`w_m \in R^{K+K_c}` - (arousal, valence, other emotion coordinates) weights from ``MODALITY_PROFILES``
 (acoustic: 1.0, 0.25, 0.45 - prosody mostly tells arousal; visual: 0.45, 0.45, 0.35; lexical: 0.6, 1.0, 0.9) and
 :math:`\kappa` on the context coordinates - a nuisance scale :math:`b_m` (A 1.0, V 1.3, L 1.1) and a projection
 :math:`P_m \in R^{D_m \times (K+K_c)}` with :math:`N(0, 1/(K+K_c))` entries.
@@ -75,6 +75,9 @@ MMIN encoders, not only to averages.
 Sentiment sequences (IMDer, MOSI-shaped): :func:`make_synthetic_sequences` has its own generative model (a shared
 latent trajectory, a continuous label in [-3, 3]; see its docstring) and :func:`regression_calibration_report` its
 probes.
+
+ERC dialogues (MMGCN, IEMOCAP-ERC-shaped): :func:`make_synthetic_dialogues` runs the utterance model above in a
+*vector mode* (one feature vector per utterance) with IEMOCAP-ERC's six classes (see its docstring).
 """
 
 from __future__ import annotations
@@ -87,7 +90,11 @@ from collections.abc import Sequence
 
 import torch
 
+from mmer_ext.corpora import IEMOCAP_ERC_CLASS_FREQUENCIES, IEMOCAP_ERC_CLASS_NAMES
+from mmer_ext.data.dialogue import VAL_PROTOCOLS, DialogueDataset
+from mmer_ext.data.erc import IEMOCAP_ERC_DIMS
 from mmer_ext.data.protocols import _epoch_seed
+from mmer_ext.data.sequences import SequenceDataset
 from mmer_ext.data.utterance import MODALITIES, ModalityDims, UtteranceDataset
 
 CLASS_NAMES = ("happy", "angry", "sad", "neutral")
@@ -97,7 +104,7 @@ SPLITS = ("train", "val", "test")
 # (arousal, valence) of each class; the remaining latent coordinates of the class means are random.
 _AROUSAL_VALENCE = ((1.0, 1.0), (1.0, -1.0), (-1.0, -0.8), (0.0, 0.0))
 # Per modality: (weight on arousal, weight on valence, weight on the other coordinates, nuisance scale b_m).
-_MODALITY_PROFILES = {
+MODALITY_PROFILES = {
     "A": (1.0, 0.25, 0.45, 1.0),
     "V": (0.45, 0.45, 0.35, 1.3),
     "L": (0.6, 1.0, 0.9, 1.1),
@@ -159,7 +166,7 @@ def _structure(g: torch.Generator, k: int, kc: int, dims: ModalityDims, num_spea
     spk = torch.randn(max(num_speakers, 1), k, generator=g)
     w = {}
     for m in MODALITIES:
-        wa, wv, wo, _ = _MODALITY_PROFILES[m]
+        wa, wv, wo, _ = MODALITY_PROFILES[m]
         w[m] = torch.cat([torch.tensor([wa, wv]), torch.full((k - 2,), wo), torch.full((kc,), context_weight)])
     return {"mu": mu, "proj": proj, "spk": spk, "w": w}
 
@@ -349,7 +356,7 @@ def make_synthetic_utterances(
         lens = _lengths(g, n, seq_len)
         feats = {}
         for j, m in enumerate(MODALITIES):
-            u = st["w"][m] * state + _MODALITY_PROFILES[m][3] * torch.randn(n, latent_dim + context_dim, generator=g)
+            u = st["w"][m] * state + MODALITY_PROFILES[m][3] * torch.randn(n, latent_dim + context_dim, generator=g)
             feats[m] = _frames(g, u @ st["proj"][m].T, lens[:, j], frame_noise, modulation)
         if dlg is None:
             names = [f"syn_{split}_{i:05d}" for i in range(n)]
@@ -516,8 +523,6 @@ def make_synthetic_sequences(
         ``{"train", "val", "test"}`` -> :class:`~mmer_ext.data.SequenceDataset` (aligned; ids
         ``"synmosi_<split>_<i>"``).
     """
-    from mmer_ext.data.mmsa import SequenceDataset
-
     if preset not in SEQUENCE_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(SEQUENCE_PRESETS)}")
     cfg = SEQUENCE_PRESETS[preset]
@@ -611,3 +616,189 @@ def regression_calibration_report(splits: dict, alphas: Sequence[float] = (0.1, 
     res["frac_zero"] = float((yte == 0).mean())
     res["frac_near0"] = float((abs(yte) <= 0.5).mean())
     return res
+
+
+# ======================================================================================================================
+# Synthetic dialogues
+# ======================================================================================================================
+# (arousal, valence) of the six IEMOCAP-ERC classes; happy / excited and angry / frustrated are close on purpose,
+# as the pairs most confused on the real data.
+_AROUSAL_VALENCE_6 = ((0.5, 1.0), (-1.0, -0.8), (0.0, 0.0), (1.1, -1.0), (1.1, 0.8), (0.4, -0.7))
+
+DIALOGUE_PRESETS = {
+    "iemocap": {"dims": IEMOCAP_ERC_DIMS, "sizes": (120, 12, 31), "dialogue_lengths": (10, 110)},
+    "small": {"dims": ModalityDims(24, 20, 16), "sizes": (40, 8, 12), "dialogue_lengths": (10, 40)},
+}
+_SPLITS = ("train", "val", "test")
+
+
+def _markov_labels(gen: torch.Generator, lens: torch.Tensor, prior: torch.Tensor, inertia: float) -> torch.Tensor:
+    """Labels of all utterances: per dialogue a chain that keeps the previous label with probability ``inertia``
+    and otherwise draws afresh from ``prior`` (restarted at each dialogue; ``prior`` stays stationary)."""
+    n = int(lens.sum())
+    starts = torch.cumsum(lens, 0) - lens
+    is_start = torch.zeros(n, dtype=torch.bool)
+    is_start[starts] = True
+    stay = (torch.rand(n, generator=gen) < inertia) & ~is_start
+    fresh = torch.multinomial(prior, n, replacement=True, generator=gen)
+    # The label at k is the fresh draw at the last position <= k that did not "stay".
+    src = torch.where(stay, torch.zeros(n, dtype=torch.int64), torch.arange(n))
+    return fresh[torch.cummax(src, 0).values]
+
+
+def _turns(gen: torch.Generator, lens: torch.Tensor, cast: torch.Tensor, switch_prob: float) -> torch.Tensor:
+    """Speaker index (within each dialogue's cast of ``cast[g]`` people) of every utterance: a random first
+    speaker, then with probability ``switch_prob`` the turn passes to one of the others, uniformly."""
+    n = int(lens.sum())
+    dlg = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    size = cast[dlg]
+    first = (torch.rand(lens.numel(), generator=gen) * cast).long().clamp_max(cast - 1)
+    switch = torch.rand(n, generator=gen) < switch_prob
+    step = 1 + (torch.rand(n, generator=gen) * (size - 1).clamp_min(1)).long()
+    step = torch.where(switch & (size > 1), step, torch.zeros_like(step))
+    step[starts] = 0
+    shift = torch.cumsum(step, 0)
+    shift = shift - shift[starts][dlg]
+    return (first[dlg] + shift) % size
+
+
+def make_synthetic_dialogues(
+    n_dialogues_train: int | None = None,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    *,
+    preset: str = "iemocap",
+    dims: ModalityDims | Sequence[int] | None = None,
+    seed: int = 0,
+    dialogue_lengths: tuple[int, int] | None = None,
+    speakers_per_dialogue: tuple[int, int] = (2, 2),
+    switch_prob: float = 0.8,
+    label_inertia: float = 0.7,
+    latent_dim: int = 8,
+    context_dim: int = 4,
+    class_sep: float = 0.85,
+    other_sep: float = 0.6,
+    shared_noise: float = 0.6,
+    context_weight: float = 1.5,
+    speaker_effect: float = 0.3,
+    feature_noise: float = 0.25,
+    val_from: str = "train",
+) -> dict[str, DialogueDataset]:
+    r"""Synthetic ERC dialogues (the embedded default of MMGCN): seeded, offline, IEMOCAP-ERC-shaped.
+
+    Generative model - the utterance model of :func:`make_synthetic_utterances` in *vector mode*. That model draws
+    frame sequences ``x_t = e_t P_m u_m + sigma_f xi_t``; an ERC pickle holds one vector per utterance, so here each
+    utterance gets ``x_m = P_m u_m + feature_noise * eps`` directly (``feature_noise`` 0.25 = the frame noise left
+    after averaging about 16 frames), with the same pieces:
+
+    * six classes in IEMOCAP-ERC's order and proportions (``IEMOCAP_ERC_CLASS_FREQUENCIES``) - so MMGCN's IEMOCAP
+      class weights apply unchanged; class means ``mu_c`` with (arousal, valence) in coordinates 0 and 1 (happy and
+      excited, angry and frustrated close to each other, as the pairs confused on real data) and random
+      orthonormal directions of norm ``other_sep * sqrt(K - 2)`` elsewhere;
+    * emotional state ``z = class_sep mu_y + speaker_effect delta_s + shared_noise n`` with a per-dialogue,
+      per-participant offset ``delta_s ~ N(0, I)`` (a speaker's style), a class-free context ``c ~ N(0, I)``,
+      modality views ``u_m = w_m * [z; c] + b_m eps`` with the loadings / nuisance scales of the utterance generator
+      (lexical > acoustic > visual) and projections ``P_m`` (``N(0, 1/(K+K_c))``);
+    * dialogues of ``U{lo..hi}`` utterances (``dialogue_lengths``, 10..110 by default), ``U{speakers_per_dialogue}``
+      participants (2 by default, IEMOCAP's dyads; speaker ids are positions in the cast, ``num_speakers`` =
+      the largest cast) taking turns (the turn passes with probability ``switch_prob``);
+    * labels with inertia: each dialogue's labels are a Markov chain that keeps the previous emotion with probability
+      ``label_inertia`` (0.7) and otherwise draws from the class prior, so neighbouring utterances tend to share the
+      emotion and a context model (the BiLSTM, the graph) beats an utterance-level one
+      (:func:`label_persistence`: P(same as previous) ~ 0.76 against ~ 0.19 by chance).
+
+    Calibration (``class_sep`` 0.85 was chosen for it). Logistic regression (C = 0.1, standardised features) fit on
+    120 training dialogues and scored on 31 test dialogues, dims 60 / 50 / 40, seeds 0 / 1: one utterance alone -
+    A 0.38 / 0.39, V 0.28 / 0.30, L 0.48 / 0.48, all three 0.54 / 0.55 accuracy; with the mean features of the
+    utterances within +-3 positions appended - all three 0.65 / 0.66 (weighted F1 within 0.01 of accuracy). That is
+    the IEMOCAP-ERC regime: utterance-level models in the mid 50s, MMGCN's published weighted F1 66.2. A 16-layer
+    MMGCN trained 20 epochs (SPEC hyper-parameters) on the same data reaches a test weighted F1 of 0.62.
+
+    Parameters
+    ----------
+    n_dialogues_train, n_val, n_test : int, optional
+        Dialogues per split (preset ``iemocap``: 120 / 12 / 31, IEMOCAP's 120 / 31 plus a 10 % validation set;
+        ``small``: 40 / 8 / 12 with 10..40 utterances and dims 24 / 20 / 16, for tests and CPU demos).
+    preset : {"iemocap", "small"}
+    dims : ModalityDims, optional
+        Feature sizes (default IEMOCAP-ERC's A 1582, V 342, L 100).
+    seed : int
+        Everything is a deterministic function of the arguments; splits use their own streams, so the test set
+        does not change with the training-set size.
+    val_from : {"train", "test"}
+        ``"test"``: ``val`` is the test set (the authors' protocol, see :func:`load_iemocap_erc`); ``"train"``:
+        the separately generated validation dialogues (same distribution as train).
+
+    Returns
+    -------
+    dict
+        ``{"train", "val", "test"}`` -> :class:`DialogueDataset`.
+    """
+    if preset not in DIALOGUE_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(DIALOGUE_PRESETS)}")
+    cfg = DIALOGUE_PRESETS[preset]
+    sizes = [cfg["sizes"][k] if n is None else int(n) for k, n in enumerate((n_dialogues_train, n_val, n_test))]
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"dialogue counts must be >= 0, got {sizes}")
+    dims = ModalityDims(*(int(d) for d in (cfg["dims"] if dims is None else dims)))
+    lo, hi = (int(x) for x in (cfg["dialogue_lengths"] if dialogue_lengths is None else dialogue_lengths))
+    if not 1 <= lo <= hi:
+        raise ValueError(f"dialogue_lengths must be (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
+    s_lo, s_hi = (int(x) for x in speakers_per_dialogue)
+    if not 1 <= s_lo <= s_hi:
+        raise ValueError(f"speakers_per_dialogue must be (lo, hi) with 1 <= lo <= hi, got {(s_lo, s_hi)}")
+    if latent_dim < 2 or context_dim < 0:
+        raise ValueError("latent_dim must be >= 2 and context_dim >= 0")
+    if val_from not in VAL_PROTOCOLS:
+        raise ValueError(f"val_from must be one of {VAL_PROTOCOLS}, got {val_from!r}")
+    k, kc = int(latent_dim), int(context_dim)
+    num_classes = len(IEMOCAP_ERC_CLASS_NAMES)
+
+    # Structure (shared by the splits).
+    g0 = torch.Generator().manual_seed(_epoch_seed(seed, 1000))
+    mu = torch.zeros(num_classes, k)
+    mu[:, :2] = torch.tensor(_AROUSAL_VALENCE_6)
+    other = torch.randn(k - 2, num_classes, generator=g0, dtype=torch.float64)
+    if k - 2 >= num_classes:
+        other = torch.linalg.qr(other).Q * math.sqrt(k - 2)
+    mu[:, 2:] = other_sep * other.T.to(torch.float32)
+    proj = {m: torch.randn(dims[j], k + kc, generator=g0) / math.sqrt(k + kc) for j, m in enumerate(MODALITIES)}
+    loadings = {}
+    for m in MODALITIES:
+        wa, wv, wo, _ = MODALITY_PROFILES[m]
+        loadings[m] = torch.cat([torch.tensor([wa, wv]), torch.full((k - 2,), wo), torch.full((kc,), context_weight)])
+    prior = torch.tensor(IEMOCAP_ERC_CLASS_FREQUENCIES, dtype=torch.float64)
+
+    out: dict[str, DialogueDataset] = {}
+    for s_idx, (split, n_dlg) in enumerate(zip(_SPLITS, sizes)):
+        if n_dlg == 0:
+            out[split] = DialogueDataset([], [], [], [], [], [], class_names=IEMOCAP_ERC_CLASS_NAMES,
+                                         num_speakers=s_hi, dims=dims)
+            continue
+        gen = torch.Generator().manual_seed(_epoch_seed(seed, 1001 + s_idx))
+        lens = torch.randint(lo, hi + 1, (n_dlg,), generator=gen)
+        cast = torch.randint(s_lo, s_hi + 1, (n_dlg,), generator=gen)
+        n = int(lens.sum())
+        dlg = torch.repeat_interleave(torch.arange(n_dlg), lens)
+        labels = _markov_labels(gen, lens, prior, label_inertia)
+        speakers = _turns(gen, lens, cast, switch_prob)
+        offsets = torch.randn(n_dlg, s_hi, k, generator=gen)  # each participant's style, per dialogue
+        z = class_sep * mu[labels] + speaker_effect * offsets[dlg, speakers] + shared_noise * torch.randn(
+            n, k, generator=gen)
+        state = torch.cat([z, torch.randn(n, kc, generator=gen)], 1)
+        feats = {}
+        for m in MODALITIES:
+            u = loadings[m] * state + MODALITY_PROFILES[m][3] * torch.randn(n, k + kc, generator=gen)
+            feats[m] = u @ proj[m].T
+            feats[m] += feature_noise * torch.randn(feats[m].shape, generator=gen)
+        sizes_l = lens.tolist()
+        names = [f"syn_{split}_d{g:04d}" for g in range(n_dlg)]
+        out[split] = DialogueDataset(
+            *(list(torch.split(feats[m], sizes_l)) for m in MODALITIES),
+            list(torch.split(speakers, sizes_l)), list(torch.split(labels, sizes_l)), names,
+            class_names=IEMOCAP_ERC_CLASS_NAMES, num_speakers=s_hi, dims=dims,
+            utterance_names=[[f"{nm}_u{u:03d}" for u in range(L)] for nm, L in zip(names, sizes_l)])
+    if val_from == "test":
+        out["val"] = out["test"]
+    return out

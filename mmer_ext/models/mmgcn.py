@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
-from mmer_ext.data.dialogue import IEMOCAP_ERC_CLASS_FREQUENCIES
+from mmer_ext.corpora import IEMOCAP_ERC_CLASS_FREQUENCIES
 from mmer_ext.models.base import DATA_ORDER, MERModel
 from mmer_ext.ops import angular_adjacency, block_graph_propagate
 

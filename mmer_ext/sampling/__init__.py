@@ -5,6 +5,8 @@
 * :mod:`~mmer_ext.sampling.schedulers`: :class:`VEScheduler`, the same samplers as a diffusers-style stateful object.
 * :mod:`~mmer_ext.sampling.cuda_graph`: whole-loop CUDA-graph capture and replay (``cuda_graph=True`` or
   :class:`CUDAGraphSampler`).
+* :mod:`~mmer_ext.sampling._core` (internal): the argument checks, time grid, plan, noise source, step updates and
+  loops that the three above share, so they give the same bits.
 """
 
 from mmer_ext.sampling.cuda_graph import CUDAGraphSampler, clear_cuda_graph_cache

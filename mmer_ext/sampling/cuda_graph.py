@@ -3,7 +3,7 @@
 IMDer's 100-step sampler launches a few hundred small kernels per step (the score network plus the step ops); at
 its sizes the GPU mostly waits for the CPU. Replaying one captured graph removes that launch overhead. The samplers'
 loops are capturable by construction: the time grid, ``dt`` and every schedule coefficient are computed before the
-loop (:func:`mmer_ext.sampling.functional._make_plan`), the ops read their times on the device, and all noise -- the
+loop (:func:`mmer_ext.sampling._core.make_plan`), the ops read their times on the device, and all noise -- the
 start sample included -- is drawn inside the kernels from a generator through its graph-safe Philox state.
 
 Two entry points:
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmer_ext.sampling import functional as F
+from mmer_ext.sampling import _core as core
 
 __all__ = ["CUDAGraphSampler", "clear_cuda_graph_cache", "graphed_sample"]
 
@@ -83,22 +83,22 @@ class _Captured:
     cond: Tensor  # static input buffer
     x_init: Tensor | None  # static input buffer
     out: Tensor  # static output (graph pool)
-    plan: F._Plan  # keeps the schedule tensors the graph reads alive
+    plan: core.Plan  # keeps the schedule tensors the graph reads alive
     generator: torch.Generator
 
 
-def _capture(method: str, score_fn: F.ScoreFn, cond: Tensor, x_init: Tensor | None, generator: torch.Generator,
+def _capture(method: str, score_fn: core.ScoreFn, cond: Tensor, x_init: Tensor | None, generator: torch.Generator,
              warmup: int, opts: dict) -> _Captured:
     device = cond.device
     with torch.cuda.device(device), torch.no_grad():
-        plan = F._make_plan(method, cond.shape[0], device, cond.dtype, **opts)
+        plan = core.make_plan(method, cond.shape[0], device, cond.dtype, **opts)
         static_cond = cond.detach().clone()
         static_x = x_init.detach().clone() if x_init is not None else None
-        noise = F._Noise(generator)
+        noise = core.Noise(generator)
         saved_state = generator.get_state()
 
         def run() -> Tensor:
-            return F._run(plan, score_fn, static_cond, static_x, noise)
+            return core.run_loop(plan, score_fn, static_cond, static_x, noise)
 
         entry_stream = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -156,7 +156,7 @@ class CUDAGraphSampler:
     ``mmer_ext.sampling.sample(name, score_fn, cond, generator=..., **options)`` from the same generator state.
     """
 
-    def __init__(self, score_fn: F.ScoreFn, sampler: str = "em", *, warmup: int = 1, clone_output: bool = True,
+    def __init__(self, score_fn: core.ScoreFn, sampler: str = "em", *, warmup: int = 1, clone_output: bool = True,
                  **options):
         if not callable(score_fn):
             raise TypeError(f"score_fn must be callable (x, t, cond) -> score, got {type(score_fn).__name__}")
@@ -169,9 +169,9 @@ class CUDAGraphSampler:
         merged = {name: options.get(name, _DEFAULTS[name]) for name in _OPTION_NAMES[sampler]}
         self.score_fn = score_fn
         self.sampler = sampler
-        self.warmup = F._check_int("warmup", warmup, 0)
+        self.warmup = core.check_int("warmup", warmup, 0)
         self.clone_output = bool(clone_output)
-        self.options = F._checked_options(sampler, **merged)
+        self.options = core.checked_options(sampler, **merged)
         self._graphs: dict[tuple, _Captured] = {}
 
     def __repr__(self) -> str:
@@ -187,14 +187,14 @@ class CUDAGraphSampler:
 
     def __call__(self, cond: Tensor, *, generator: torch.Generator | None = None,
                  x_init: Tensor | None = None) -> Tensor:
-        F._check_cond(cond)
-        F._check_x_init(x_init, cond)
+        core.check_cond(cond)
+        core.check_x_init(x_init, cond)
         _require_cuda(cond)
         return _graphed(self._graphs, self.score_fn, self.sampler, cond, generator, x_init, self.warmup,
                         self.clone_output, self.options)
 
 
-def _graphed(cache: dict, score_fn: F.ScoreFn, method: str, cond: Tensor, generator: torch.Generator | None,
+def _graphed(cache: dict, score_fn: core.ScoreFn, method: str, cond: Tensor, generator: torch.Generator | None,
              x_init: Tensor | None, warmup: int, clone_output: bool, opts: dict) -> Tensor:
     gen = _resolve_generator(generator, cond.device)
     if cond.shape[0] == 0:
@@ -212,13 +212,13 @@ def _graphed(cache: dict, score_fn: F.ScoreFn, method: str, cond: Tensor, genera
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _owner(score_fn: F.ScoreFn) -> tuple[object, object]:
+def _owner(score_fn: core.ScoreFn) -> tuple[object, object]:
     if inspect.ismethod(score_fn):
         return score_fn.__self__, score_fn.__func__
     return score_fn, None
 
 
-def graphed_sample(method: str, score_fn: F.ScoreFn, cond: Tensor, *, generator: torch.Generator | None = None,
+def graphed_sample(method: str, score_fn: core.ScoreFn, cond: Tensor, *, generator: torch.Generator | None = None,
                    x_init: Tensor | None = None, warmup: int = 1, **opts) -> Tensor:
     """``sample_<method>(..., cuda_graph=True)``: capture on first use per (score_fn, signature), replay after.
 

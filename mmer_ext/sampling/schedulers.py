@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from mmer_ext import ops as _ops
-from mmer_ext.sampling import functional as F
+from mmer_ext.sampling import _core as core
 
 __all__ = ["CONFIG_NAME", "VEScheduler", "VESchedulerOutput", "sample_with_scheduler"]
 
@@ -88,10 +88,10 @@ class VEScheduler:
     def __init__(self, method: str = "em", sigma: float = 25.0, eps: float = 1e-3, snr: float = 0.16,
                  corrector_steps: int = 1, eta: float = 0.0, schedule: str = "imder",
                  condition_noise: str = "shared"):
-        if method not in F._METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {list(F._METHODS)}")
+        if method not in core.METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {list(core.METHODS)}")
         # steps is checked in set_timesteps; 1 stands in here so the shared checks can run now.
-        opts = F._checked_options(method, steps=1, sigma=sigma, eps=eps, schedule=schedule, snr=snr,
+        opts = core.checked_options(method, steps=1, sigma=sigma, eps=eps, schedule=schedule, snr=snr,
                                   corrector_steps=corrector_steps, eta=eta, condition_noise=condition_noise)
         self.method = method
         self.sigma = opts["sigma"]
@@ -104,7 +104,7 @@ class VEScheduler:
         self.order = 2 if method == "ode-heun" else 1
         self.num_inference_steps: int | None = None
         self.timesteps: Tensor | None = None
-        self._plan: F._Plan | None = None
+        self._plan: core.Plan | None = None
         self._index = 0
         self._heun_start: Tensor | None = None
 
@@ -181,10 +181,10 @@ class VEScheduler:
         ``dtype`` is the samples' dtype (float64 samples get a float64 clock, all others float32, as in the
         functional samplers).
         """
-        steps = F._check_int("num_inference_steps", num_inference_steps, 1)
+        steps = core.check_int("num_inference_steps", num_inference_steps, 1)
         device = torch.device(device) if device is not None else torch.device("cpu")
         # The batch size only shapes the functional sampler's [steps, B] time table, unused here.
-        self._plan = F._make_plan(self.method, 0, device, dtype, steps=steps, sigma=self.sigma, eps=self.eps,
+        self._plan = core.make_plan(self.method, 0, device, dtype, steps=steps, sigma=self.sigma, eps=self.eps,
                                   schedule=self.schedule, snr=self.snr, corrector_steps=self.corrector_steps,
                                   eta=self.eta, condition_noise=self.condition_noise)
         ts = self._plan.ts
@@ -213,7 +213,7 @@ class VEScheduler:
         """Langevin moves to run before the step at ``t``: ``corrector_steps`` for ``"pc"``, else 0."""
         return self.corrector_steps if self.method == "pc" else 0
 
-    def _require_plan(self) -> F._Plan:
+    def _require_plan(self) -> core.Plan:
         if self._plan is None:
             raise RuntimeError("call set_timesteps(num_inference_steps, device) before stepping the scheduler")
         return self._plan
@@ -227,19 +227,19 @@ class VEScheduler:
         dtype = dtype or torch.get_default_dtype()
         if generator is not None and generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device} but the noise is requested on {device}")
-        return F._initial_sample(torch.Size(shape), dtype, device, self.sigma, F._Noise(generator))
+        return core.initial_sample(torch.Size(shape), dtype, device, self.sigma, core.Noise(generator))
 
     def scale_condition(self, cond: Tensor, t: Tensor | float, generator: torch.Generator | None = None) -> Tensor:
         """The condition the score sees at time ``t`` (call it per score evaluation): ``cond + std(t) z`` with fresh
         noise (IMDer's), or ``cond`` itself with ``condition_noise="clean"``."""
-        return F._condition(cond, t, self.sigma, F._Noise(generator), self.condition_noise != "clean")
+        return core.condition(cond, t, self.sigma, core.Noise(generator), self.condition_noise != "clean")
 
     def step_correct(self, score: Tensor, x: Tensor, generator: torch.Generator | None = None) -> VESchedulerOutput:
         """One Langevin corrector move at the current time (``"pc"``); does not advance the step counter."""
         self._require_plan()
         if self.method != "pc":
             raise RuntimeError(f"step_correct is the corrector of method='pc', this scheduler is {self.method!r}")
-        x_next, mean = F._langevin_update(x, score, self.snr, F._Noise(generator))
+        x_next, mean = core.langevin_update(x, score, self.snr, core.Noise(generator))
         return VESchedulerOutput(x_next, mean)
 
     def step(self, score: Tensor, t: Tensor | float, x: Tensor, generator: torch.Generator | None = None,
@@ -253,27 +253,27 @@ class VEScheduler:
             raise RuntimeError(f"all {len(self.timesteps)} timesteps have been stepped; call set_timesteps again")
         if score.shape != x.shape:
             raise ValueError(f"score must be shaped like x {tuple(x.shape)}, got {tuple(score.shape)}")
-        noise = F._Noise(generator)
+        noise = core.Noise(generator)
         x0 = None
         if self.method in ("em", "pc"):
-            prev, mean = F._em_update(x, score, t, plan.dts[self._index], plan.sigma, noise)
+            prev, mean = core.em_update(x, score, t, plan.dts[self._index], plan.sigma, noise)
         elif self.method == "ode":
-            prev = mean = F._ode_update(x, score, t, plan.dts[self._index], plan.sigma)
+            prev = mean = core.ode_update(x, score, t, plan.dts[self._index], plan.sigma)
         elif self.method == "ode-heun":
             prev = mean = self._heun(x, score, t, plan)
         else:
-            prev, x0 = F._ddim_update(x, score, plan, self._index, noise)
+            prev, x0 = core.ddim_update(x, score, plan, self._index, noise)
             mean = prev if self.eta == 0 else self._ddim_mean(x, score, x0)
         self._index += 1
         out = VESchedulerOutput(prev, mean, x0)
         return out if return_dict else (out.prev_sample, out.prev_sample_mean)
 
-    def _heun(self, x: Tensor, score: Tensor, t, plan: F._Plan) -> Tensor:
+    def _heun(self, x: Tensor, score: Tensor, t, plan: core.Plan) -> Tensor:
         k = self._index
-        x_e = F._ode_update(x, score, t, plan.dts[self._grid_index()], plan.sigma)
+        x_e = core.ode_update(x, score, t, plan.dts[self._grid_index()], plan.sigma)
         if k % 2 == 1:  # second call of a pair: x is the Euler point, score was taken there
             start, self._heun_start = self._heun_start, None
-            return F._heun_average(start, x_e)
+            return core.heun_average(start, x_e)
         if k == len(self.timesteps) - 1:  # the final entry: plain Euler
             return x_e
         self._heun_start = x
@@ -288,14 +288,14 @@ class VEScheduler:
         return x0 + coef * (score * plan.ddim_eps[i])
 
 
-def sample_with_scheduler(scheduler: VEScheduler, score_fn: F.ScoreFn, cond: Tensor, *, steps: int = 100,
+def sample_with_scheduler(scheduler: VEScheduler, score_fn: core.ScoreFn, cond: Tensor, *, steps: int = 100,
                           generator: torch.Generator | None = None, x_init: Tensor | None = None,
                           grad: bool = False) -> Tensor:
     """The documented scheduler loop (module docstring): same result as ``sample(scheduler.method, ...)`` with the
     same options and generator state."""
-    F._check_cond(cond)
-    F._check_x_init(x_init, cond)
-    F._check_randomness(generator, None, cond)
+    core.check_cond(cond)
+    core.check_x_init(x_init, cond)
+    core.check_randomness(generator, None, cond)
     scheduler.set_timesteps(steps, device=cond.device, dtype=cond.dtype)
     if cond.shape[0] == 0:
         return torch.empty_like(cond)
@@ -306,8 +306,8 @@ def sample_with_scheduler(scheduler: VEScheduler, score_fn: F.ScoreFn, cond: Ten
             tb = t.expand(cond.shape[0])
             for _ in range(scheduler.corrector_steps_at(t)):
                 c = scheduler.scale_condition(cond, t, generator)
-                x = scheduler.step_correct(F._score(score_fn, x, tb, c), x, generator).prev_sample
+                x = scheduler.step_correct(core.evaluate_score(score_fn, x, tb, c), x, generator).prev_sample
             c = scheduler.scale_condition(cond, t, generator)
-            out = scheduler.step(F._score(score_fn, x, tb, c), t, x, generator)
+            out = scheduler.step(core.evaluate_score(score_fn, x, tb, c), t, x, generator)
             x = out.prev_sample
     return out.prev_sample_mean

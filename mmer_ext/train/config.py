@@ -78,7 +78,7 @@ class TrainConfig:
 
     model: str = _opt("mmin", "the recipe to train; mmin, ifmmin and nmer train a teacher, then a student",
                       choices=MODELS, limits=Limits(choices=MODELS))
-    data: str = _opt("synthetic", "data source, one of the forms listed under 'data sources' (mmer_ext.data.specs)",
+    data: str = _opt("synthetic", "data source, one of the forms listed under 'data sources' (mmer_ext.data.sources)",
                      metavar="SPEC", limits=Limits(pattern=r".+", what="a data source such as synthetic or "
                                                                                       "iemocap:PATH"))
     data_options: dict[str, Any] = _opt(

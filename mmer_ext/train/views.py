@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from mmer_ext.data import MissingConditionDataset, collate_utterances, corrupt_batch
 from mmer_ext.data.dialogue import DialogueConditionView, DialogueDataset, collate_dialogues, corrupt_dialogue_batch
-from mmer_ext.data.mmsa import SequenceDataset, collate_sequences
+from mmer_ext.data.sequences import SequenceDataset, collate_sequences
 
 __all__ = ["DataViews", "views_for", "STAGE_DATA_MODES", "check_data_kind", "model_data_kind"]
 

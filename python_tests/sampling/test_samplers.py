@@ -407,10 +407,10 @@ def test_ve_timesteps_grids():
 
 @pytest.mark.parametrize("schedule", ["imder", "linear", "karras"])
 def test_step_sizes_per_schedule(schedule):
-    from mmer_ext.sampling import functional as F
+    from mmer_ext.sampling import _core
 
-    plan = F._make_plan("ode", 3, torch.device("cpu"), torch.float64, steps=7, sigma=SIGMA, eps=1e-3,
-                        schedule=schedule)
+    plan = _core.make_plan("ode", 3, torch.device("cpu"), torch.float64, steps=7, sigma=SIGMA, eps=1e-3,
+                            schedule=schedule)
     ts = plan.ts.tolist()
     if schedule == "imder":
         # one dt for all steps, the last ends at eps - dt < 0
