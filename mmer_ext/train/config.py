@@ -241,10 +241,39 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not cfg.eval_missing_rates:
         raise ConfigError("eval_missing_rates must name at least one missing rate")
     if cfg.seeds is not None:
-        from mmer_ext.train.cv import parse_seeds
-
         parse_seeds(cfg.seeds, cfg.seed)
     return cfg
+
+
+# --folds / --seeds are config fields, so their parsing lives here (train/cv.py runs them).
+def int_list(text: str, what: str) -> list[int]:
+    """``"0,4,7"`` or ``"2-4"`` (ranges inclusive, comma-separated) -> the integers, each once."""
+    values: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
+        if m is None:
+            raise ConfigError(f"{what}: {part!r} in {text!r} is not a number or a range like 1-5")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ConfigError(f"{what}: the range {part!r} is empty")
+        values.extend(range(lo, hi + 1))
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what}: {text!r} names a value twice")
+    return values
+
+
+def parse_seeds(text: str | int | None, base_seed: int = 0) -> list[int] | None:
+    """``"3"`` -> three seeds ``base_seed, base_seed + 1, base_seed + 2``; ``"0,4,7"`` (or ``"0-2"``) -> those
+    seeds; ``None`` -> no seed repeats."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    if re.fullmatch(r"\d+", text):
+        n = int(text)
+        if n < 1:
+            raise ConfigError(f"seeds: a count must be at least 1, got {n}")
+        return [base_seed + i for i in range(n)]
+    return int_list(text, "seeds")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from mmer_ext.train.config import ConfigError, TrainConfig, config_to_dict
+from mmer_ext.train.config import ConfigError, TrainConfig, config_to_dict, int_list, parse_seeds
 
 __all__ = ["CVResult", "parse_folds", "parse_seeds", "fold_count", "cv_runs", "run_cv", "aggregate_metrics",
            "run_label"]
@@ -38,35 +37,6 @@ _NEUTRAL_KEYS = ("out_dir", "device", "num_workers", "progress", "resume", "keep
                  "folds", "seeds")
 # Sources with the MMIN layout's numbered folds, by the loader kind of mmer_ext.data.iemocap.
 _FOLD_SOURCES = {"iemocap": "iemocap", "msp": "msp", "msp_improv": "msp", "msp-improv": "msp"}
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    values: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
-        if m is None:
-            raise ConfigError(f"{what}: {part!r} in {text!r} is not a number or a range like 1-5")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ConfigError(f"{what}: the range {part!r} is empty")
-        values.extend(range(lo, hi + 1))
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{what}: {text!r} names a value twice")
-    return values
-
-
-def parse_seeds(text: str | int | None, base_seed: int = 0) -> list[int] | None:
-    """``"3"`` -> three seeds ``base_seed, base_seed + 1, base_seed + 2``; ``"0,4,7"`` (or ``"0-2"``) -> those
-    seeds; ``None`` -> no seed repeats."""
-    if text is None:
-        return None
-    text = str(text).strip()
-    if re.fullmatch(r"\d+", text):
-        n = int(text)
-        if n < 1:
-            raise ConfigError(f"seeds: a count must be at least 1, got {n}")
-        return [base_seed + i for i in range(n)]
-    return _int_list(text, "seeds")
 
 
 def fold_count(data: str) -> int:
@@ -89,7 +59,7 @@ def parse_folds(text: str | None, data: str) -> list[int] | None:
     text = str(text).strip().lower()
     if text == "all":
         return list(range(1, total + 1))
-    folds = _int_list(text, "folds")
+    folds = int_list(text, "folds")
     bad = [f for f in folds if not 1 <= f <= total]
     if bad:
         raise ConfigError(f"folds: {bad} outside 1..{total}, the folds of {data!r}")

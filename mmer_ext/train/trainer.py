@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import os
 import time
@@ -38,51 +37,37 @@ from typing import Any, Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from mmer_ext.data import NoiseScheduler
 from mmer_ext.models.recipes import RECIPES, Stage
-from mmer_ext.train.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    load_state,
-    load_weights,
-    read_weights_metadata,
-    save_state,
-    save_weights,
-)
+from mmer_ext.train.checkpoint import CheckpointError, load_weights, read_weights_metadata, save_weights
 from mmer_ext.train.config import CORRUPTIONS, ConfigError, TrainConfig, config_to_dict, load_config, validate
 from mmer_ext.train.distributed import DistContext, init_distributed, resolve_device
-from mmer_ext.train.evaluation import evaluate_missing_rates, evaluate_model, to_device, with_missing_patterns
+from mmer_ext.train.evaluation import to_device
+from mmer_ext.train.optim import StageOptimizer, make_optimizer, selection_for
 from mmer_ext.train.plan import format_plan, make_plan
-from mmer_ext.train.retention import drop_states, epoch_name, link_or_copy, prune_epochs
-from mmer_ext.train.rundir import check_out_dir, inside, run_lock
+from mmer_ext.train.retention import link_or_copy
+from mmer_ext.train.rundir import check_out_dir, run_lock
+from mmer_ext.train.seeds import derive_seed
+from mmer_ext.train.stage_data import StageData, evaluate_split, stage_data
+from mmer_ext.train.stage_dir import (
+    StageProgress,
+    check_stage_dir,
+    claim_stage_dir,
+    finish_stage,
+    latest_pointer,
+    resume_progress,
+    save_epoch,
+    stage_done,
+    stage_fingerprint,
+    write_json,
+)
 from mmer_ext.train.tracking import RunTracker, run_environment
-from mmer_ext.train.views import STAGE_DATA_MODES, check_data_kind, views_for
+from mmer_ext.train.views import check_data_kind, views_for
 
 __all__ = ["fit", "FitResult", "resolve_stages", "build_models", "load_model", "train_stage", "evaluate_split"]
 
 FORMAT_VERSION = 1
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); delete it or train with --no-resume") from e
-
-
-def _derive_seed(*parts: int) -> int:
-    # A fixed mixing of the parts: Python's hash() of a tuple is salted per process for str, not for int, but be explicit.
-    value = 0x9E3779B1
-    for p in parts:
-        value = (value * 1_000_003 + int(p) + 1) % (2**63 - 1)
-    return value
 
 
 def _duration(seconds: float) -> str:
@@ -137,12 +122,6 @@ def resolve_stages(cfg: TrainConfig) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-def _noise_options(stage: Stage) -> dict[str, Any]:
-    """Extra arguments of the corruption: only ``noise_padding`` when a noising recipe asks for it, so the dialogue
-    views' corruption (which has no such argument) keeps its signature."""
-    return {"noise_padding": True} if stage.noise_padding and stage.corruption != "zero" else {}
-
-
 def _sampler_hparams(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
     """``--sampler`` / ``--steps`` as constructor arguments of the models that sample (IMDer)."""
     params = inspect.signature(stage.model).parameters
@@ -152,11 +131,6 @@ def _sampler_hparams(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
     if cfg.sampler_steps is not None and "steps" in params:
         out["steps"] = cfg.sampler_steps
     return out
-
-
-def _stage_missing_rate(cfg: TrainConfig, stage: Stage) -> float:
-    # IMDer's first stage pretrains on complete data (MR 0); the second trains at the configured MR.
-    return 0.0 if stage.data == "complete" else cfg.missing_rate
 
 
 # Constructor arguments that come from the data, not the recipe (MMGCN's speaker embedding table, say).
@@ -179,14 +153,6 @@ def build_models(stages: tuple[Stage, ...], dims, num_classes: int,
             kwargs["teacher"] = teacher
         models.append(stage.model(dims, num_classes, **kwargs))
     return models
-
-
-def _lr_lambda(epochs: int, epochs_decay: int) -> Callable[[int], float]:
-    # Constant for `epochs`, then linear towards 0 over `epochs_decay` (MMIN's "linear" policy).
-    def factor(epoch: int) -> float:
-        return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
-
-    return factor
 
 
 class _LossModule(torch.nn.Module):
@@ -328,257 +294,115 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", *,
     return model, meta
 
 
-def _stage_fingerprint(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
-    """What a stage's checkpoints depend on: resuming under anything else would silently mix two runs."""
-    fields = {k: v for k, v in asdict(stage).items() if k != "model"}
-    return json.loads(json.dumps({
-        "recipe": cfg.model, "model": stage.model.__name__, **fields,
-        "data": cfg.data, "data_options": cfg.data_options, "fold": cfg.fold, "seed": cfg.seed,
-        "noise_steps": cfg.noise_steps, "missing_rate": _stage_missing_rate(cfg, stage),
-        "missing_protocol": cfg.missing_protocol,
-    }, default=str))
+def _train_epoch(step_module: torch.nn.Module, model: torch.nn.Module, data: StageData, opt: StageOptimizer,
+                 device: torch.device, bar: Any, stage: Stage, epoch: int) -> dict[str, float]:
+    """One epoch of optimiser steps; the mean of each loss part over its batches."""
+    model.train()
+    sums: dict[str, float] = {}
+    count = 0
+    clip = getattr(model, "clip_grad_norm", None) or getattr(model, "clip_grad_value", None)
+    for batch in data.batches(bar):
+        loss, parts = step_module(to_device(batch, device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{stage.name}] loss became {loss.item()} at epoch {epoch + 1}; parts: "
+                                     + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items()))
+        opt.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            # Per network (A, V, L encoders, AE, classifier ...) like the authors, where the model knows its nets.
+            if hasattr(model, "clip_gradients_"):
+                model.clip_gradients_()
+            else:
+                torch.nn.utils.clip_grad_norm_(opt.params, clip)
+        opt.optimizer.step()
+        if hasattr(model, "after_optimizer_step"):
+            model.after_optimizer_step()  # e.g. IMDer's EMA of the score weights
+        count += 1
+        for k, v in {"loss": loss.detach(), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def _claim_stage_dir(stage_dir: Path, fingerprint: dict[str, Any], resume: bool, ctx: DistContext) -> None:
-    """Refuse to resume a stage trained under another configuration; forget old progress when not resuming."""
-    path = stage_dir / "stage.json"
-    _check_stage_dir(stage_dir, fingerprint, resume)
-    if ctx.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            # The pointers go; the files they name are overwritten as the new run reaches them.
-            for name in ("latest.json", "done.json"):
-                (stage_dir / name).unlink(missing_ok=True)
-        _write_json(path, fingerprint)
-    ctx.barrier()
-
-
-def _check_stage_dir(stage_dir: Path, fingerprint: dict[str, Any], resume: bool) -> None:
-    path = stage_dir / "stage.json"
-    if resume and path.is_file():
-        old = _read_json(path)
-        if not isinstance(old, dict):
-            raise CheckpointError(f"{str(path)!r} must hold a JSON object; delete it or train with --no-resume")
-        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if changed:
-            raise ConfigError(
-                f"{stage_dir} holds a stage trained with other settings ({', '.join(changed)}); "
-                "train into another --out, or pass --no-resume to start this stage afresh"
-            )
-
-
-def _stage_done(stage_dir: Path) -> dict[str, Any] | None:
-    done = stage_dir / "done.json"
-    return _read_json(done) if done.is_file() else None
-
-
-def _pointer(latest: Path) -> dict[str, Path]:
-    """The (weights, state) files ``latest.json`` names, each resolved inside its stage directory."""
-    pointer = _read_json(latest)
-    if not isinstance(pointer, dict) or not isinstance(pointer.get("epoch"), int):
-        raise CheckpointError(f"{str(latest)!r} must hold a JSON object with weights, state and epoch; delete it or "
-                              "train with --no-resume")
-    return {key: inside(latest.parent, pointer.get(key), f"{latest} key {key!r}") for key in ("weights", "state")}
-
-
-def train_stage(
-    stage: Stage,
-    stage_index: int,
-    model: torch.nn.Module,
-    splits: dict[str, Any],
-    cfg: TrainConfig,
-    stage_dir: Path,
-    *,
-    device: torch.device,
-    ctx: DistContext,
-    num_classes: int,
-    metadata: dict[str, Any],
-    log: Callable[[str], None],
-    tracker: RunTracker | None = None,
-) -> StageResult:
+def train_stage(stage: Stage, stage_index: int, model: torch.nn.Module, splits: dict[str, Any], cfg: TrainConfig,
+                stage_dir: Path, *, device: torch.device, ctx: DistContext, num_classes: int,
+                metadata: dict[str, Any], log: Callable[[str], None], tracker: RunTracker | None = None) -> StageResult:
+    """Train one stage: per epoch, re-seed, one pass of optimiser steps, validation, a checkpoint; then load the
+    selected epoch's weights into ``model``. The pieces: ``stage_data`` (batches and validation for the kind of data),
+    ``optim`` (optimiser, LR policy, selection), ``stage_dir`` (checkpoints and exact resumption)."""
     start_time = time.perf_counter()
     total_epochs = stage.epochs + stage.epochs_decay
-    views = views_for(splits["train"])
-    base_view = views.make(splits["train"], STAGE_DATA_MODES[stage.data], cfg.seed)
-    # `repeats` passes over the data make one epoch (one validation and checkpoint per `repeats` passes).
-    train_view = base_view if stage.repeats == 1 else torch.utils.data.ConcatDataset([base_view] * stage.repeats)
-    val_conditions = "full" if STAGE_DATA_MODES[stage.data] == "full" else "six"
-    # Sequence data (IMDer): missingness comes from the missing-rate protocol, drawn per epoch over the loader's order.
-    missing_rate = _stage_missing_rate(cfg, stage) if views.kind == "sequences" else None
-    if stage.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {stage.batch_size} must be divisible by the number of processes {ctx.world_size}")
-    sampler = DistributedSampler(train_view, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=_derive_seed(cfg.seed, stage_index), drop_last=False)
-    loader = DataLoader(train_view, batch_size=stage.batch_size // ctx.world_size, sampler=sampler,
-                        collate_fn=views.collate, num_workers=cfg.num_workers)
-    noise = NoiseScheduler(num_steps=cfg.noise_steps) if stage.corruption != "zero" else None
-
+    data = stage_data(splits, cfg, stage, stage_index, ctx)
     model.to(device)
-    params = [p for p in model.trainable_parameters()]
-    optimizer = torch.optim.Adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
-    if stage.lr_policy == "plateau":
-        lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=stage.select_mode, factor=0.5, patience=stage.plateau_patience)
-    elif stage.lr_policy == "linear":
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage.epochs, stage.epochs_decay))
-    else:
-        raise ValueError(f"stage {stage.name!r}: unknown lr_policy {stage.lr_policy!r}")
-    if stage.select_mode == "last":  # a stage whose metric does not judge it (IMDer's score pretraining)
-        better = lambda a, b: True  # noqa: E731
-    else:
-        better = (lambda a, b: a < b) if stage.select_mode == "min" else (lambda a, b: a > b)
-    worst = math.inf if stage.select_mode in ("min", "last") else -math.inf
+    opt = make_optimizer(model, stage)
+    selection = selection_for(stage)
     step_module: torch.nn.Module = _LossModule(model)
     if ctx.enabled:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    first_epoch, best_metric, best_epoch, history, best_val = 0, worst, -1, [], {}
-    latest = stage_dir / "latest.json"
-    if cfg.resume and latest.is_file():
-        pointer = _pointer(latest)
-        load_weights(pointer["weights"], model)
-        state = load_state(pointer["state"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        first_epoch = int(state["epoch"]) + 1
-        best_metric, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
-        history, best_val = json.loads(state["history"]), json.loads(state["best_val"])
-        log(f"[{stage.name}] resuming after epoch {first_epoch} from {stage_dir}")
+    progress = resume_progress(stage_dir, model, opt, selection.worst) if cfg.resume else None
+    if progress is not None:
+        log(f"[{stage.name}] resuming after epoch {progress.first_epoch} from {stage_dir}")
+    else:
+        progress = StageProgress(first_epoch=0, best_metric=selection.worst)
     if tracker is not None:
-        tracker.stage_started(stage.name, (stage.select_metric, stage.select_mode), history)
+        tracker.stage_started(stage.name, (stage.select_metric, stage.select_mode), progress.history)
+    # Plateau LR and early stopping act on the validation metric, so with them every rank validates (the result is
+    # deterministic, hence the same everywhere); otherwise only the main rank does.
+    validate_everywhere = stage.lr_policy == "plateau" or stage.early_stop is not None
 
-    clip = getattr(model, "clip_grad_norm", None) or getattr(model, "clip_grad_value", None)
-    for epoch in range(first_epoch, total_epochs):
-        if stage.early_stop is not None and best_epoch > 0 and epoch + 1 - best_epoch > stage.early_stop:
+    for epoch in range(progress.first_epoch, total_epochs):
+        if stage.early_stop is not None and progress.best_epoch > 0 and epoch + 1 - progress.best_epoch > stage.early_stop:
             log(f"[{cfg.model}/{stage.name}] early stop: no better validation {stage.select_metric} "
-                f"for {stage.early_stop} epochs (best @ {best_epoch})")
+                f"for {stage.early_stop} epochs (best @ {progress.best_epoch})")
             break
         epoch_start = time.perf_counter()
         # reseed_each_pass (MMGCN's authors): one fixed seed at every pass, so every epoch repeats the same data
         # order, dropout masks and noise; otherwise each epoch has its own stream.
         pass_epoch = 0 if stage.reseed_each_pass is not None else epoch
-        pass_seed = (stage.reseed_each_pass if stage.reseed_each_pass is not None
-                     else _derive_seed(cfg.seed, stage_index, epoch))
-        torch.manual_seed(pass_seed)
-        corruption_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, pass_epoch, 1))
-        if hasattr(base_view, "set_epoch"):
-            base_view.set_epoch(pass_epoch)
-        sampler.set_epoch(pass_epoch)
-        patterns = None
-        if missing_rate is not None:
-            from mmer_ext.data import missing_rate_patterns
-
-            patterns = missing_rate_patterns(
-                len(sampler), missing_rate, protocol=cfg.missing_protocol, batch_size=loader.batch_size,
-                generator=torch.Generator().manual_seed(_derive_seed(cfg.seed, stage_index, epoch, 2)))
-        model.train()
-        sums: dict[str, float] = {}
-        count = 0
-        bar = tqdm(loader, desc=f"{cfg.model}/{stage.name} {epoch + 1}/{total_epochs}", leave=False,
+        torch.manual_seed(stage.reseed_each_pass if stage.reseed_each_pass is not None
+                          else derive_seed(cfg.seed, stage_index, epoch))
+        data.start_epoch(epoch, pass_epoch)
+        bar = tqdm(data.loader, desc=f"{cfg.model}/{stage.name} {epoch + 1}/{total_epochs}", leave=False,
                    disable=(not cfg.progress) or (not ctx.is_main) or None, dynamic_ncols=True)
-        for batch in bar:
-            if patterns is not None:
-                batch = with_missing_patterns(batch, patterns[count * loader.batch_size:][: batch["A"].shape[0]])
-            else:
-                batch = views.corrupt(batch, mode=stage.corruption, scheduler=noise, generator=corruption_gen,
-                                      **_noise_options(stage))
-            batch = to_device(batch, device)
-            loss, parts = step_module(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{stage.name}] loss became {loss.item()} at epoch {epoch + 1}; parts: "
-                                         + ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items()))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                # Per network (A, V, L encoders, AE, classifier ...) like the authors, where the model knows its nets.
-                if hasattr(model, "clip_gradients_"):
-                    model.clip_gradients_()
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-            if hasattr(model, "after_optimizer_step"):
-                model.after_optimizer_step()  # e.g. IMDer's EMA of the score weights
-            count += 1
-            for k, v in {"loss": loss.detach(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        if stage.lr_policy == "linear":
-            lr_scheduler.step()
-        train_losses = {k: v / max(count, 1) for k, v in sums.items()}
+        train_losses = _train_epoch(step_module, model, data, opt, device, bar, stage, epoch)
+        opt.after_training()
 
-        record: dict[str, Any] = {"epoch": epoch + 1, "train": train_losses, "lr": optimizer.param_groups[0]["lr"]}
-        # Plateau LR and early stopping act on the validation metric, so with them every rank validates (the result
-        # is deterministic, hence the same everywhere); otherwise only the main rank does.
-        validate_everywhere = stage.lr_policy == "plateau" or stage.early_stop is not None
-        improved = False
+        record: dict[str, Any] = {"epoch": epoch + 1, "train": train_losses, "lr": opt.lr}
+        val, improved = None, False
         if ctx.is_main or validate_everywhere:
-            if missing_rate is not None:
-                val = evaluate_missing_rates(model, splits["val"], rates=[missing_rate], protocol=cfg.missing_protocol,
-                                             batch_size=stage.batch_size, device=device, seed=cfg.seed)
-            else:
-                if stage.reseed_each_pass is not None:
-                    torch.manual_seed(stage.reseed_each_pass)
-                val = evaluate_model(model, splits["val"], num_classes=num_classes, conditions=val_conditions,
-                                     device=device, corruption=stage.corruption,
-                                     noise_steps=cfg.noise_steps, seed=cfg.seed,
-                                     noise_padding=stage.noise_padding)
+            val = data.validate(model, device, num_classes)
             metric = val["overall"][stage.select_metric]
             record["val"] = val["overall"]
             record["seconds"] = round(time.perf_counter() - epoch_start, 3)
-            history.append(record)
-            if stage.lr_policy == "plateau":
-                lr_scheduler.step(metric)
-            improved = better(metric, best_metric)
+            progress.history.append(record)
+            opt.after_validation(metric)
+            improved = selection.better(metric, progress.best_metric)
             if improved:
-                best_metric, best_epoch, best_val = metric, epoch + 1, val
+                progress.best_metric, progress.best_epoch, progress.best_val = metric, epoch + 1, val
         if ctx.is_main:
-            name = epoch_name(epoch + 1)
-            save_weights(stage_dir / f"{name}.safetensors", model, {**metadata, "epoch": epoch + 1, "val": val})
-            if improved:
-                link_or_copy(stage_dir / f"{name}.safetensors", stage_dir / "best.safetensors")
-            save_state(stage_dir / f"{name}.state.pt", {
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "epoch": epoch,
-                "best_metric": best_metric,
-                "best_epoch": best_epoch,
-                "history": json.dumps(history),
-                "best_val": json.dumps(best_val),
-            })
-            _write_json(latest, {"weights": f"{name}.safetensors", "state": f"{name}.state.pt", "epoch": epoch + 1})
-            prune_epochs(stage_dir, cfg.keep_checkpoints, epoch + 1)
+            save_epoch(stage_dir, epoch, model, opt, progress, metadata=metadata, val=val, improved=improved,
+                       keep=cfg.keep_checkpoints)
             if tracker is not None:
-                tracker.epoch_end(stage.name, history)
-            parts_text = " ".join(f"{k}={v:.4f}" for k, v in train_losses.items())
-            seconds = record["seconds"]
-            left = (total_epochs - epoch - 1) * seconds
-            log(f"[{cfg.model}/{stage.name}] epoch {epoch + 1}/{total_epochs} {parts_text} "
-                f"val {stage.select_metric}={metric:.4f} (best {best_metric:.4f} @ {best_epoch}) "
-                f"{seconds:.1f} s" + (f", ~{_duration(left)} left in this stage" if left >= 1 else ""))
+                tracker.epoch_end(stage.name, progress.history)
+            _log_epoch(log, cfg, stage, epoch, total_epochs, train_losses, metric, progress, record["seconds"])
         ctx.barrier()
 
     if ctx.is_main and total_epochs > 0:
-        _write_json(stage_dir / "done.json", {"best_epoch": best_epoch, "best_metric": best_metric, "val": best_val,
-                                              "history": history})
-        drop_states(stage_dir)
+        finish_stage(stage_dir, progress)
     ctx.barrier()
     # The next stage (and the final model) start from the selected epoch, not the last one.
     load_weights(stage_dir / "best.safetensors", model)
-    return StageResult(stage.name, best_epoch, best_metric, best_val, history, time.perf_counter() - start_time)
+    return StageResult(stage.name, progress.best_epoch, progress.best_metric, progress.best_val, progress.history,
+                       time.perf_counter() - start_time)
 
 
-def evaluate_split(model: torch.nn.Module, dataset: Any, cfg: TrainConfig, stage: Stage, *,
-                   device: torch.device) -> dict[str, Any]:
-    """The final evaluation of a trained model: the six missing conditions and full (utterance and dialogue data), or
-    IMDer's missing-rate sweep ``cfg.eval_missing_rates`` (sequence data)."""
-    if views_for(dataset).kind == "sequences":
-        return evaluate_missing_rates(model, dataset, rates=list(cfg.eval_missing_rates),
-                                      protocol=cfg.missing_protocol, batch_size=stage.batch_size, device=device,
-                                      seed=cfg.seed)
-    if stage.reseed_each_pass is not None:
-        torch.manual_seed(stage.reseed_each_pass)
-    return evaluate_model(model, dataset, num_classes=dataset.num_classes, conditions="six+full", device=device,
-                          corruption=stage.corruption, noise_steps=cfg.noise_steps, seed=cfg.seed,
-                          with_per_class=True, noise_padding=stage.noise_padding)
+def _log_epoch(log: Callable[[str], None], cfg: TrainConfig, stage: Stage, epoch: int, total_epochs: int,
+               train_losses: dict[str, float], metric: float, progress: StageProgress, seconds: float) -> None:
+    parts_text = " ".join(f"{k}={v:.4f}" for k, v in train_losses.items())
+    left = (total_epochs - epoch - 1) * seconds
+    log(f"[{cfg.model}/{stage.name}] epoch {epoch + 1}/{total_epochs} {parts_text} "
+        f"val {stage.select_metric}={metric:.4f} (best {progress.best_metric:.4f} @ {progress.best_epoch}) "
+        f"{seconds:.1f} s" + (f", ~{_duration(left)} left in this stage" if left >= 1 else ""))
 
 
 def load_data(spec: str, *, fold: int, seed: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -633,12 +457,12 @@ def fit(cfg: TrainConfig, *, splits: dict[str, Any] | None = None, teacher_check
         for index, stage in enumerate(stages):
             if cfg.resume and not (index == 0 and teacher is not None):
                 stage_dir = out_dir / stage.name
-                _check_stage_dir(stage_dir, _stage_fingerprint(cfg, stage), True)
+                check_stage_dir(stage_dir, stage_fingerprint(cfg, stage), True)
                 # The files a resume reads, read now: a broken one is refused before anything is written.
                 if (stage_dir / "done.json").is_file():
-                    _stage_done(stage_dir)
+                    stage_done(stage_dir)
                 elif (stage_dir / "latest.json").is_file():
-                    _pointer(stage_dir / "latest.json")
+                    latest_pointer(stage_dir / "latest.json")
 
     check_stage_dirs()
     with run_lock(out_dir) if ctx.is_main else contextlib.nullcontext():
@@ -678,7 +502,7 @@ def _fit(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, Any], te
         log_fn(line)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(out_dir / "run.json", {
+        write_json(out_dir / "run.json", {
             "config": config_to_dict(cfg),
             "stages": [{**asdict(s), "model": s.model.__name__} for s in stages],
             "dims": list(dims), "num_classes": num_classes, "class_names": list(class_names),
@@ -705,7 +529,7 @@ def _fit_stages(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, A
     for index, stage in enumerate(stages):
         # Each stage is built only once its teacher is trained: a student freezes the teacher it is given and copies
         # its encoders at construction.
-        torch.manual_seed(_derive_seed(cfg.seed, index))
+        torch.manual_seed(derive_seed(cfg.seed, index))
         kwargs = {**data_kwargs(stage.model, train), **stage.hparams}
         if models:
             kwargs["teacher"] = models[-1]
@@ -726,8 +550,8 @@ def _fit_stages(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, A
             log_fn(f"[{cfg.model}/{stage.name}] loaded from {teacher_checkpoint}")
             results.append(StageResult(stage.name, -1, math.nan, {}))
             continue
-        _claim_stage_dir(stage_dir, _stage_fingerprint(cfg, stage), cfg.resume, ctx)
-        done = _stage_done(stage_dir) if cfg.resume else None
+        claim_stage_dir(stage_dir, stage_fingerprint(cfg, stage), cfg.resume, ctx)
+        done = stage_done(stage_dir) if cfg.resume else None
         if done is not None:
             load_weights(stage_dir / "best.safetensors", model)
             log_fn(f"[{cfg.model}/{stage.name}] already trained (best epoch {done['best_epoch']}); loaded")
@@ -754,7 +578,7 @@ def _fit_stages(cfg: TrainConfig, stages: tuple[Stage, ...], splits: dict[str, A
             for name in (last_best, *twins):
                 link_or_copy(out_dir / "model.safetensors", name)
         test_metrics = evaluate_split(final, splits["test"], cfg, stages[-1], device=device)
-        _write_json(out_dir / "test_metrics.json", {"corruption": stages[-1].corruption, "metrics": test_metrics,
+        write_json(out_dir / "test_metrics.json", {"corruption": stages[-1].corruption, "metrics": test_metrics,
                                                     "stages": [asdict(r) for r in results]})
         if "confusion" in test_metrics:
             from mmer_ext.report import plot_confusion_matrices

@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
         # A finished stage drops its optimizer states; keep them, so that deleting done.json makes an unfinished
         # stage whose latest.json resume follows.
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("mmer_ext.train.trainer.drop_states", lambda stage_dir: None)
+            mp.setattr("mmer_ext.train.stage_dir.drop_states", lambda stage_dir: None)
             assert main([*TRAIN, "--out", "run"]) == 0
     finally:
         os.chdir(cwd)
