@@ -193,7 +193,7 @@ def test_failure_during_serialisation_keeps_old_file(tmp_path, monkeypatch):
         fh.write('{"v": 2, "trunc')
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(report.json, "dump", half_dump)
+    monkeypatch.setattr(report.records.json, "dump", half_dump)
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_results_json(path, {"v": 2})
     assert path.read_bytes() == old

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_cv(cfg, args: argparse.Namespace) -> int:
-    from mmer_ext.report import format_mean_std_table, _is_missing_rate_results
+    from mmer_ext.report import format_mean_std_table, is_missing_rate_results
     from mmer_ext.train.config import ConfigError
     from mmer_ext.train.cv import run_cv
 
@@ -143,7 +143,7 @@ def _run_cv(cfg, args: argparse.Namespace) -> int:
                           "--seeds")
     result = run_cv(cfg)
     if result.mean:
-        regression = _is_missing_rate_results(result.mean)
+        regression = is_missing_rate_results(result.mean)
         print(format_mean_std_table({cfg.model: (result.mean, result.std)}, regression=regression))
         print("wrote " + ", ".join(str(p) for p in result.files))
     return 0

@@ -204,7 +204,7 @@ def write_cv_outputs(out_dir: Path, cfg: TrainConfig, runs: list[dict[str, Any]]
 
     per_run = {_row_name(r): r["metrics"] for r in runs}
     table = {**per_run, "mean": mean, "std": std}
-    regression = report._is_missing_rate_results(mean)
+    regression = report.is_missing_rate_results(mean)
     paths = [report.write_results_json(out_dir / "cv_results.json", {
         "model": cfg.model, "data": cfg.data, "n_runs": len(runs),
         "runs": [{k: r[k] for k in ("fold", "seed", "dir", "reused", "metrics")} for r in runs],
