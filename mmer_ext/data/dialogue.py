@@ -47,11 +47,11 @@ from mmer_ext.data.protocols import (
     MODALITIES,
     PROTOCOL_MODES,
     NoiseScheduler,
-    _epoch_seed,
     condition_index,
     corrupt_batch,
 )
 from mmer_ext.data.utterance import ModalityDims
+from mmer_ext.seeding import derive_seed
 
 __all__ = [
     "VAL_PROTOCOLS",
@@ -367,7 +367,7 @@ class DialogueConditionView(Dataset):
         """Redraw the ``train`` / ``train+full`` conditions for ``epoch``."""
         self.epoch = int(epoch)
         if self.mode in ("train", "train+full"):
-            gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, scheme="splitmix"))
             high = 6 if self.mode == "train" else 7
             if self.per == "utterance":
                 self._conditions = torch.randint(0, high, (self.base.num_utterances,), generator=gen)

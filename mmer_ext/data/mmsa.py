@@ -33,7 +33,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from mmer_ext._atomic import atomic_write_bytes, atomic_write_text
 from mmer_ext.data.checks import check_ids, check_range

@@ -83,6 +83,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mmer_ext.seeding import derive_seed
+
 MODALITIES = ("A", "V", "L")
 MISSING_CONDITIONS = torch.tensor(
     [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=torch.int64
@@ -109,14 +111,6 @@ def condition_index(missing_index: torch.Tensor) -> torch.Tensor:
     if (out < 0).any():
         raise ValueError("missing_index has a row with every modality missing")
     return out
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """Mix (seed, epoch) into one 63-bit seed (splitmix64 finaliser), so nearby pairs give unrelated streams."""
-    x = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 64)
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % (1 << 64)
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
 class MissingConditionDataset(Dataset):
@@ -154,7 +148,7 @@ class MissingConditionDataset(Dataset):
         """Redraw the training conditions for ``epoch`` (deterministic in ``(seed, epoch)``)."""
         self.epoch = int(epoch)
         if self.mode in ("train", "train+full"):
-            g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, scheme="splitmix"))
             high = 6 if self.mode == "train" else 7
             self._conditions = torch.randint(0, high, (self._n,), generator=g, dtype=torch.int64)
         elif self.mode == "expand":

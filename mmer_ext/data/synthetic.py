@@ -93,7 +93,7 @@ import torch
 from mmer_ext.corpora import IEMOCAP_ERC_CLASS_FREQUENCIES, IEMOCAP_ERC_CLASS_NAMES
 from mmer_ext.data.dialogue import VAL_PROTOCOLS, DialogueDataset
 from mmer_ext.data.erc import IEMOCAP_ERC_DIMS
-from mmer_ext.data.protocols import _epoch_seed
+from mmer_ext.seeding import derive_seed
 from mmer_ext.data.sequences import SequenceDataset
 from mmer_ext.data.utterance import MODALITIES, ModalityDims, UtteranceDataset
 
@@ -125,7 +125,7 @@ PRESETS = {
 
 
 def _gen(seed: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_epoch_seed(seed, stream))
+    return torch.Generator().manual_seed(derive_seed(seed, stream, scheme="splitmix"))
 
 
 def _proportional_counts(total: int, weights: Sequence[float], minimum: Sequence[int] | None = None) -> list[int]:
@@ -756,7 +756,7 @@ def make_synthetic_dialogues(
     num_classes = len(IEMOCAP_ERC_CLASS_NAMES)
 
     # Structure (shared by the splits).
-    g0 = torch.Generator().manual_seed(_epoch_seed(seed, 1000))
+    g0 = torch.Generator().manual_seed(derive_seed(seed, 1000, scheme="splitmix"))
     mu = torch.zeros(num_classes, k)
     mu[:, :2] = torch.tensor(_AROUSAL_VALENCE_6)
     other = torch.randn(k - 2, num_classes, generator=g0, dtype=torch.float64)
@@ -776,7 +776,7 @@ def make_synthetic_dialogues(
             out[split] = DialogueDataset([], [], [], [], [], [], class_names=IEMOCAP_ERC_CLASS_NAMES,
                                          num_speakers=s_hi, dims=dims)
             continue
-        gen = torch.Generator().manual_seed(_epoch_seed(seed, 1001 + s_idx))
+        gen = torch.Generator().manual_seed(derive_seed(seed, 1001 + s_idx, scheme="splitmix"))
         lens = torch.randint(lo, hi + 1, (n_dlg,), generator=gen)
         cast = torch.randint(s_lo, s_hi + 1, (n_dlg,), generator=gen)
         n = int(lens.sum())

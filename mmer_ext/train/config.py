@@ -17,14 +17,18 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmer_ext.data.protocols import CORRUPTION_MODES, MISSING_RATES, MR_PROTOCOLS
+
 __all__ = ["TrainConfig", "ConfigError", "Limits", "check_field", "load_config", "config_to_dict", "validate"]
 
+# The choices come from the modules that own them. Recipe and sampler names are the exception: their owners
+# (models.recipes, sampling) load the compiled ops, and `mmer-ext --help` must work without them; so the names are
+# listed here and python_tests/train/test_train_config.py checks them against RECIPES and SAMPLERS.
 MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei",
           "imder-authors", "baseline-msp", "mmin-msp", "nmer-authors", "mmgcn-authors", "mmgcn-meld-authors")
-CORRUPTIONS = ("zero", "gaussian", "impulse")
-# Score-based recovery samplers of IMDer (mmer_ext.sampling.SAMPLERS).
-SAMPLER_NAMES = ("em", "pc", "ode", "ode-heun", "ddim")
-MISSING_PROTOCOLS = ("per-sample", "per-batch")
+SAMPLER_NAMES = ("em", "pc", "ode", "ode-heun", "ddim")  # IMDer's score-based recovery samplers
+CORRUPTIONS = CORRUPTION_MODES
+MISSING_PROTOCOLS = MR_PROTOCOLS
 
 
 class ConfigError(ValueError):
@@ -60,15 +64,9 @@ def _opt(default: Any = None, help: str = "", *, factory: Any = None, limits: Li
     return field(default=default, metadata=metadata)
 
 
-def _missing_rate_choices() -> tuple[float, ...]:
-    from mmer_ext.data.protocols import MISSING_RATES
-
-    return tuple(MISSING_RATES)
-
-
 # torch.manual_seed takes 64-bit seeds and the trainer mixes them modulo 2**63 - 1: beyond that two seeds would alias.
 MAX_SEED = 2**63 - 2
-MR_LIMITS = Limits(choices=_missing_rate_choices(), what="IMDer's missing rates")
+MR_LIMITS = Limits(choices=tuple(MISSING_RATES), what="IMDer's missing rates")
 
 
 @dataclass

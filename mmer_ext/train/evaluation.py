@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmer_ext.data import NoiseScheduler
 from mmer_ext.metrics import condition_confusions, condition_metrics, per_class_f1
+from mmer_ext.seeding import derive_seed
 from mmer_ext.train.views import views_for
 
 __all__ = ["protocol_view", "iterate_batches", "predict", "evaluate_model", "collect_embeddings", "to_device",
@@ -155,12 +156,6 @@ def MR_KEY(mr: float) -> str:  # noqa: N802  (a key format, used like a constant
     return f"MR={mr:.1f}"
 
 
-def _rate_seed(seed: int, mr: float) -> int:
-    # One stream per (seed, missing rate): the patterns and the sampler noise of a rate do not depend on which other
-    # rates are evaluated, or in which order.
-    return seed * 1000 + round(mr * 10)
-
-
 def with_missing_patterns(batch: dict[str, Any], patterns: torch.Tensor) -> dict[str, Any]:
     """``batch`` with ``missing_index`` set to ``patterns`` ``[B, 3]`` (A, V, L; 1 = present) and the missing
     modalities zeroed (the clean features stay under ``"*_clean"``: the recovery target)."""
@@ -188,7 +183,7 @@ def missing_rate_batches(
 
     views = views_for(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=views.collate)
-    generator = torch.Generator().manual_seed(_rate_seed(seed, mr))
+    generator = torch.Generator().manual_seed(derive_seed(seed, mr, scheme="rate"))
     patterns = missing_rate_patterns(len(dataset), mr, protocol=protocol, batch_size=batch_size, generator=generator)
     start = 0
     for batch in loader:
@@ -229,7 +224,7 @@ def evaluate_missing_rates(
         for mr in rates:
             labels, preds, recovered, targets = [], [], [], []
             # The recovery sampler's noise too comes from a seeded generator: the sweep is repeatable.
-            sampler_gen = torch.Generator(device).manual_seed(_rate_seed(seed, mr))
+            sampler_gen = torch.Generator(device).manual_seed(derive_seed(seed, mr, scheme="rate"))
             for batch in missing_rate_batches(dataset, mr=mr, protocol=protocol, batch_size=batch_size,
                                               device=device, seed=seed):
                 if hasattr(model, "predict_with_recovery"):

@@ -18,7 +18,7 @@ from mmer_ext.models.recipes import Stage
 from mmer_ext.train.config import TrainConfig
 from mmer_ext.train.distributed import DistContext
 from mmer_ext.train.evaluation import evaluate_missing_rates, evaluate_model, with_missing_patterns
-from mmer_ext.train.seeds import derive_seed
+from mmer_ext.seeding import derive_seed
 from mmer_ext.train.views import STAGE_DATA_MODES, views_for
 
 __all__ = ["stage_missing_rate", "StageData", "ConditionStageData", "MissingRateStageData", "stage_data",

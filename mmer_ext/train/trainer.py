@@ -48,7 +48,7 @@ from mmer_ext.train.optim import StageOptimizer, make_optimizer, selection_for
 from mmer_ext.train.plan import format_plan, make_plan
 from mmer_ext.train.retention import link_or_copy
 from mmer_ext.train.rundir import check_out_dir, run_lock
-from mmer_ext.train.seeds import derive_seed
+from mmer_ext.seeding import derive_seed
 from mmer_ext.train.stage_data import StageData, evaluate_split, stage_data
 from mmer_ext.train.stage_dir import (
     StageProgress,
