@@ -202,10 +202,11 @@ class IMDer(MERModel):
       before this default changed load with ``"shared"``, what they were trained with.
     * **The score networks are per frame by default** (``score_net="frame"``), the authors' is a sequence U-Net
       (``"unet"``). Measured on the embedded data (``benchmarks/results/imder_score_diagnosis-*.md``): with the same
-      400 steps, a U-Net sample reaches correlation ~0.06 with the truth and spreads too wide, the frame net reaches
-      the correlation of a posterior sample (~r^2 of the ridge regressor) with the right spread; the U-Net has to
-      learn a score over ``d x L`` dimensions from a few hundred sequences, the frame net sees every step as an
-      example. Checkpoints written before this default changed load with ``"unet"``.
+      400 steps, a U-Net's EM-100 sample reaches correlation 0.05 with the truth and spreads 2.6x too wide, the
+      frame net 0.26 with the right spread (0.96x), the correlation of an exact posterior sample (r^2 = 0.26 for the
+      ridge regressor's r); the U-Net has to learn a score over ``d x L`` dimensions from a few hundred sequences,
+      the frame net sees every step as an example. Frames are sampled independently given the condition window.
+      Checkpoints written before this default changed load with ``"unet"``.
     * Missingness is per sample: every row has its own pattern and all rows missing a modality are recovered in one
       sampler call (the authors draw one pattern per batch). The score and reconstruction terms of modality ``m`` sum
       the per-row losses of the rows missing ``m`` and divide by the batch size, so their expectation over batches
