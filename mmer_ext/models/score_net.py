@@ -301,7 +301,10 @@ class FrameScoreNet(nn.Module):
     (:class:`ScoreNet`) has to learn a score over ``C x L`` dimensions from a few hundred sequences and stayed at
     a recovery correlation of ~0.09 where a posterior sample has ~0.3; this net sees every frame as a training
     example (``L`` times as many) in ``C`` dimensions and reaches the posterior's correlation in a few hundred steps.
-    Frames are sampled independently given the condition (the condition window carries the time structure).
+    Frames are sampled independently given the condition: the condition window carries the predictable time
+    structure, but what the condition cannot predict (on the embedded data a private offset per sequence, constant
+    in time) is redrawn at every step, so samples match the real frames' distribution, not the real sequences'
+    temporal coherence (see the demo's heatmaps).
 
     The noisy input is scaled by ``1 / sqrt(1 + std(t)^2)`` (unit-variance data stays O(1) at every noise level,
     EDM's ``c_in``) and, as :class:`ScoreNet`, the output is divided by ``std(t)``.
