@@ -62,9 +62,10 @@ class DemoPlan:
     20 instead of the papers' 40-80. ``mmer-ext train`` uses the IEMOCAP dims by default.
 
     IMDer keeps the paper's MulT and refiners (d = 32, 4 MulT levels, 20-block refiners) on the ``small`` MOSI-like
-    preset (400 / 100 / 200 sequences of 50 steps, text dims 32 instead of BERT's 768), with score networks sized for
-    that data (widths 32 / 64, one cross-attention layer, the condition also added directly: 0.14M parameters each
-    instead of the paper's 3.5M) and the recipe's three stages: 15 pretraining epochs, ``imder_score_passes`` passes
+    preset (400 / 100 / 200 sequences of 50 steps, text dims 32 instead of BERT's 768), with the package's default
+    per-frame score networks (``score_net="frame"``: a 3-block residual MLP of width 256 per step over a 5-step
+    condition window, 0.31M parameters each, instead of the paper's 3.5M-parameter sequence U-Net, which did not
+    learn the conditional on this data) and the recipe's three stages: 15 pretraining epochs, ``imder_score_passes`` passes
     of score pretraining on the complete training sequences, 6 missing-data epochs (the authors train until early
     stopping); 10-step DDIM is the recovery sampler instead of the authors' 100-step Euler-Maruyama
     (``benchmarks/imder_recovery.py`` compares them). The section then shows the recovery against zero-fill and a
@@ -95,8 +96,6 @@ class DemoPlan:
                           "mmin": {"teacher": 20, "student": 20}, "ifmmin": {"teacher": 20, "student": 20},
                           "nmer": {"teacher": 20, "student": 20}, "mmgcn": {"main": 20},
                           "imder": {"pretrain": 15, "score": 60, "main": 6}},
-            imder_hparams={"score_channels": [32, 64], "score_embed_dim": 64, "score_heads": 4, "score_layers": 1,
-                           "score_cond_skip": True},
         )
 
     @staticmethod
@@ -110,7 +109,7 @@ class DemoPlan:
             batch_size={**{m: 32 for m in UTTERANCE_MODELS}, "mmgcn": 4, "imder": 16},
             sequence_options={"sizes": (48, 16, 24)},
             imder_sampler=("ddim", 3),
-            imder_hparams={"score_channels": [8, 16], "rcab_blocks": 2, "nlevels": 1, "score_cond_skip": True},
+            imder_hparams={"score_hidden": 32, "score_depth": 1, "rcab_blocks": 2, "nlevels": 1},
         )
 
 

@@ -163,6 +163,7 @@ def authors_hparams(state: Mapping[str, Tensor], *, num_heads: int = 8, score_he
             rcab_blocks=_count(state, r"rec_l\.1\.body\.(\d+)\.body\.0\.weight"),
             rcab_reduction=int(state["rec_l.1.body.0.body.3.conv_du.2.weight"].shape[0]
                                // state["rec_l.1.body.0.body.3.conv_du.0.weight"].shape[0]),
+            score_net="unet",
             score_ema=None,  # their checkpoints hold no EMA of the score weights; their samplers read the live nets
         )
     except KeyError as e:

@@ -248,8 +248,10 @@ RECIPES["imder"] = _imder_with_score_stage(_imder_stages(32, 24, {"condition_noi
 RECIPES["imder-mosei"] = _imder_with_score_stage(_imder_stages(
     128, 5, {"nlevels": 6, "attn_dropout_a": 0.0, "embed_dropout": 0.0, "clip_grad_value": 0.6,
              "condition_noise": "clean"}))
-# The authors keep no EMA of the score weights: their samplers read the live networks.
-RECIPES["imder-authors"] = _imder_stages(32, 24, {"condition_noise": "shared", "score_ema": None})
+# The authors keep no EMA of the score weights (their samplers read the live networks) and score with a sequence
+# U-Net (the package's default is the per-frame score net, see IMDer's notes).
+RECIPES["imder-authors"] = _imder_stages(32, 24, {"condition_noise": "shared", "score_ema": None,
+                                                  "score_net": "unet"})
 
 
 # ---------------------------------------------------------------------------------------------- MSP-IMPROV (MMIN)

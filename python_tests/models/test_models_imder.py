@@ -7,13 +7,14 @@ import torch
 
 from mmer_ext.models import IMDer
 from mmer_ext.models import imder as imder_module
+from mmer_ext.models.score_net import FrameScoreNet, ScoreNet
 from mmer_ext.ops import ve_marginal_std
 from mmer_ext.sampling import sample
 
 DIMS = (5, 20, 32)
 T = 12
 TINY = dict(d_model=8, nlevels=1, num_heads=2, score_channels=(8, 16, 32, 32), score_heads=2, score_layers=1,
-            score_embed_dim=16, rcab_blocks=2, steps=3)
+            score_embed_dim=16, score_hidden=16, score_depth=1, rcab_blocks=2, steps=3)
 # Every pattern with at least one modality present (A, V, L; 1 = present).
 PATTERNS = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]])
 
@@ -48,7 +49,13 @@ def test_default_configuration():
     model = IMDer((5, 20, 768), rcab_blocks=1)  # fewer blocks only to build faster
     assert model.sampler == "em" and model.steps == 100 and model.sigma == 25.0
     assert model.clip_grad_value == 1.0 and model.clip_grad_norm is None
-    assert model.score["A"].widths == (32, 64, 128, 256)
+    # The package's per-frame score net by default; the authors' U-Net (their widths) on request.
+    assert model.score_net == "frame" and isinstance(model.score["A"], FrameScoreNet)
+    assert model.score["A"].cond_window == 5 and model.score["A"].out.in_features == 256
+    unet = IMDer((5, 20, 768), rcab_blocks=1, score_net="unet")
+    assert isinstance(unet.score["A"], ScoreNet) and unet.score["A"].widths == (32, 64, 128, 256)
+    with pytest.raises(ValueError, match="score_net"):
+        IMDer((5, 20, 768), rcab_blocks=1, score_net="mlp")
     assert model.proj["L"].weight.shape == (32, 768, 3) and model.proj["L"].bias is None
     assert model.stage == "pretrain"
     assert sorted(model.fuse) == ["AL", "AV", "VL"] and model.fuse["AV"].weight.shape == (32, 64, 1)
@@ -380,7 +387,7 @@ def test_condition_noise_reaches_the_score_loss_and_the_sampler(monkeypatch, mod
 def test_condition_is_clean_by_default_and_not_a_sampler_option():
     model = tiny()
     assert model.condition_noise == "clean"
-    assert IMDer.legacy_defaults == {"condition_noise": "shared", "score_ema": None}
+    assert IMDer.legacy_defaults == {"condition_noise": "shared", "score_ema": None, "score_net": "unet"}
     with pytest.raises(ValueError, match="condition_noise is the model's"):
         model.set_sampler("em", 3, condition_noise="shared")
 

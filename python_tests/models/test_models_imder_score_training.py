@@ -14,7 +14,7 @@ from mmer_ext.models.score_net import ScoreNet
 DIMS = (5, 20, 32)
 T = 12
 TINY = dict(d_model=8, nlevels=1, num_heads=2, score_channels=(8, 16), score_heads=2, score_layers=1,
-            score_embed_dim=16, rcab_blocks=1, steps=2, sampler="ddim")
+            score_embed_dim=16, score_hidden=16, score_depth=1, rcab_blocks=1, steps=2, sampler="ddim")
 
 
 def batch(b=6, seed=0, missing=None):
@@ -141,7 +141,7 @@ def test_condition_skip_adds_a_direct_condition_path():
     x, c = torch.randn(2, 8, 10), torch.randn(2, 8, 10)
     assert not torch.allclose(net(x, 0.5, c), plain(x, 0.5, c))
     assert torch.allclose(net(x, 0.5, None), plain(x, 0.5, None))
-    assert tiny(score_cond_skip=True).score["A"].down[0].cond_skip
+    assert tiny(score_cond_skip=True, score_net="unet").score["A"].down[0].cond_skip
 
 
 @pytest.mark.slow

@@ -59,6 +59,7 @@ def test_fit_runs_both_stages_and_the_sweep(tmp_path, seq_splits):
     # The condition mode is stated in the file; a file written before "clean" became the default (no such key)
     # loads with the authors' "shared", what it was trained with.
     assert [h["condition_noise"] for h in meta["hparams"]] == ["clean", "clean", "clean"]
+    assert [h["score_net"] for h in meta["hparams"]] == ["frame", "frame", "frame"]  # stated: its default changed
     assert [h.get("objective", "task") for h in meta["hparams"]] == ["task", "score", "task"]
     assert loaded.condition_noise == "clean"
     _rewrite_metadata(tmp_path / "run" / "model.safetensors", tmp_path / "old.safetensors",
@@ -83,6 +84,7 @@ def test_authors_recipe_keeps_their_condition_noise(tmp_path, seq_splits):
     from mmer_ext.train.trainer import resolve_stages
 
     assert [s.hparams["condition_noise"] for s in RECIPES["imder-authors"]] == ["shared", "shared"]
+    assert [s.hparams["score_net"] for s in RECIPES["imder-authors"]] == ["unet", "unet"]
     assert all(s.hparams["condition_noise"] == "clean" for r in ("imder", "imder-mosei") for s in RECIPES[r])
     # the config key still overrides it, per stage
     stages = resolve_stages(_cfg(tmp_path, hparams={"main": {"condition_noise": "independent"}}))
