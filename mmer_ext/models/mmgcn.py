@@ -399,15 +399,15 @@ class MMGCN(MERModel):
 
     def _dropout(self, x: Tensor) -> Tensor:
         """Inverted dropout. ``dropout_rng="uniform"`` keeps ``u >= p`` of a ``torch.rand_like`` draw (the global
-        generator, so seeding works as before): the same keep-probability as ``F.dropout`` in about a third of its
-        CPU time (``bernoulli_`` is the slow part), but a different stream of masks; ``"bernoulli"`` is
+        generator, so seeding works as before): the same keep-probability as ``F.dropout`` in about a quarter of its
+        CPU time, forward and backward (``bernoulli_`` is the slow part), but a different stream of masks; ``"bernoulli"`` is
         ``F.dropout``."""
         if not self.training or self.dropout == 0.0 or self.dropout_rng == "bernoulli":
             return F.dropout(x, self.dropout, self.training)
         if self.dropout >= 1.0:
             return x * 0.0
-        keep = torch.rand_like(x) >= self.dropout
-        return torch.where(keep, x * (1.0 / (1.0 - self.dropout)), 0.0)
+        # The mask is built in place in the uniform draw (two cheap passes) and is all the backward keeps.
+        return x * torch.rand_like(x).ge_(self.dropout).mul_(1.0 / (1.0 - self.dropout))
 
     def node_outputs(self, batch: Mapping[str, Tensor]) -> Tensor:
         """GCN node outputs ``[M, N, hidden + gcn_hidden]`` (``[dropout(x) || h]``)."""
