@@ -2,8 +2,12 @@
 
 Implementations, timed in the same run on the same batch and the same initial weights:
 
-* ``ours``: :class:`mmer_ext.models.MMGCN` as shipped: ``angular_adjacency(layout="blocks")`` and
-  ``block_graph_propagate`` (per-dialogue blocks, never the ``[M N, M N]`` matrix).
+* ``ours``: :class:`mmer_ext.models.MMGCN` as shipped: ``angular_adjacency(layout="blocks")`` split once per step
+  into the intra-modality blocks (``block_graph_propagate`` with one modality: ``M`` GEMMs per dialogue and layer)
+  and the diagonal cross-modality edges (``propagation="modal"``), never the ``[M N, M N]`` matrix; dropout masks
+  from a uniform draw (``dropout_rng="uniform"``).
+* ``ours-full-blocks``: the same with ``propagation="full"``: ``block_graph_propagate`` over the whole
+  ``M Lmax`` blocks (``M^2`` GEMMs per dialogue and layer), the path before issue 17.
 * ``authors-graph``: the same model with its ``adjacency`` replaced by ``angular_adjacency_mmgcn_loop`` (a dense
   ``[M N, M N]`` matrix filled by Python loops over dialogues, modalities, utterances and modality pairs, then
   normalised by diagonal matrix products, as MMGCN's ``create_big_adj``) and propagated by dense matmuls in each of
@@ -31,7 +35,7 @@ from mmer_ext.ops._reference import angular_adjacency_mmgcn_loop
 
 BATCH_DIALOGUES = 16
 EPOCH_BATCHES = 8  # 120 IEMOCAP training dialogues / 16
-IMPLS = ("ours", "authors-graph")
+IMPLS = ("ours", "ours-full-blocks", "authors-graph")
 
 
 class AuthorsGraphMMGCN(MMGCN):
@@ -50,7 +54,9 @@ def _setup():
     ours = MMGCN(train.dims, train.num_classes, num_speakers=train.num_speakers)
     authors = AuthorsGraphMMGCN(train.dims, train.num_classes, num_speakers=train.num_speakers)
     authors.load_state_dict(ours.state_dict())
-    return batch, {"ours": ours, "authors-graph": authors}
+    full = MMGCN(train.dims, train.num_classes, num_speakers=train.num_speakers, propagation="full")
+    full.load_state_dict(ours.state_dict())
+    return batch, {"ours": ours, "ours-full-blocks": full, "authors-graph": authors}
 
 
 def _step_fn(model: MMGCN, batch):

@@ -79,8 +79,8 @@ The authors' variants, where the package's default is a fix (each model's notes 
 attention across the batch, ``z`` sampled at evaluation, KL summed over the batch, the CVAE kaiming-initialised by
 ``init_net``, padding frames noised; the teacher's UNet term is not reproduced, see
 :class:`~mmer_ext.models.nmer.NMERTeacher`), ``mmgcn-authors`` / ``mmgcn-meld-authors`` (text BiLSTM over the
-zero-padded batch, RNG re-seeded with 27350 before every pass; add ``--select-on-test`` for their selection on
-the test set) and ``imder-authors``. MMIN and IF-MMIN have none:
+zero-padded batch, dropout masks drawn as their ``nn.Dropout``, RNG re-seeded with 27350 before every pass; add
+``--select-on-test`` for their selection on the test set) and ``imder-authors``. MMIN and IF-MMIN have none:
 their defaults are the authors' code. IF-MMIN's and NMER's MSP-IMPROV settings are not in their repositories'
 scripts, so there is no ``ifmmin-msp`` / ``nmer-msp``.
 
@@ -281,11 +281,11 @@ RECIPES["nmer-authors"] = (
 )
 RECIPES["mmgcn-authors"] = (
     replace(RECIPES["mmgcn"][0], reseed_each_pass=27350,
-            hparams={**RECIPES["mmgcn"][0].hparams, "text_lstm_input": "padded"}),
+            hparams={**RECIPES["mmgcn"][0].hparams, "text_lstm_input": "padded", "dropout_rng": "bernoulli"}),
 )
 RECIPES["mmgcn-meld-authors"] = (
     replace(RECIPES["mmgcn-meld"][0], reseed_each_pass=27350,
-            hparams={**RECIPES["mmgcn-meld"][0].hparams, "text_lstm_input": "padded"}),
+            hparams={**RECIPES["mmgcn-meld"][0].hparams, "text_lstm_input": "padded", "dropout_rng": "bernoulli"}),
 )
 
 

@@ -223,6 +223,7 @@ def _dialogue_batch(lengths):
 def test_mmgcn_authors_recipe_reproduces_the_padded_text_lstm(recipe):
     (stage,) = RECIPES[recipe]
     assert stage.reseed_each_pass == 27350 and stage.hparams["text_lstm_input"] == "padded"
+    assert stage.hparams["dropout_rng"] == "bernoulli"  # their nn.Dropout's masks
     hp = {**stage.hparams, "num_layers": 2, "class_weights": None}
     model = MMGCN(DIMS, 6, num_speakers=2, **hp).eval()
     torch.manual_seed(4)

@@ -297,3 +297,61 @@ def test_state_dict_round_trip_and_recipe():
     batch = make_batch()
     with torch.no_grad():
         assert torch.equal(net(batch), clone(batch))
+
+
+@pytest.mark.parametrize("missing", [None, "isolate"])
+@pytest.mark.parametrize("window", [None, 1])
+def test_modal_propagation_matches_full_blocks(missing, window):
+    """propagation="modal" (intra-modality blocks + diagonal cross-modality edges) is the full block product on
+    MMGCN's graph: same output and same gradients, including through the adjacency into the encoders."""
+    kw = dict(dropout=0.0, window=window, num_layers=3)
+    if missing:
+        kw["missing_nodes"] = missing
+    full, modal = model(propagation="full", **kw), model(**kw)
+    modal.load_state_dict(full.state_dict())
+    batch = _missing_batch("azl") if missing else make_batch(lengths=(5, 1, 7, 2))
+    outs = []
+    for net in (full, modal):
+        out = net(batch)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    for g_modal, g_full in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(g_modal, g_full, rtol=1e-4, atol=1e-6)
+    assert outs[0][1][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("m", ["l", "al"])
+def test_modal_propagation_subsets(m):
+    full, modal = model(propagation="full", modalities=m, dropout=0.0), model(modalities=m, dropout=0.0)
+    modal.load_state_dict(full.state_dict())
+    batch = make_batch()
+    torch.testing.assert_close(modal(batch), full(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_dropout_keep_probability_and_seeding():
+    net = model(dropout=0.3).train()
+    x = torch.ones(200_000)
+    torch.manual_seed(5)
+    y = net._dropout(x)
+    kept = (y != 0).double().mean().item()
+    assert abs(kept - 0.7) < 5 * math.sqrt(0.7 * 0.3 / x.numel())  # binomial, 5 sigma
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))  # inverted dropout: E[y] = x
+    torch.manual_seed(5)
+    assert torch.equal(net._dropout(x), y)  # the global generator: seeding reproduces the masks
+    assert torch.equal(net.eval()._dropout(x), x)
+    bern = model(dropout=0.3, dropout_rng="bernoulli").train()
+    torch.manual_seed(5)
+    assert torch.equal(bern._dropout(x), (torch.manual_seed(5), torch.nn.functional.dropout(x, 0.3))[1])
+    g = torch.randn(50)
+    x = torch.randn(50, requires_grad=True)
+    y = net.train()._dropout(x)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g * (y.detach() / x.detach()))  # the backward applies the same mask
+
+
+def test_propagation_and_dropout_rng_arguments():
+    with pytest.raises(ValueError, match="propagation"):
+        model(propagation="sparse")
+    with pytest.raises(ValueError, match="dropout_rng"):
+        model(dropout_rng="philox")
