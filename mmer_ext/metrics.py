@@ -5,7 +5,7 @@ report numbers computed with ``sklearn.metrics``, so calling the same functions 
 difference in a table is a difference in the model and not in the arithmetic. This module only converts inputs,
 validates them, and slices them by condition.
 
-Definitions (SPEC section 3):
+Definitions (as the authors' evaluation code computes them):
 
 - ``WA`` (weighted accuracy) = ``accuracy_score``: the fraction of items classified correctly.
 - ``UA`` (unweighted accuracy, UAR) = ``recall_score(average="macro")``: the mean of the per-class recalls, so every
@@ -15,7 +15,7 @@ Definitions (SPEC section 3):
 
 All four are fractions in [0, 1]; the report module turns them into percentages.
 
-Sentiment regression (MOSI / MOSEI, IMDer): :func:`regression_metrics` follows MMSA's ``MetricsTop`` exactly (SPEC
+Sentiment regression (MOSI / MOSEI, IMDer): :func:`regression_metrics` follows MMSA's ``MetricsTop`` exactly (as IMDer ships it, github.com/mdswyz/IMDer;
 section 3), again through ``sklearn.metrics`` for the binary scores:
 
 - ``Acc2_has0`` / ``F1_has0``: ``pred >= 0`` vs ``y >= 0`` over all samples (accuracy, weighted F1).

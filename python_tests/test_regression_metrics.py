@@ -1,4 +1,4 @@
-"""Sentiment regression metrics (MMSA MetricsTop semantics, SPEC 3) and recovery metrics, on hand-worked cases."""
+"""Sentiment regression metrics (MMSA MetricsTop semantics, as IMDer ships it) and recovery metrics, on hand-worked cases."""
 
 from __future__ import annotations
 

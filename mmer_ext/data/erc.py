@@ -54,7 +54,7 @@ IEMOCAP_ERC_DIMS = ModalityDims(1582, 342, 100)
 MELD_DIMS = ModalityDims(300, 342, 600)
 #: ``val_from`` values: carve validation dialogues from train (default) or reuse the test set (authors' protocol).
 
-# Standard splits: (dialogues, utterances) per split, None = not fixed by the SPEC.
+# Standard splits: (dialogues, utterances) per split, None = not fixed by the authors' data.
 _STANDARD_SPLITS = {
     "iemocap-erc": {"train": (120, 5810), "test": (31, 1623)},
     "meld": {"train": None, "test": (280, 2610)},
@@ -222,7 +222,7 @@ def load_iemocap_erc(
     check_split: str = "warn",
     class_names: Sequence[str] = IEMOCAP_ERC_CLASS_NAMES,
 ) -> dict[str, DialogueDataset]:
-    """Load DialogueGCN / MMGCN's ``IEMOCAP_features.pkl`` (SPEC 2.3; emits :class:`UnsafePickleWarning`).
+    """Load DialogueGCN / MMGCN's ``IEMOCAP_features.pkl`` (github.com/hujingwen6666/MMGCN; emits :class:`UnsafePickleWarning`).
 
     Parameters
     ----------
@@ -264,7 +264,7 @@ def load_meld(
     check_split: str = "warn",
     class_names: Sequence[str] = MELD_CLASS_NAMES,
 ) -> dict[str, DialogueDataset]:
-    """Load MMGCN's ``MELD_features_raw1.pkl`` (SPEC 2.3; emits :class:`UnsafePickleWarning`).
+    """Load MMGCN's ``MELD_features_raw1.pkl`` (github.com/hujingwen6666/MMGCN; emits :class:`UnsafePickleWarning`).
 
     As :func:`load_iemocap_erc`, for the 10-tuple (the last item is unused): speakers are one-hot lists (9-d) ->
     argmax (``num_speakers`` = their length), labels 0 neutral, 1 surprise, 2 fear, 3 sadness, 4 joy, 5 disgust,

@@ -360,7 +360,7 @@ def load_msp_improv(
 
     As :func:`load_iemocap`, except: acoustic features come from ``A/comparE_raw.h5`` and ``norm_method="trn"``
     normalises them with the mean/std over all frames of all utterances in that file; labels are integers (a
-    one-hot ``(N, C)`` array is also accepted) and names plain strings. The SPEC does not fix the MSP class order,
+    one-hot ``(N, C)`` array is also accepted) and names plain strings. The authors' code (MMIN, IF-MMIN) does not fix the MSP class order,
     so the class names are generic unless given.
     """
     return _load("msp", path, cv, splits, norm_method, dims, tuple(class_names))

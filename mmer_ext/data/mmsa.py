@@ -1,7 +1,7 @@
 r"""MOSI / MOSEI in MMSA's pickles (for IMDer): the loader and a pickle-free cache of the three splits, all as
 :class:`~mmer_ext.data.sequences.SequenceDataset` splits.
 
-MMSA pickles (SPEC 2.1)
+MMSA pickles (as IMDer's ``data_loader.py`` reads them; github.com/mdswyz/IMDer)
 -----------------------
 :func:`load_mmsa` reads MMSA's ``aligned_50.pkl`` / ``unaligned_50.pkl``: a dict with ``"train"``, ``"valid"``,
 ``"test"``, each a dict of numpy arrays with ``N`` rows: ``text`` ``(N, 50, D_L)`` (precomputed embeddings),
@@ -180,7 +180,7 @@ def _parse_mmsa(obj: Any, path: str, use_bert: bool | None, nonfinite: str) -> d
 
 def load_mmsa(path: str | os.PathLike, *, use_bert: bool = False, nonfinite: str = "error",
               ) -> dict[str, SequenceDataset]:
-    """Load an MMSA ``aligned_50.pkl`` / ``unaligned_50.pkl`` (MOSI, MOSEI; SPEC 2.1). Emits UnsafePickleWarning.
+    """Load an MMSA ``aligned_50.pkl`` / ``unaligned_50.pkl`` (MOSI, MOSEI; the layout IMDer's ``data_loader.py`` reads). Emits UnsafePickleWarning.
 
     Parameters
     ----------

@@ -713,7 +713,7 @@ def make_synthetic_dialogues(
     A 0.38 / 0.39, V 0.28 / 0.30, L 0.48 / 0.48, all three 0.54 / 0.55 accuracy; with the mean features of the
     utterances within +-3 positions appended - all three 0.65 / 0.66 (weighted F1 within 0.01 of accuracy). That is
     the IEMOCAP-ERC regime: utterance-level models in the mid 50s, MMGCN's published weighted F1 66.2. A 16-layer
-    MMGCN trained 20 epochs (SPEC hyper-parameters) on the same data reaches a test weighted F1 of 0.62.
+    MMGCN trained 20 epochs (the authors' run.sh hyper-parameters) on the same data reaches a test weighted F1 of 0.62.
 
     Parameters
     ----------

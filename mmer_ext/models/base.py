@@ -46,7 +46,7 @@ def trainable_copy(module: nn.Module) -> nn.Module:
 class MERModel(nn.Module):
     """Base class of every model of :mod:`mmer_ext.models`.
 
-    Subclasses set the class attribute :attr:`clip_grad_norm` (the max gradient norm of the SPEC, ``None`` = no
+    Subclasses set the class attribute :attr:`clip_grad_norm` (the max gradient norm of the authors' recipe, ``None`` = no
     clipping) and implement ``forward(batch) -> logits`` and ``training_loss(batch) -> (loss, parts)``.
 
     Frozen submodules (a student's teacher) are registered with :meth:`register_frozen`: they stay in the
@@ -54,7 +54,7 @@ class MERModel(nn.Module):
     :meth:`trainable_parameters` and stay in eval mode through ``train()``.
     """
 
-    #: Max global gradient norm per SPEC (None = no clipping).
+    #: Max global gradient norm per the authors' recipe (None = no clipping).
     clip_grad_norm: float | None = None
 
     def __init__(self) -> None:

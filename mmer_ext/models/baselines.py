@@ -1,4 +1,4 @@
-"""Full-modality baseline ``UttFusion`` (= MMIN's stage-1 teacher ``utt_fusion``, SPEC 1.3)."""
+"""Full-modality baseline ``UttFusion`` (= MMIN's stage-1 teacher ``utt_fusion``; MMIN, Zhao et al., ACL 2021; github.com/AIM3-RUC/MMIN)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Building blocks shared by the MMIN family (MMIN, IF-MMIN, NMER): modality encoders, classifier heads and the
 cascade residual autoencoders.
 
-Every shape and layer order here follows SPEC section 1.3/1.4 (the authors' ``utt_fusion`` / ``mmin`` /
+Every shape and layer order here follows the authors' code of MMIN (github.com/AIM3-RUC/MMIN) and IF-MMIN (github.com/ZhuoYulang/IF-MMIN) (their ``utt_fusion`` / ``mmin`` /
 ``IF-MMIN`` networks); the code is written from that description, not copied.
 
 The three utterance encoders map a padded sequence ``[B, T, D_m]`` to one ``[B, 128]`` vector:
@@ -258,7 +258,7 @@ def _mlp(sizes: Sequence[int], act: type[nn.Module], dropout: float, use_bn: boo
 
 
 class ResidualAE(nn.Module):
-    """MMIN's cascade residual autoencoder (CRA), exactly as SPEC 1.3 describes the authors' ``ResidualAE``.
+    """MMIN's cascade residual autoencoder (CRA), exactly as the authors' ``ResidualAE`` (MMIN, Zhao et al., ACL 2021; github.com/AIM3-RUC/MMIN).
 
     ``n_blocks`` autoencoders, block ``i``: encoder ``Lin(in, 256)-LReLU-Lin(256, 128)-LReLU-Lin(128, 64)``, decoder
     ``Lin(64, 128)-ReLU-Lin(128, 256)-ReLU-Lin(256, in)``. With ``x_out_0 = 0``::
@@ -317,7 +317,7 @@ class ResidualAE(nn.Module):
 
 
 class ResidualXE(ResidualAE):
-    """IF-MMIN's invariant-aware cascade autoencoder (SPEC 1.4): the same blocks as :class:`ResidualAE`, but every
+    """IF-MMIN's invariant-aware cascade autoencoder (IF-MMIN, Zuo et al., ICASSP 2023; github.com/ZhuoYulang/IF-MMIN): the same blocks as :class:`ResidualAE`, but every
     block sees the previous block's reconstruction plus the invariant features ``S`` instead of a running sum::
 
         x_out = x

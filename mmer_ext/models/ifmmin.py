@@ -1,4 +1,4 @@
-"""IF-MMIN (Zuo et al., ICASSP 2023): invariant-feature-aware missing modality imagination, SPEC 1.4."""
+"""IF-MMIN (Zuo et al., ICASSP 2023): invariant-feature-aware missing modality imagination; github.com/ZhuoYulang/IF-MMIN."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class UttShared(MERModel):
 
     Notes
     -----
-    SPEC gives no gradient clip for ``utt_shared``; it inherits ``utt_fusion``'s training loop, so we use 0.5.
+    The authors' code gives no gradient clip for ``utt_shared``; it inherits ``utt_fusion``'s training loop, so we use 0.5.
     """
 
     clip_grad_norm = 0.5

@@ -1,4 +1,4 @@
-"""IMDer (Wang et al., NeurIPS 2023): incomplete multimodal learning with score-based diffusion recovery, SPEC 1.1.
+"""IMDer (Wang et al., NeurIPS 2023): incomplete multimodal learning with score-based diffusion recovery; github.com/mdswyz/IMDer.
 
 Features of each modality go through a frozen temporal Conv1d projection to ``[B, d, T - 2]`` (d = 32, 48 steps for
 MOSI's T = 50). For every missing modality a conditional score network (:class:`~mmer_ext.models.score_net.ScoreNet`,

@@ -1,4 +1,4 @@
-r"""MMGCN (Hu et al., ACL 2021): multimodal fused graph convolution over a dialogue (SPEC 1.2).
+r"""MMGCN (Hu et al., ACL 2021): multimodal fused graph convolution over a dialogue; github.com/hujingwen6666/MMGCN.
 
 Every utterance of a dialogue becomes one node per modality; a deep GCNII stack propagates over a graph whose
 edges are the angular similarity of the node features, and each utterance is classified from its nodes' outputs.
@@ -91,7 +91,7 @@ from mmer_ext.ops import angular_adjacency, block_graph_propagate
 __all__ = ["GCNIILayer", "IEMOCAP_ERC_CLASS_WEIGHTS", "MMGCN", "gcnii_theta", "mmgcn_focal_loss",
            "parse_modalities"]
 
-#: MMGCN's IEMOCAP class weights, ``1 / frequency`` of happy, sad, neutral, angry, excited, frustrated (SPEC 1.2).
+#: MMGCN's IEMOCAP class weights, ``1 / frequency`` of happy, sad, neutral, angry, excited, frustrated (the authors' code, github.com/hujingwen6666/MMGCN).
 IEMOCAP_ERC_CLASS_WEIGHTS: tuple[float, ...] = tuple(1.0 / f for f in IEMOCAP_ERC_CLASS_FREQUENCIES)
 MISSING_NODE_MODES = ("zero", "input", "isolate")
 _LETTER = {"a": "A", "v": "V", "l": "L", "t": "L"}
@@ -99,7 +99,7 @@ _LETTER = {"a": "A", "v": "V", "l": "L", "t": "L"}
 
 def parse_modalities(modalities: str | Sequence[str]) -> tuple[str, ...]:
     """Canonical modality tuple (subset of ``("A", "V", "L")``, in that order) of a spec like ``"avl"``, ``"al"``,
-    ``"t"`` (the SPEC's / MMGCN's ``t`` for text is accepted as ``l``) or ``("A", "L")``."""
+    ``"t"`` (MMGCN's ``t`` for text is accepted as ``l``) or ``("A", "L")``."""
     letters = [str(c).lower() for c in (modalities if not isinstance(modalities, str) else list(modalities))]
     bad = [c for c in letters if c not in _LETTER]
     if bad or not letters:

@@ -1,4 +1,4 @@
-"""MMIN (Zhao et al., ACL 2021): missing modality imagination with a cascade residual autoencoder, SPEC 1.3."""
+"""MMIN (Zhao et al., ACL 2021): missing modality imagination with a cascade residual autoencoder; github.com/AIM3-RUC/MMIN."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MulT cross-modal transformer (Tsai et al., ACL 2019) as IMDer uses it for fusion, SPEC 1.1.
+"""The MulT cross-modal transformer (Tsai et al., ACL 2019) as IMDer uses it for fusion (IMDer, Wang et al., NeurIPS 2023; github.com/mdswyz/IMDer).
 
 :class:`TransformerEncoder` is the pre-LN encoder of MulT: the query sequence (and, for cross-modal attention, the
 key/value sequence) is scaled by ``sqrt(d)``, gets sinusoidal positions and embedding dropout; every layer normalises

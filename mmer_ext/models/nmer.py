@@ -1,4 +1,4 @@
-"""NMER (MRAC @ ACM MM 2023, arXiv 2311.16114): noise-robust emotion recognition with a conditional VAE, SPEC 1.5.
+"""NMER (MRAC @ ACM MM 2023, arXiv 2311.16114): noise-robust emotion recognition with a conditional VAE; github.com/WooyoohL/Noise-robust_MER.
 
 Two stages, as the authors train them:
 
@@ -170,7 +170,7 @@ class NMERTeacher(MERModel):
     ``recon_weight > 0`` adds a per-sample denoising objective (DDPM epsilon prediction with the same
     ``scaled_linear(0.00085, 0.012, 1000)`` schedule, MLP instead of UNet) that works for any batch size. It is *not*
     equivalent to the authors' term (theirs has no denoising target, see above).
-    SPEC gives no gradient clip for the teacher; like ``utt_shared`` it inherits ``utt_fusion``'s 0.5 (the
+    The authors' code gives no gradient clip for the teacher; like ``utt_shared`` it inherits ``utt_fusion``'s 0.5 (the
     authors' ``utt_shared_002`` clips at 0.5 too).
     """
 

@@ -1,7 +1,7 @@
 """Training recipes: the paper / official-script hyper-parameters of every system, one :class:`Stage` per training
 stage (teacher then student for the two-stage systems).
 
-Values (SPEC 1.3-1.5; Adam, ``weight_decay`` 0 because the authors pass the flag to an optimizer call that ignores
+Values (from the authors' code and scripts of MMIN, IF-MMIN and NMER; Adam, ``weight_decay`` 0 because the authors pass the flag to an optimizer call that ignores
 it, linear LR decay to 0 over ``epochs_decay`` extra epochs, model selected by validation UA):
 
 ==========  =======  ============  ==============  ==========  ==========  =====  ====  ======  ===========
@@ -18,17 +18,17 @@ nmer        student  NMER          missing         gaussian    40 + 40     128  
 ==========  =======  ============  ==============  ==========  ==========  =====  ====  ======  ===========
 
 Sources and assumptions: ``utt_fusion`` (10+10, batch 128, beta1 0.9 from its script) and ``mmin`` (30+30, beta1
-0.5 = the option default, which the official scripts do not override) are SPEC 1.3. IF-MMIN's ``utt_shared`` uses
-batch 64, 10+10 (SPEC 1.4); its beta1 is not given and we take ``utt_fusion``'s script value 0.9. The IF-MMIN
+0.5 = the option default, which the official scripts do not override) are MMIN, Zhao et al., ACL 2021; github.com/AIM3-RUC/MMIN. IF-MMIN's ``utt_shared`` uses
+batch 64, 10+10 (IF-MMIN, Zuo et al., ICASSP 2023; github.com/ZhuoYulang/IF-MMIN); its beta1 is not given and we take ``utt_fusion``'s script value 0.9. The IF-MMIN
 student is 20+20, batch 128, beta1 0.5 (the default) with ``invariant_weight`` 100, an inference from the NMER
 repository's fixed script ``scripts/fix/CAP_IFMMIN_001.sh`` (the IF-MMIN authors' own script passes an undefined flag;
 see :class:`~mmer_ext.models.ifmmin.IFMMIN`). NMER's teacher script ``fix/CAP_utt_shared_002.sh``: batch 64, beta1 0.9,
-10+10, dropout 0.2; student 40+40, batch 128 (SPEC 1.5). The "augmented" baseline is not a system of the papers but
+10+10, dropout 0.2; student 40+40, batch 128 (NMER, arXiv 2311.16114; github.com/WooyoohL/Noise-robust_MER). The "augmented" baseline is not a system of the papers but
 the usual missing-augmented reference (UttFusion trained on the six missing conditions plus full input, one drawn per
 sample and epoch); it reuses the baseline's schedule. The NMER teacher trains on full data, so its corruption is
 moot; it is "gaussian" so that the whole NMER pipeline evaluates under the same noise.
 
-MMGCN (SPEC 1.2, the authors' ``run.sh``) trains on dialogues (``data="dialogue"``: batches of whole dialogues from
+MMGCN (Hu et al., ACL 2021; the authors' ``run.sh`` in github.com/hujingwen6666/MMGCN) trains on dialogues (``data="dialogue"``: batches of whole dialogues from
 :func:`~mmer_ext.data.collate_dialogues`, full modalities), Adam with default betas and L2 ``weight_decay``, constant
 LR, batch 16 dialogues, selection on weighted F1:
 
@@ -39,7 +39,7 @@ mmgcn        MMGCN  3e-4  3e-5    16     20     NLL with IEMOCAP-ERC class weigh
 mmgcn-meld   MMGCN  1e-3  0       16     60     the authors' focal loss (gamma 2.5, alpha 1)
 ===========  =====  ====  ======  =====  =====  ===================================================
 
-IMDer (SPEC 1.1, the authors' ``config/config.json``) trains on fixed-length sequences in two stages with the same
+IMDer (Wang et al., NeurIPS 2023; the authors' ``config/config.json`` in github.com/mdswyz/IMDer) trains on fixed-length sequences in two stages with the same
 model class: ``pretrain`` on complete data (their MR = 0.0 checkpoint), then ``main`` at the configured missing rate
 (``TrainConfig.missing_rate``, 0.1 by default as their ``train.py``) with the projections frozen. Adam without weight
 decay (the configured 0.005 is never passed), ReduceLROnPlateau (x0.5) and early stopping after 20 epochs on the
@@ -84,7 +84,7 @@ zero-padded batch, dropout masks drawn as their ``nn.Dropout``, RNG re-seeded wi
 their defaults are the authors' code. IF-MMIN's and NMER's MSP-IMPROV settings are not in their repositories'
 scripts, so there is no ``ifmmin-msp`` / ``nmer-msp``.
 
-The SPEC gives no MELD dropout; 0.4 is kept. MMGCN's constructor also needs ``num_speakers`` (from the data:
+MMGCN's ``run.sh`` gives no MELD dropout; 0.4 is kept. MMGCN's constructor also needs ``num_speakers`` (from the data:
 ``DialogueDataset.num_speakers``), which a recipe cannot know; the trainer passes it. The authors select on the test
 set (no validation split); here the recipes select on the validation split like every other system (the data
 layer's ``val_from="test"`` reproduces theirs).

@@ -1,4 +1,4 @@
-"""IMDer's conditional score network (a 1-D U-Net) and its denoising-score-matching loss, SPEC 4.
+"""IMDer's conditional score network (a 1-D U-Net) and its denoising-score-matching loss (IMDer, Wang et al., NeurIPS 2023; github.com/mdswyz/IMDer).
 
 The network estimates the score ``grad_x log p_t(x | c)`` of the VE SDE ``dx = sigma^t dw`` (sigma = 25) for a
 missing modality's projected features ``x`` ``[B, C, L]`` (C = 32, L = 48 in IMDer), conditioned on features ``c`` of
@@ -101,7 +101,7 @@ class _Level(nn.Module):
 
 
 class ScoreNet(nn.Module):
-    """Conditional time-dependent score model ``s(x, t, c)`` of IMDer (SPEC 4).
+    """Conditional time-dependent score model ``s(x, t, c)`` of IMDer (Wang et al., NeurIPS 2023; github.com/mdswyz/IMDer).
 
     Parameters
     ----------
@@ -241,7 +241,7 @@ def dsm_loss(
     generator: torch.Generator | None = None,
     condition_noise: str = "shared",
 ) -> Tensor:
-    """Denoising score matching loss of IMDer (SPEC 4), a 0-d tensor.
+    """Denoising score matching loss of IMDer (github.com/mdswyz/IMDer), a 0-d tensor.
 
     Per sample ``t ~ U(eps, 1)`` and one ``z ~ N(0, I)`` of ``x``'s shape; ``x_t = x + std(t) z``; the loss is
     ``mean_b sum_{c,l} (s(x_t, t, c_t) std(t) + z)^2``. ``t`` and the noise come from ``generator`` (on ``x``'s

@@ -1,4 +1,4 @@
-"""Dialogue data (MMGCN): DialogueGCN-style pickles in the exact SPEC 2.3 layout, the safe format, batching, the
+"""Dialogue data (MMGCN): DialogueGCN-style pickles in the exact layout MMGCN reads (github.com/hujingwen6666/MMGCN), the safe format, batching, the
 missing-modality view and masking, and the synthetic dialogues (determinism, structure, context helps)."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _tables(n_dialogues: int, prefix: str, rng: np.random.Generator, meld: bool,
 
 def write_pickle(path, *, meld=False, n_train=10, n_test=3, seed=0, mutate=None, train_lengths=None,
                  test_lengths=None, as_set=False):
-    """A DialogueGCN-style pickle: IEMOCAP 9-tuple / MELD 10-tuple of dicts keyed by dialogue id (SPEC 2.3)."""
+    """A DialogueGCN-style pickle: IEMOCAP 9-tuple / MELD 10-tuple of dicts keyed by dialogue id (MMGCN's dataloader.py)."""
     rng = np.random.default_rng(seed)
     tr = _tables(n_train, "tr", rng, meld, train_lengths)
     te = _tables(n_test, "te", rng, meld, test_lengths)

@@ -1,4 +1,4 @@
-"""MMSA pickles (SPEC 2.1) in the exact layout, aligned and unaligned: loading, -inf handling, text_bert, format
+"""MMSA pickles (as IMDer's data_loader.py reads them; github.com/mdswyz/IMDer) in the exact layout, aligned and unaligned: loading, -inf handling, text_bert, format
 errors naming file and key, the pickle-free converted copy, the SequenceDataset container and its batches, and the
 ``convert`` command."""
 

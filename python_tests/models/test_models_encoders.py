@@ -1,4 +1,4 @@
-"""Encoders and blocks of the MMIN family (mmer_ext.models.encoders): shapes, SPEC 1.3/1.4 structure, padding."""
+"""Encoders and blocks of the MMIN family (mmer_ext.models.encoders): shapes, the MMIN / IF-MMIN authors' structure, padding."""
 
 from __future__ import annotations
 

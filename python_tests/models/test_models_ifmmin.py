@@ -1,4 +1,4 @@
-"""IF-MMIN (SPEC 1.4): UttShared teacher (CE + CMD) and the IFMMIN student (invariant-aware imagination)."""
+"""IF-MMIN (IF-MMIN, Zuo et al., ICASSP 2023; github.com/ZhuoYulang/IF-MMIN): UttShared teacher (CE + CMD) and the IFMMIN student (invariant-aware imagination)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IMDer: projections, per-sample missingness, recovery, the two stages, training and devices (SPEC 1.1, 5, 8)."""
+"""IMDer: projections, per-sample missingness, recovery, the two stages, training and devices (IMDer, Wang et al., NeurIPS 2023; github.com/mdswyz/IMDer)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def tiny(seed=0, **kw):
 
 
 def test_projection_length_anchor():
-    # SPEC 8: proj output (B, 32, 48) for T = 50.
+    # IMDer's code: proj output (B, 32, 48) for T = 50.
     model = tiny(d_model=32, num_heads=8)
     x = torch.randn(2, 50, DIMS[0])
     assert model.project(x, "A").shape == (2, 32, 48)

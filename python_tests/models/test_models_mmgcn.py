@@ -1,4 +1,4 @@
-"""MMGCN (SPEC 1.2, 8): shapes, GCNII thetas, the graph against a hand-built one and the reference op, modality
+"""MMGCN (MMGCN, Hu et al., ACL 2021; github.com/hujingwen6666/MMGCN): shapes, GCNII thetas, the graph against a hand-built one and the reference op, modality
 subsets, losses (the authors' focal loss by hand), learning, gradients, dialogue independence, missing modalities."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_gcnii_layer_formula(variant):
 
 
 def _hand_graph(nodes: torch.Tensor, lengths) -> torch.Tensor:
-    """MMGCN's graph from its definition, one edge at a time (SPEC 1.2): all pairs within a dialogue and modality,
+    """MMGCN's graph from its definition, one edge at a time (the authors' code): all pairs within a dialogue and modality,
     the same utterance across modalities, weight 1 - arccos(0.99999 cos)/pi, then D^-1/2 A D^-1/2."""
     m, n, _ = nodes.shape
     x = nodes.double()

@@ -1,4 +1,4 @@
-"""UttFusion (baseline / MMIN teacher) and MMIN (SPEC 1.3): shapes, loss parts, gradients, masking, checkpoints."""
+"""UttFusion (baseline / MMIN teacher) and MMIN (MMIN, Zhao et al., ACL 2021; github.com/AIM3-RUC/MMIN): shapes, loss parts, gradients, masking, checkpoints."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MulT backbone and its transformer encoder (SPEC 1.1; combined dim anchor SPEC 8)."""
+"""The MulT backbone and its transformer encoder (IMDer, Wang et al., NeurIPS 2023; github.com/mdswyz/IMDer; its combined dim as an anchor)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_encoder_cross_lengths_and_errors():
 
 
 def test_mult_default_anchor_shapes():
-    # SPEC 8: combined dim 192 at d = 32, fusion output (B, 1).
+    # IMDer's code: combined dim 192 at d = 32, fusion output (B, 1).
     torch.manual_seed(0)
     net = MulT().eval()
     assert net.combined_dim == 192

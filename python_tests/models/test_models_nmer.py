@@ -1,4 +1,4 @@
-"""NMER: teacher (utt_shared_002), conditional VAE and student (SPEC 1.5)."""
+"""NMER: teacher (utt_shared_002), conditional VAE and student (NMER, arXiv 2311.16114; github.com/WooyoohL/Noise-robust_MER)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def make_batch(b: int = B, dims: ModalityDims = DIMS, t: int = T, seed: int = 1)
     return batch
 
 
-#: Narrow encoders (fused 3 x 32 = 96, CVAE d_model 192) for the tests that are not about the SPEC sizes: a 2-core
+#: Narrow encoders (fused 3 x 32 = 96, CVAE d_model 192) for the tests that are not about the authors' sizes: a 2-core
 #: CPU runs them several times faster than the 768-wide CVAE.
 SMALL = {"hidden": 32}
 

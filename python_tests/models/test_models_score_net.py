@@ -1,4 +1,4 @@
-"""IMDer's score network and denoising-score-matching loss (SPEC 4, anchors SPEC 8)."""
+"""IMDer's score network and denoising-score-matching loss (IMDer, Wang et al., NeurIPS 2023; github.com/mdswyz/IMDer; anchors computed from its code)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_fourier_projection_is_a_fixed_buffer():
 
 
 def test_default_scorenet_shape_anchor():
-    # SPEC 8: ScoreNet(x (B,32,48), t (B,), c (B,32,48)) -> (B,32,48); levels 48 -> 24 -> 12 -> 6.
+    # IMDer's code: ScoreNet(x (B,32,48), t (B,), c (B,32,48)) -> (B,32,48); levels 48 -> 24 -> 12 -> 6.
     torch.manual_seed(0)
     net = ScoreNet(32, 48, 32)
     assert net.widths == (32, 64, 128, 256)

@@ -272,7 +272,7 @@ def test_normalized_spectrum_tops_at_one(device):
     assert torch.linalg.eigvalsh(a).max().item() == pytest.approx(1.0, abs=1e-12)
 
 
-# ---- the MMGCN-style loop and the SPEC anchors ------------------------------------------------------------------
+# ---- the MMGCN-style loop and MMGCN's anchors ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("window", [None, 2])
@@ -299,7 +299,7 @@ def test_mmgcn_loop_gradients_match(device):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 def test_spec_anchors(dtype, device):
-    # SPEC 8: before normalisation, self-loop 0.998576, orthogonal 0.5, opposite 0.001424.
+    # From MMGCN's graph construction (github.com/hujingwen6666/MMGCN): before normalisation, self-loop 0.998576, orthogonal 0.5, opposite 0.001424.
     x = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [-0.5, 0.0]]], device=device, dtype=dtype)
     a = angular_adjacency(x, torch.tensor([3]), normalize=False).double().cpu()
     # The anchors carry 6 decimals (rounding: up to 5e-7), then the output dtype's rounding.

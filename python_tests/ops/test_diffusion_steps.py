@@ -1,5 +1,5 @@
 """Tests of the sampling-step ops (``mmer_ext.ops.diffusion_steps``): forward parity with the pure-PyTorch references
-on the ``noise=`` path, shapes, layouts and parameter forms, the numeric anchors of SPEC.md section 8, and argument
+on the ``noise=`` path, shapes, layouts and parameter forms, numeric anchors computed from IMDer's code (github.com/mdswyz/IMDer), and argument
 errors. Autograd/opcheck/compile: test_diffusion_steps_autograd.py; in-kernel noise and CUDA-only behaviour:
 test_diffusion_steps_noise.py.
 
@@ -28,7 +28,7 @@ from mmer_ext.ops import _reference as ref
 from op_testing import dtype_id, place, shape_id  # noqa: E402  (this folder, put on sys.path by pytest)
 
 SIGMA = 25.0
-DT = 0.999 / 99  # IMDer's Euler-Maruyama step (SPEC.md 8)
+DT = 0.999 / 99  # IMDer's Euler-Maruyama step (github.com/mdswyz/IMDer)
 SNR = 0.16
 ETA = 0.7
 STEP_OPS = ["ve_perturb", "ve_sde_em_step", "ve_ode_step", "langevin_corrector_step", "ddim_step"]
@@ -284,7 +284,7 @@ def test_meta_tensors_give_shapes():
     assert [o.shape for o in ddim_step(x, x, t, t, 0.0)] == [x.shape, x.shape]
 
 
-# ---- VE SDE coefficients: SPEC.md section 8 anchors ---------------------------------------------------------------
+# ---- VE SDE coefficients: anchors from IMDer's code ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
