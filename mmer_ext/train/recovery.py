@@ -14,6 +14,7 @@ import torch
 from mmer_ext.metrics import regression_metrics
 from mmer_ext.models import IMDer
 from mmer_ext.models.base import DATA_ORDER
+from mmer_ext.seeding import derive_seed
 from mmer_ext.train.evaluation import MR_KEY, missing_rate_batches
 from mmer_ext.train.views import views_for
 
@@ -201,7 +202,7 @@ def evaluate_fills(model: IMDer, test, *, fills: dict[str, Any], ridge: RidgeRec
         for mr in rates:
             preds = {"raw": [], "refined": []}
             labels = []
-            gen = torch.Generator().manual_seed(seed * 1000 + round(mr * 10))
+            gen = torch.Generator().manual_seed(derive_seed(seed, mr, scheme="rate"))
             for batch in missing_rate_batches(test, mr=mr, protocol="per-sample", batch_size=batch_size,
                                               device=device, seed=seed):
                 present = model.presence(batch)
