@@ -172,7 +172,7 @@ def test_stage_cap_interrupts_a_hanging_command(tmp_path):
 MEMCHECK_LOG = """\
 ========= COMPUTE-SANITIZER
 ========= Invalid __global__ read of size 4 bytes
-=========     at void mmer_ext::cmd::(anonymous namespace)::shift_kernel<float, float>(const T1 *, long, long, T2 *)+0x90
+=========     at void mmer_ext::cmd::(anonymous namespace)::cmd_shift_kernel<float, float>(const T1 *, long, long, T2 *)+0x90
 =========     by thread (3,0,0) in block (0,0,0)
 =========     Address 0x7f0000000400 is out of bounds
 =========
@@ -188,21 +188,25 @@ def test_sanitizer_reports_are_attributed_to_our_kernels():
     found = gpu_check.sanitizer_findings(MEMCHECK_LOG)
     assert (found["reports"], found["ours"], found["others"]) == (2, 1, 1)
     assert found["error_summary"] == [2]
-    assert "shift_kernel" in found["first_ours"][0]
+    assert "cmd_shift_kernel" in found["first_ours"][0]
     clean = gpu_check.sanitizer_findings("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
     assert (clean["reports"], clean["ours"]) == (0, 0)
 
 
 def test_kernel_coverage_matches_whole_names():
     trace = {
-        K.ADJ_DENSE: ["void mmer_ext::angular_adjacency::(anonymous namespace)::degree_term_kernel<float, float>(...)"],
-        K.ADJ_RAW_WINDOW: ["void mmer_ext::angular_adjacency::(anonymous namespace)::degree_kernel<float>(...)"],
+        K.ADJ_DENSE: [
+            "void mmer_ext::angular_adjacency::(anonymous namespace)::angular_adjacency_degree_term_kernel<float, float>(...)"
+        ],
+        K.ADJ_RAW_WINDOW: [
+            "void mmer_ext::angular_adjacency::(anonymous namespace)::angular_adjacency_degree_kernel<float>(...)"
+        ],
     }
     cov = gpu_check.kernel_coverage(trace)
-    assert cov["degree_term_kernel"]["launched_by"] == [K.ADJ_DENSE]
-    assert cov["degree_kernel"]["launched_by"] == [K.ADJ_RAW_WINDOW]  # not fooled by degree_term_kernel
-    assert cov["degree_kernel"]["listed_and_launched"] == [K.ADJ_RAW_WINDOW]
-    assert cov["write_blocks_kernel"]["listed_and_launched"] == []
+    assert cov["angular_adjacency_degree_term_kernel"]["launched_by"] == [K.ADJ_DENSE]
+    assert cov["angular_adjacency_degree_kernel"]["launched_by"] == [K.ADJ_RAW_WINDOW]  # not fooled by ..._term_kernel
+    assert cov["angular_adjacency_degree_kernel"]["listed_and_launched"] == [K.ADJ_RAW_WINDOW]
+    assert cov["angular_adjacency_write_blocks_kernel"]["listed_and_launched"] == []
 
 
 def test_bench_table_flags_losses_to_compile_and_low_bandwidth():

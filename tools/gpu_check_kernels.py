@@ -49,25 +49,25 @@ SAMPLER_GRAPH_PC = _GRAPH + "test_replay_equals_eager_and_follows_new_inputs[pc]
 
 KERNEL_TESTS: dict[str, tuple[str, ...]] = {
     # csrc/ops/cmd/cmd_cuda.cu
-    "shift_kernel": (CMD_PAIRWISE_GRADS, CMD_MOMENTS_GRADS),
-    "power_sums_kernel": (CMD_PAIRWISE_GRADS, CMD_MOMENTS_GRADS, CMD_MANY_MOMENTS),
-    "finalize_stats_kernel": (CMD_PAIRWISE_GRADS, CMD_MOMENTS_GRADS, CMD_MANY_MOMENTS),
-    "poly_grad_kernel": (CMD_PAIRWISE_GRADS, CMD_MOMENTS_GRADS),
-    "pair_norms_kernel": (CMD_PAIRWISE_GRADS, CMD_GRAPH),
-    "pairwise_coefficients_kernel": (CMD_PAIRWISE_GRADS, CMD_GRAPH),
-    "moment_coefficients_kernel": (CMD_MOMENTS_GRADS,),
+    "cmd_shift_kernel": (CMD_PAIRWISE_GRADS, CMD_MOMENTS_GRADS),
+    "cmd_power_sums_kernel": (CMD_PAIRWISE_GRADS, CMD_MOMENTS_GRADS, CMD_MANY_MOMENTS),
+    "cmd_finalize_stats_kernel": (CMD_PAIRWISE_GRADS, CMD_MOMENTS_GRADS, CMD_MANY_MOMENTS),
+    "cmd_poly_grad_kernel": (CMD_PAIRWISE_GRADS, CMD_MOMENTS_GRADS),
+    "cmd_pair_norms_kernel": (CMD_PAIRWISE_GRADS, CMD_GRAPH),
+    "cmd_pairwise_coefficients_kernel": (CMD_PAIRWISE_GRADS, CMD_GRAPH),
+    "cmd_moment_coefficients_kernel": (CMD_MOMENTS_GRADS,),
     # csrc/ops/angular_adjacency/angular_adjacency_cuda.cu
-    "unit_vectors_kernel": (ADJ_DENSE, ADJ_BLOCKS, ADJ_RAW_WINDOW),
-    "cross_kernel": (ADJ_DENSE, ADJ_BLOCKS),
-    "degree_kernel": (ADJ_DENSE, ADJ_BLOCKS, ADJ_RAW_WINDOW),
-    "write_dense_kernel": (ADJ_DENSE, ADJ_RAW_WINDOW),
-    "write_blocks_kernel": (ADJ_BLOCKS,),
-    "degree_term_kernel": (ADJ_DENSE, ADJ_BLOCKS),
-    "pair_grad_kernel": (ADJ_DENSE, ADJ_BLOCKS, ADJ_RAW_WINDOW),
-    "cross_grad_kernel": (ADJ_DENSE, ADJ_BLOCKS),
-    "input_grad_kernel": (ADJ_DENSE, ADJ_BLOCKS, ADJ_RAW_WINDOW),
+    "angular_adjacency_unit_vectors_kernel": (ADJ_DENSE, ADJ_BLOCKS, ADJ_RAW_WINDOW),
+    "angular_adjacency_cross_kernel": (ADJ_DENSE, ADJ_BLOCKS),
+    "angular_adjacency_degree_kernel": (ADJ_DENSE, ADJ_BLOCKS, ADJ_RAW_WINDOW),
+    "angular_adjacency_write_dense_kernel": (ADJ_DENSE, ADJ_RAW_WINDOW),
+    "angular_adjacency_write_blocks_kernel": (ADJ_BLOCKS,),
+    "angular_adjacency_degree_term_kernel": (ADJ_DENSE, ADJ_BLOCKS),
+    "angular_adjacency_pair_grad_kernel": (ADJ_DENSE, ADJ_BLOCKS, ADJ_RAW_WINDOW),
+    "angular_adjacency_cross_grad_kernel": (ADJ_DENSE, ADJ_BLOCKS),
+    "angular_adjacency_input_grad_kernel": (ADJ_DENSE, ADJ_BLOCKS, ADJ_RAW_WINDOW),
     # csrc/ops/diffusion_steps/diffusion_steps_cuda.cu
-    "affine_step_kernel": (
+    "diffusion_steps_affine_step_kernel": (
         STEPS_EM,
         STEPS_ODE,
         STEPS_DDIM_PHILOX,
@@ -75,8 +75,8 @@ KERNEL_TESTS: dict[str, tuple[str, ...]] = {
         STEPS_GRAPH,
         SAMPLER_GRAPH_PC,
     ),
-    "langevin_partial_kernel": (STEPS_LANGEVIN, STEPS_LANGEVIN_PHILOX, SAMPLER_GRAPH_PC),
-    "langevin_eps_kernel": (STEPS_LANGEVIN, STEPS_LANGEVIN_PHILOX, SAMPLER_GRAPH_PC),
+    "diffusion_steps_langevin_partial_kernel": (STEPS_LANGEVIN, STEPS_LANGEVIN_PHILOX, SAMPLER_GRAPH_PC),
+    "diffusion_steps_langevin_eps_kernel": (STEPS_LANGEVIN, STEPS_LANGEVIN_PHILOX, SAMPLER_GRAPH_PC),
 }
 
 # Subset tests that capture CUDA graphs: capture needs torch's caching allocator, so the sanitizer runs them in a pass

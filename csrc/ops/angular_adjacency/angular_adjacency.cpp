@@ -69,10 +69,6 @@ Dialogues read_lengths(const at::Tensor& lengths, int64_t num_utterances, const 
   return d;
 }
 
-Dialogues read_dialogues(const at::Tensor& lengths, int64_t num_utterances, const char* op) {
-  return read_lengths(lengths, num_utterances, "features", op);
-}
-
 // The adjacency's element count must fit in int64 (features of zero width make huge M * N cheap to pass), or the
 // allocation fails with a message that names no argument.
 void check_output_size(int64_t M, int64_t N, const Dialogues& dialogues, bool blocks, const char* op) {
@@ -104,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> angular_adjacency_forward(const DeviceKernels
   // Named after the public op: this is where its data-dependent checks (the lengths) happen.
   constexpr const char* op = "mmer_ext.angular_adjacency";
   check_arguments(features, lengths, scale, window, layout, op);
-  const auto dialogues = read_dialogues(lengths, features.size(1), op);
+  const auto dialogues = read_lengths(lengths, features.size(1), "features", op);
   check_output_size(features.size(0), features.size(1), dialogues, layout == "blocks", op);
   return k.forward(features.contiguous(), dialogues, make_options(scale, normalize, window, layout, features.size(1)));
 }
@@ -114,7 +110,7 @@ at::Tensor angular_adjacency_backward(const DeviceKernels& k, const at::Tensor& 
                                       bool normalize, std::optional<int64_t> window, c10::string_view layout) {
   constexpr const char* op = "mmer_ext._angular_adjacency_backward";
   check_arguments(features, lengths, scale, window, layout, op);
-  const auto dialogues = read_dialogues(lengths, features.size(1), op);
+  const auto dialogues = read_lengths(lengths, features.size(1), "features", op);
   const int64_t M = features.size(0), N = features.size(1);
   const auto options = make_options(scale, normalize, window, layout, N);
   check_defined(grad, op, kGrad);
@@ -194,13 +190,13 @@ at::Tensor to_slots(const at::Tensor& x, const NodeLayout& layout, const at::Ten
 
 }  // namespace
 
-at::Tensor propagate_padded(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout) {
+at::Tensor block_graph_propagate_padded(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout) {
   const auto map = slot_of_node(layout, x.device());
   auto y = at::bmm(blocks, to_slots(x, layout, map));
   return y.view({-1, x.size(1)}).index_select(0, map);
 }
 
-at::Tensor outer_padded(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout) {
+at::Tensor block_graph_outer_padded(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout) {
   const auto map = slot_of_node(layout, a.device());
   return at::bmm(to_slots(a, layout, map), to_slots(b, layout, map).transpose(1, 2));
 }
@@ -246,28 +242,6 @@ at::Tensor angular_adjacency_composite(const at::Tensor& features, const at::Ten
   return std::get<0>(op.call(features, lengths, scale, normalize, window, layout));
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& features, const at::Tensor& lengths, double scale,
-                                               bool normalize, std::optional<int64_t> window,
-                                               c10::string_view layout) {
-  return angular_adjacency_forward(kCpuKernels, features, lengths, scale, normalize, window, layout);
-}
-
-at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& features, const at::Tensor& lengths,
-                        const at::Tensor& stats, double scale, bool normalize, std::optional<int64_t> window,
-                        c10::string_view layout) {
-  return angular_adjacency_backward(kCpuKernels, grad, features, lengths, stats, scale, normalize, window, layout);
-}
-
-at::Tensor propagate_cpu(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths,
-                         c10::SymInt num_modalities) {
-  return block_graph_propagate(kCpuKernels, blocks, x, lengths, num_modalities.expect_int());
-}
-
-at::Tensor outer_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths,
-                     c10::SymInt num_modalities, c10::SymInt slots) {
-  return block_graph_outer(kCpuKernels, a, b, lengths, num_modalities.expect_int(), slots.expect_int());
-}
-
 }  // namespace
 }  // namespace mmer_ext::angular_adjacency
 
@@ -305,8 +279,5 @@ TORCH_LIBRARY_IMPL(mmer_ext, CompositeImplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(mmer_ext, CPU, m) {
-  m.impl("_angular_adjacency_forward", &mmer_ext::angular_adjacency::forward_cpu);
-  m.impl("_angular_adjacency_backward", &mmer_ext::angular_adjacency::backward_cpu);
-  m.impl("block_graph_propagate", &mmer_ext::angular_adjacency::propagate_cpu);
-  m.impl("_block_graph_outer", &mmer_ext::angular_adjacency::outer_cpu);
+  mmer_ext::angular_adjacency::register_angular_adjacency_ops<mmer_ext::angular_adjacency::kCpuKernels>(m);
 }

@@ -9,6 +9,7 @@
 // per-device kernels below. The statistics tensor `stats` is [2, M, N] in opmath (float32, or float64 for float64
 // features): row 0 holds 1 / ||x|| (0 for a zero vector), row 1 d^-1/2 (1 without normalisation).
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <tuple>
@@ -71,9 +72,33 @@ at::Tensor block_graph_outer(const DeviceKernels& k, const at::Tensor& a, const 
 
 // propagate / outer for any device from ATen ops: the nodes gathered into zero-padded slots [G, S, F], one batched
 // matmul, gathered back (the CUDA kernels use these; the CPU has per-dialogue GEMMs without the padding).
-at::Tensor propagate_padded(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout);
-at::Tensor outer_padded(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout);
+at::Tensor block_graph_propagate_padded(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout);
+at::Tensor block_graph_outer_padded(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout);
 
 extern const DeviceKernels kCpuKernels;  // angular_adjacency_cpu.cpp
+
+// The op bodies bound to one device's kernels, for TORCH_LIBRARY_IMPL blocks. No device guard here: each CUDA
+// kernel entry sets its own, once.
+template <const DeviceKernels& K>
+void register_angular_adjacency_ops(torch::Library& m) {
+  m.impl("_angular_adjacency_forward",
+         +[](const at::Tensor& features, const at::Tensor& lengths, double scale, bool normalize,
+             std::optional<int64_t> window, c10::string_view layout) {
+           return angular_adjacency_forward(K, features, lengths, scale, normalize, window, layout);
+         });
+  m.impl("_angular_adjacency_backward",
+         +[](const at::Tensor& grad, const at::Tensor& features, const at::Tensor& lengths, const at::Tensor& stats,
+             double scale, bool normalize, std::optional<int64_t> window, c10::string_view layout) {
+           return angular_adjacency_backward(K, grad, features, lengths, stats, scale, normalize, window, layout);
+         });
+  m.impl("block_graph_propagate", +[](const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths,
+                                      c10::SymInt num_modalities) {
+    return block_graph_propagate(K, blocks, x, lengths, num_modalities.expect_int());
+  });
+  m.impl("_block_graph_outer", +[](const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths,
+                                   c10::SymInt num_modalities, c10::SymInt slots) {
+    return block_graph_outer(K, a, b, lengths, num_modalities.expect_int(), slots.expect_int());
+  });
+}
 
 }  // namespace mmer_ext::angular_adjacency

@@ -307,7 +307,7 @@ void forward_impl(const at::Tensor& x, const Dialogues& dialogues, const Options
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const Dialogues& dialogues,
+std::tuple<at::Tensor, at::Tensor> angular_adjacency_forward_cpu(const at::Tensor& x, const Dialogues& dialogues,
                                                const Options& opt) {
   const int64_t M = x.size(0), N = x.size(1);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -478,7 +478,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   });
 }
 
-at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
+at::Tensor angular_adjacency_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
                         const Dialogues& dialogues, const Options& opt) {
   auto grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return grad_x.zero_();
@@ -502,7 +502,7 @@ at::Tensor sub_block(const at::Tensor& blocks, int64_t g, int64_t m, int64_t n, 
   return blocks.select(0, g).narrow(0, m * Lmax, L).narrow(1, n * Lmax, L);
 }
 
-at::Tensor propagate_cpu(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout) {
+at::Tensor block_graph_propagate_cpu(const at::Tensor& blocks, const at::Tensor& x, const NodeLayout& layout) {
   const int64_t M = layout.M, N = layout.N, Lmax = layout.dialogues.max_length;
   auto xc = x.contiguous();
   auto y = at::empty({M * N, x.size(1)}, x.options());
@@ -525,7 +525,7 @@ at::Tensor propagate_cpu(const at::Tensor& blocks, const at::Tensor& x, const No
   return y;
 }
 
-at::Tensor outer_cpu(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout) {
+at::Tensor block_graph_outer_cpu(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout) {
   const int64_t M = layout.M, N = layout.N, Lmax = layout.dialogues.max_length, S = layout.slots();
   auto out = at::zeros({layout.dialogues.count(), S, S}, a.options());
   if (a.size(1) == 0 || N == 0) return out;
@@ -545,6 +545,7 @@ at::Tensor outer_cpu(const at::Tensor& a, const at::Tensor& b, const NodeLayout&
 
 }  // namespace
 
-const DeviceKernels kCpuKernels{&forward_cpu, &backward_cpu, &propagate_cpu, &outer_cpu};
+const DeviceKernels kCpuKernels{&angular_adjacency_forward_cpu, &angular_adjacency_backward_cpu,
+                                &block_graph_propagate_cpu, &block_graph_outer_cpu};
 
 }  // namespace mmer_ext::angular_adjacency

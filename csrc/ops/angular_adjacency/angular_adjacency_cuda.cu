@@ -1,18 +1,20 @@
 // CUDA kernels of the angular adjacency (see angular_adjacency.h and angular_adjacency_math.h) and the CUDA
 // registration of the family.
 //
-// Forward: unit_vectors_kernel writes the unit vectors into zero-padded dialogues U [G, M, Lmax, D] (float32 for
-// float32/half/bfloat16, float64 for float64); one cuBLAS batched GEMM gives every intra-modality cosine block
-// C = U U^T [G * M, Lmax, Lmax]; cross_kernel takes the M(M-1)/2 inter-modality cosines of each utterance;
-// degree_kernel sums each node's edge weights (one warp per node) into d^-1/2; write_dense_kernel /
-// write_blocks_kernel then produce every output element once (one block per output row, coalesced stores),
-// recomputing the weight from C (arccos is cheap next to the store of a 100 MB dense matrix). A pair's weight is
-// always taken from C[min(i, j), max(i, j)], so the output is exactly symmetric even though cuBLAS's C need not be.
+// Forward: angular_adjacency_unit_vectors_kernel writes the unit vectors into zero-padded dialogues U [G, M, Lmax, D]
+// (float32 for float32/half/bfloat16, float64 for float64); one cuBLAS batched GEMM gives every intra-modality cosine
+// block C = U U^T [G * M, Lmax, Lmax]; angular_adjacency_cross_kernel takes the M(M-1)/2 inter-modality cosines of each
+// utterance; angular_adjacency_degree_kernel sums each node's edge weights (one warp per node) into d^-1/2;
+// angular_adjacency_write_dense_kernel / angular_adjacency_write_blocks_kernel then produce every output element once
+// (one block per output row, coalesced stores), recomputing the weight from C (arccos is cheap next to the store of a
+// 100 MB dense matrix). A pair's weight is always taken from C[min(i, j), max(i, j)], so the output is exactly
+// symmetric even though cuBLAS's C need not be.
 //
-// Backward: the same U, C and cross cosines; degree_term_kernel (normalisation only) the degree terms r_p;
-// pair_grad_kernel the symmetric matrix S of dL/dc per intra pair and cross_grad_kernel dL/dc per inter-modality
-// edge; a second batched GEMM S @ U; and input_grad_kernel adds the inter-modality terms and projects through
-// u = x / ||x|| (one warp per node).
+// Backward: the same U, C and cross cosines; angular_adjacency_degree_term_kernel (normalisation only) the degree terms
+// r_p; angular_adjacency_pair_grad_kernel the symmetric matrix S of dL/dc per intra pair and
+// angular_adjacency_cross_grad_kernel dL/dc per inter-modality edge; a second batched GEMM S @ U; and
+// angular_adjacency_input_grad_kernel adds the inter-modality terms and projects through u = x / ||x|| (one warp per
+// node).
 //
 // The dialogue lengths are read on the host (a sync when they live on the GPU) and the offsets uploaded each call,
 // so the ops are tagged cudagraph_unsafe. No atomics: results are deterministic on a given GPU.
@@ -92,7 +94,8 @@ __device__ inline acc_t intra_cos(const acc_t* __restrict__ C, const Geometry& g
 
 // One warp per node (m, k): inv_norm[m, k] and the unit vector into U[g, m, i, :] (U is zero-filled beforehand).
 template <typename scalar_t, typename acc_t>
-__global__ void unit_vectors_kernel(const scalar_t* __restrict__ x, Geometry geo, acc_t* __restrict__ U,
+__global__ void angular_adjacency_unit_vectors_kernel(const scalar_t* __restrict__ x, Geometry geo,
+                                                      acc_t* __restrict__ U,
                                     acc_t* __restrict__ inv_norm) {
   const int64_t node = (int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.y);
   if (node >= geo.M * geo.N) return;
@@ -116,7 +119,8 @@ __global__ void unit_vectors_kernel(const scalar_t* __restrict__ x, Geometry geo
 
 // One warp per (utterance k, modality pair p): cross_cos[p, k] = u_m . u_n.
 template <typename acc_t>
-__global__ void cross_kernel(const acc_t* __restrict__ U, Geometry geo, acc_t* __restrict__ cross_cos) {
+__global__ void angular_adjacency_cross_kernel(const acc_t* __restrict__ U, Geometry geo,
+                                               acc_t* __restrict__ cross_cos) {
   const int64_t P = geo.M * (geo.M - 1) / 2;
   const int64_t item = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
   if (item >= P * geo.N) return;
@@ -140,7 +144,7 @@ __global__ void cross_kernel(const acc_t* __restrict__ U, Geometry geo, acc_t* _
 
 // One warp per node (m, k): its degree (intra row within the window + self-loop + inter-modality edges) -> s.
 template <typename acc_t>
-__global__ void degree_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ cross_cos,
+__global__ void angular_adjacency_degree_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ cross_cos,
                               const acc_t* __restrict__ inv_norm, Geometry geo, acc_t scale, acc_t unit_weight,
                               bool normalize, acc_t* __restrict__ inv_sqrt_deg) {
   const int64_t node = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
@@ -187,7 +191,7 @@ __device__ inline acc_t entry(const acc_t* __restrict__ C, const acc_t* __restri
 
 // One block per row of the dense [M N, M N] output.
 template <typename scalar_t, typename acc_t>
-__global__ void write_dense_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ cross_cos,
+__global__ void angular_adjacency_write_dense_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ cross_cos,
                                    const acc_t* __restrict__ inv_norm, const acc_t* __restrict__ s, Geometry geo,
                                    acc_t scale, acc_t unit_weight, scalar_t* __restrict__ out) {
   const int64_t MN = geo.M * geo.N;
@@ -208,7 +212,7 @@ __global__ void write_dense_kernel(const acc_t* __restrict__ C, const acc_t* __r
 
 // One block per row of the blocks [G, M Lmax, M Lmax] output.
 template <typename scalar_t, typename acc_t>
-__global__ void write_blocks_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ cross_cos,
+__global__ void angular_adjacency_write_blocks_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ cross_cos,
                                     const acc_t* __restrict__ inv_norm, const acc_t* __restrict__ s, Geometry geo,
                                     acc_t scale, acc_t unit_weight, scalar_t* __restrict__ out) {
   const int64_t S = geo.M * geo.Lmax;
@@ -245,7 +249,7 @@ struct GradView {
 
 // One warp per node p = (m, k): r_p = -1/2 s_p^3 sum_q (g_pq + g_qp) A_pq s_q over its edges.
 template <typename scalar_t, typename acc_t>
-__global__ void degree_term_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ cross_cos,
+__global__ void angular_adjacency_degree_term_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ cross_cos,
                                    const acc_t* __restrict__ inv_norm, const acc_t* __restrict__ s,
                                    GradView<scalar_t> grad, Geometry geo, acc_t scale, acc_t unit_weight,
                                    acc_t* __restrict__ r) {
@@ -277,7 +281,7 @@ __global__ void degree_term_kernel(const acc_t* __restrict__ C, const acc_t* __r
 
 // S[g, m, i, j] = dL/dc of the intra pair (i, j) (0 on the diagonal, outside the window and in the padding).
 template <typename scalar_t, typename acc_t>
-__global__ void pair_grad_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ s,
+__global__ void angular_adjacency_pair_grad_kernel(const acc_t* __restrict__ C, const acc_t* __restrict__ s,
                                  const acc_t* __restrict__ r, GradView<scalar_t> grad, Geometry geo, acc_t scale,
                                  acc_t* __restrict__ S) {
   const int64_t total = geo.G * geo.M * geo.Lmax * geo.Lmax;
@@ -299,7 +303,7 @@ __global__ void pair_grad_kernel(const acc_t* __restrict__ C, const acc_t* __res
 // One thread per (node p = (m, k), modality n != m): dcross[p * M + n] = dL/dc of the inter-modality edge
 // between p and (n, k) (0 for n = m).
 template <typename scalar_t, typename acc_t>
-__global__ void cross_grad_kernel(const acc_t* __restrict__ cross_cos, const acc_t* __restrict__ s,
+__global__ void angular_adjacency_cross_grad_kernel(const acc_t* __restrict__ cross_cos, const acc_t* __restrict__ s,
                                   const acc_t* __restrict__ r, GradView<scalar_t> grad, Geometry geo, acc_t scale,
                                   acc_t* __restrict__ dcross) {
   const int64_t total = geo.M * geo.N * geo.M;
@@ -322,7 +326,7 @@ __global__ void cross_grad_kernel(const acc_t* __restrict__ cross_cos, const acc
 // One warp per node p = (m, k): dL/du_p = (S @ U)[g, m, i] + sum_n dcross[p, n] u_(n, k), then through
 // u = x / ||x||: (dL/du - (dL/du . u) u) / ||x||, with dL/du . u = (S @ U) . u + sum_n dcross[p, n] c_mn.
 template <typename scalar_t, typename acc_t>
-__global__ void input_grad_kernel(const acc_t* __restrict__ U, const acc_t* __restrict__ SU,
+__global__ void angular_adjacency_input_grad_kernel(const acc_t* __restrict__ U, const acc_t* __restrict__ SU,
                                   const acc_t* __restrict__ cross_cos, const acc_t* __restrict__ dcross,
                                   const acc_t* __restrict__ inv_norm, Geometry geo, scalar_t* __restrict__ grad_x) {
   const int64_t node = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
@@ -371,17 +375,17 @@ void cosines(const at::Tensor& x, const Geometry& geo, at::Tensor& U, at::Tensor
   const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   U = at::zeros({geo.G * geo.M, geo.Lmax, geo.D}, acc_opts);
   const dim3 warps(kWarp, kWarpsPerBlock);
-  unit_vectors_kernel<scalar_t, acc_t><<<warp_blocks(geo.M * geo.N), warps, 0, stream>>>(
+  angular_adjacency_unit_vectors_kernel<scalar_t, acc_t><<<warp_blocks(geo.M * geo.N), warps, 0, stream>>>(
       x.const_data_ptr<scalar_t>(), geo, U.mutable_data_ptr<acc_t>(), inv_norm);
-  mmer_ext::cuda::launch_check("unit_vectors_kernel");
+  mmer_ext::cuda::launch_check("angular_adjacency_unit_vectors_kernel");
   // cuBLAS, at the precision torch.backends.cuda.matmul allows for float32 (TF32 only if the user enabled it).
   C = at::bmm(U, U.transpose(1, 2));
   const int64_t P = geo.M * (geo.M - 1) / 2;
   cross_cos = at::empty({std::max<int64_t>(P, 1), geo.N}, acc_opts);
   if (P > 0) {
-    cross_kernel<acc_t><<<warp_blocks(P * geo.N), warps, 0, stream>>>(U.const_data_ptr<acc_t>(), geo,
+    angular_adjacency_cross_kernel<acc_t><<<warp_blocks(P * geo.N), warps, 0, stream>>>(U.const_data_ptr<acc_t>(), geo,
                                                                        cross_cos.mutable_data_ptr<acc_t>());
-    mmer_ext::cuda::launch_check("cross_kernel");
+    mmer_ext::cuda::launch_check("angular_adjacency_cross_kernel");
   }
 }
 
@@ -389,7 +393,8 @@ unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(rows, 1), int64_t(mmer_ext::cuda::sm_count()) * 32));
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const Dialogues& dialogues, const Options& opt) {
+std::tuple<at::Tensor, at::Tensor> angular_adjacency_forward_cuda(const at::Tensor& x, const Dialogues& dialogues,
+                                                                  const Options& opt) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t M = x.size(0), N = x.size(1);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -410,26 +415,27 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const Dialo
     at::Tensor U, C, cross_cos;
     cosines<scalar_t, acc_t>(x, geo, U, C, cross_cos, inv_norm, stream);
     const dim3 warps(kWarp, kWarpsPerBlock);
-    degree_kernel<acc_t><<<warp_blocks(M * N), warps, 0, stream>>>(C.const_data_ptr<acc_t>(),
+    angular_adjacency_degree_kernel<acc_t><<<warp_blocks(M * N), warps, 0, stream>>>(C.const_data_ptr<acc_t>(),
                                                                   cross_cos.const_data_ptr<acc_t>(), inv_norm, geo,
                                                                   scale, unit_weight, opt.normalize, s);
-    mmer_ext::cuda::launch_check("degree_kernel");
+    mmer_ext::cuda::launch_check("angular_adjacency_degree_kernel");
     if (opt.blocks) {
-      write_blocks_kernel<scalar_t, acc_t><<<row_blocks(out.size(0) * out.size(1)), kRowThreads, 0, stream>>>(
+      angular_adjacency_write_blocks_kernel<scalar_t, acc_t>
+          <<<row_blocks(out.size(0) * out.size(1)), kRowThreads, 0, stream>>>(
           C.const_data_ptr<acc_t>(), cross_cos.const_data_ptr<acc_t>(), inv_norm, s, geo, scale, unit_weight,
           out.mutable_data_ptr<scalar_t>());
-      mmer_ext::cuda::launch_check("write_blocks_kernel");
+      mmer_ext::cuda::launch_check("angular_adjacency_write_blocks_kernel");
     } else {
-      write_dense_kernel<scalar_t, acc_t><<<row_blocks(M * N), kRowThreads, 0, stream>>>(
+      angular_adjacency_write_dense_kernel<scalar_t, acc_t><<<row_blocks(M * N), kRowThreads, 0, stream>>>(
           C.const_data_ptr<acc_t>(), cross_cos.const_data_ptr<acc_t>(), inv_norm, s, geo, scale, unit_weight,
           out.mutable_data_ptr<scalar_t>());
-      mmer_ext::cuda::launch_check("write_dense_kernel");
+      mmer_ext::cuda::launch_check("angular_adjacency_write_dense_kernel");
     }
   });
   return {out, stats};
 }
 
-at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
+at::Tensor angular_adjacency_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats,
                          const Dialogues& dialogues, const Options& opt) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
   auto grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -459,65 +465,38 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::
     auto r = at::zeros({M * N}, stats.options());
     const dim3 warps(kWarp, kWarpsPerBlock);
     if (opt.normalize) {
-      degree_term_kernel<scalar_t, acc_t><<<warp_blocks(M * N), warps, 0, stream>>>(
+      angular_adjacency_degree_term_kernel<scalar_t, acc_t><<<warp_blocks(M * N), warps, 0, stream>>>(
           C.const_data_ptr<acc_t>(), cross_cos.const_data_ptr<acc_t>(), inv_norm, s, gv, geo, scale, unit_weight,
           r.mutable_data_ptr<acc_t>());
-      mmer_ext::cuda::launch_check("degree_term_kernel");
+      mmer_ext::cuda::launch_check("angular_adjacency_degree_term_kernel");
     }
     auto S = at::empty_like(C);
-    pair_grad_kernel<scalar_t, acc_t><<<mmer_ext::cuda::grid_for(S.numel(), kThreads), kThreads, 0, stream>>>(
+    angular_adjacency_pair_grad_kernel<scalar_t, acc_t>
+        <<<mmer_ext::cuda::grid_for(S.numel(), kThreads), kThreads, 0, stream>>>(
         C.const_data_ptr<acc_t>(), s, r.const_data_ptr<acc_t>(), gv, geo, scale, S.mutable_data_ptr<acc_t>());
-    mmer_ext::cuda::launch_check("pair_grad_kernel");
+    mmer_ext::cuda::launch_check("angular_adjacency_pair_grad_kernel");
     auto SU = at::bmm(S, U);
     auto dcross = at::empty({M * N * M}, stats.options());
-    cross_grad_kernel<scalar_t, acc_t><<<mmer_ext::cuda::grid_for(dcross.numel(), kThreads), kThreads, 0, stream>>>(
+    angular_adjacency_cross_grad_kernel<scalar_t, acc_t>
+        <<<mmer_ext::cuda::grid_for(dcross.numel(), kThreads), kThreads, 0, stream>>>(
         cross_cos.const_data_ptr<acc_t>(), s, r.const_data_ptr<acc_t>(), gv, geo, scale,
         dcross.mutable_data_ptr<acc_t>());
-    mmer_ext::cuda::launch_check("cross_grad_kernel");
-    input_grad_kernel<scalar_t, acc_t><<<warp_blocks(M * N), warps, 0, stream>>>(
+    mmer_ext::cuda::launch_check("angular_adjacency_cross_grad_kernel");
+    angular_adjacency_input_grad_kernel<scalar_t, acc_t><<<warp_blocks(M * N), warps, 0, stream>>>(
         U.const_data_ptr<acc_t>(), SU.const_data_ptr<acc_t>(), cross_cos.const_data_ptr<acc_t>(),
         dcross.const_data_ptr<acc_t>(), inv_norm, geo, grad_x.mutable_data_ptr<scalar_t>());
-    mmer_ext::cuda::launch_check("input_grad_kernel");
+    mmer_ext::cuda::launch_check("angular_adjacency_input_grad_kernel");
   });
   return grad_x;
 }
 
 // blocks @ x on padded slots: one cuBLAS batched GEMM (per-dialogue GEMMs would each be a launch).
-const DeviceKernels kCudaKernels{&forward_cuda, &backward_cuda, &propagate_padded, &outer_padded};
-
-std::tuple<at::Tensor, at::Tensor> angular_adjacency_forward_cuda(const at::Tensor& features, const at::Tensor& lengths,
-                                                                  double scale, bool normalize,
-                                                                  std::optional<int64_t> window,
-                                                                  c10::string_view layout) {
-  const at::cuda::OptionalCUDAGuard guard(features.device());
-  return angular_adjacency_forward(kCudaKernels, features, lengths, scale, normalize, window, layout);
-}
-
-at::Tensor angular_adjacency_backward_cuda(const at::Tensor& grad, const at::Tensor& features,
-                                           const at::Tensor& lengths, const at::Tensor& stats, double scale,
-                                           bool normalize, std::optional<int64_t> window, c10::string_view layout) {
-  const at::cuda::OptionalCUDAGuard guard(features.device());
-  return angular_adjacency_backward(kCudaKernels, grad, features, lengths, stats, scale, normalize, window, layout);
-}
-
-at::Tensor block_graph_propagate_cuda(const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& lengths,
-                                      c10::SymInt num_modalities) {
-  const at::cuda::OptionalCUDAGuard guard(x.device());
-  return block_graph_propagate(kCudaKernels, blocks, x, lengths, num_modalities.expect_int());
-}
-
-at::Tensor block_graph_outer_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lengths,
-                                  c10::SymInt num_modalities, c10::SymInt slots) {
-  const at::cuda::OptionalCUDAGuard guard(a.device());
-  return block_graph_outer(kCudaKernels, a, b, lengths, num_modalities.expect_int(), slots.expect_int());
-}
+const DeviceKernels kCudaKernels{&angular_adjacency_forward_cuda, &angular_adjacency_backward_cuda,
+                                 &block_graph_propagate_padded, &block_graph_outer_padded};
 
 }  // namespace
 }  // namespace mmer_ext::angular_adjacency
 
 TORCH_LIBRARY_IMPL(mmer_ext, CUDA, m) {
-  m.impl("_angular_adjacency_forward", &mmer_ext::angular_adjacency::angular_adjacency_forward_cuda);
-  m.impl("_angular_adjacency_backward", &mmer_ext::angular_adjacency::angular_adjacency_backward_cuda);
-  m.impl("block_graph_propagate", &mmer_ext::angular_adjacency::block_graph_propagate_cuda);
-  m.impl("_block_graph_outer", &mmer_ext::angular_adjacency::block_graph_outer_cuda);
+  mmer_ext::angular_adjacency::register_angular_adjacency_ops<mmer_ext::angular_adjacency::kCudaKernels>(m);
 }

@@ -160,20 +160,6 @@ at::Tensor cmd_pairwise_composite(at::TensorList xs, int64_t n_moments) {
   return std::get<0>(call_pairwise_forward(xs, n_moments));
 }
 
-std::tuple<at::Tensor, at::Tensor> central_moments_forward_cpu(const at::Tensor& x, int64_t n_moments) {
-  return central_moments_forward(kCpuKernels, x, n_moments);
-}
-at::Tensor central_moments_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats) {
-  return central_moments_backward(kCpuKernels, grad, x, stats);
-}
-std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward_cpu(at::TensorList xs, int64_t n_moments) {
-  return cmd_pairwise_forward(kCpuKernels, xs, n_moments);
-}
-std::vector<at::Tensor> cmd_pairwise_backward_cpu(const at::Tensor& grad, at::TensorList xs,
-                                                  const at::Tensor& stats) {
-  return cmd_pairwise_backward(kCpuKernels, grad, xs, stats);
-}
-
 }  // namespace
 }  // namespace mmer_ext::cmd
 
@@ -200,8 +186,5 @@ TORCH_LIBRARY_IMPL(mmer_ext, CompositeImplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(mmer_ext, CPU, m) {
-  m.impl("_central_moments_forward", &mmer_ext::cmd::central_moments_forward_cpu);
-  m.impl("_central_moments_backward", &mmer_ext::cmd::central_moments_backward_cpu);
-  m.impl("_cmd_pairwise_forward", &mmer_ext::cmd::cmd_pairwise_forward_cpu);
-  m.impl("_cmd_pairwise_backward", &mmer_ext::cmd::cmd_pairwise_backward_cpu);
+  mmer_ext::cmd::register_cmd_ops<mmer_ext::cmd::kCpuKernels>(m);
 }

@@ -4,7 +4,9 @@
 // The op bodies in cmd.cpp check arguments, allocate and call the per-device kernels below. Statistics tensors
 // follow the layout of cmd_math.h: per input [K+1, D] in opmath (float32, or float64 for float64 inputs).
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 namespace mmer_ext::cmd {
@@ -35,5 +37,21 @@ std::vector<at::Tensor> cmd_pairwise_backward(const DeviceKernels& k, const at::
                                               const at::Tensor& stats);
 
 extern const DeviceKernels kCpuKernels;  // cmd_cpu.cpp
+
+// The op bodies bound to one device's kernels, for TORCH_LIBRARY_IMPL blocks. No device guard here: each CUDA
+// kernel entry sets its own, once.
+template <const DeviceKernels& K>
+void register_cmd_ops(torch::Library& m) {
+  m.impl("_central_moments_forward",
+         +[](const at::Tensor& x, int64_t n_moments) { return central_moments_forward(K, x, n_moments); });
+  m.impl("_central_moments_backward", +[](const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats) {
+    return central_moments_backward(K, grad, x, stats);
+  });
+  m.impl("_cmd_pairwise_forward",
+         +[](at::TensorList xs, int64_t n_moments) { return cmd_pairwise_forward(K, xs, n_moments); });
+  m.impl("_cmd_pairwise_backward", +[](const at::Tensor& grad, at::TensorList xs, const at::Tensor& stats) {
+    return cmd_pairwise_backward(K, grad, xs, stats);
+  });
+}
 
 }  // namespace mmer_ext::cmd

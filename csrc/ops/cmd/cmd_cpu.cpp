@@ -198,25 +198,25 @@ void poly_grad_impl(const at::Tensor& x, const acc_t* shift, const acc_t* offset
   });
 }
 
-void column_stats_cpu(const at::Tensor& x, at::Tensor& stats) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.column_stats_cpu", [&] {
+void cmd_column_stats_cpu(const at::Tensor& x, at::Tensor& stats) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.cmd_column_stats_cpu", [&] {
     column_stats_impl<scalar_t, at::opmath_type<scalar_t>>(x, stats);
   });
 }
 
-at::Tensor pairwise_loss_cpu(const at::Tensor& stats, at::ScalarType dtype) {
+at::Tensor cmd_pairwise_loss_cpu(const at::Tensor& stats, at::ScalarType dtype) {
   const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
   double total = 0;
-  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_loss_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.cmd_pairwise_loss_cpu", [&] {
     for (auto n : pair_norms(stats.const_data_ptr<scalar_t>(), M, K, D)) total += static_cast<double>(n);
   });
   return at::scalar_tensor(total / static_cast<double>(M * (M - 1) / 2), stats.options().dtype(dtype));
 }
 
-at::Tensor pairwise_coefficients_cpu(const at::Tensor& grad, const at::Tensor& stats) {
+at::Tensor cmd_pairwise_coefficients_cpu(const at::Tensor& grad, const at::Tensor& stats) {
   const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
   auto coef = at::empty({M, K, D}, stats.options());
-  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_coefficients_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.cmd_pairwise_coefficients_cpu", [&] {
     const scalar_t* sp = stats.const_data_ptr<scalar_t>();
     scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
     auto inv_norms = pair_norms(sp, M, K, D);
@@ -235,10 +235,10 @@ at::Tensor pairwise_coefficients_cpu(const at::Tensor& grad, const at::Tensor& s
   return coef;
 }
 
-at::Tensor moment_coefficients_cpu(const at::Tensor& grad, const at::Tensor& moments) {
+at::Tensor cmd_moment_coefficients_cpu(const at::Tensor& grad, const at::Tensor& moments) {
   auto coef = grad.clone();
   const int64_t K = coef.size(0), D = coef.size(1);
-  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "mmer_ext.moment_coefficients_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "mmer_ext.cmd_moment_coefficients_cpu", [&] {
     scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
     const scalar_t* mp = moments.const_data_ptr<scalar_t>();
     for (int64_t d = 0; d < D; ++d) grad_coefficients_inplace(cp + d, mp + d, D, K);
@@ -246,12 +246,12 @@ at::Tensor moment_coefficients_cpu(const at::Tensor& grad, const at::Tensor& mom
   return coef;
 }
 
-at::Tensor poly_grad_cpu(const at::Tensor& x, const at::Tensor& center, const at::Tensor& coef, double scale) {
+at::Tensor cmd_poly_grad_cpu(const at::Tensor& x, const at::Tensor& center, const at::Tensor& coef, double scale) {
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return out;
   auto c = center.narrow(0, 0, 2).contiguous();
   auto k = coef.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.poly_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.cmd_poly_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* cp = c.const_data_ptr<acc_t>();
     poly_grad_impl<scalar_t, acc_t>(x, cp, cp + x.size(1), k, static_cast<acc_t>(scale), out);
@@ -261,7 +261,7 @@ at::Tensor poly_grad_cpu(const at::Tensor& x, const at::Tensor& center, const at
 
 }  // namespace
 
-const DeviceKernels kCpuKernels{&column_stats_cpu, &pairwise_loss_cpu, &pairwise_coefficients_cpu,
-                                &moment_coefficients_cpu, &poly_grad_cpu};
+const DeviceKernels kCpuKernels{&cmd_column_stats_cpu, &cmd_pairwise_loss_cpu, &cmd_pairwise_coefficients_cpu,
+                                &cmd_moment_coefficients_cpu, &cmd_poly_grad_cpu};
 
 }  // namespace mmer_ext::cmd

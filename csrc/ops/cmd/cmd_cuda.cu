@@ -1,11 +1,11 @@
 // CUDA kernels of the CMD family (see cmd.h): the passes over the [B, D] inputs, the per-column maths on the
 // statistics, and the CUDA registration.
 //
-// power_sums_kernel: a block owns 32 consecutive columns (one per lane, so each warp reads 128 contiguous bytes
+// cmd_power_sums_kernel: a block owns 32 consecutive columns (one per lane, so each warp reads 128 contiguous bytes
 // per row) and one split of the rows; 8 row-lanes stride through the split, their partial sums meet in shared
-// memory in a fixed order, and finalize_stats_kernel adds the splits in order. No atomics: results are deterministic
-// on a given GPU, and nothing syncs with the host (the upstream gradient is read on the device), so the ops can be
-// captured in CUDA graphs.
+// memory in a fixed order, and cmd_finalize_stats_kernel adds the splits in order. No atomics: results are
+// deterministic on a given GPU, and nothing syncs with the host (the upstream gradient is read on the device), so the
+// ops can be captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,7 +29,7 @@ constexpr int kReduceThreads = 256;  // a power of two: the tree reduction halve
 
 // stats[0, d] = mean of the first min(B, kShiftRows) rows (the shift of cmd_math.h), one thread per column.
 template <typename scalar_t, typename acc_t>
-__global__ void shift_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, acc_t* __restrict__ shift) {
+__global__ void cmd_shift_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, acc_t* __restrict__ shift) {
   const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (d >= D) return;
   const int64_t rows = B < kShiftRows ? B : kShiftRows;
@@ -41,7 +41,7 @@ __global__ void shift_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t 
 // partial[s, q, d] = sum over the rows of split s of (x - shift)^(p_lo + q), q < P. As on the CPU, float runs are
 // short: each thread flushes its float32 sums into float64 every kFlushRows of its rows.
 template <int P, typename scalar_t, typename acc_t>
-__global__ void power_sums_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, int64_t rows_per_split,
+__global__ void cmd_power_sums_kernel(const scalar_t* __restrict__ x, int64_t B, int64_t D, int64_t rows_per_split,
                                   const acc_t* __restrict__ shift, int p_lo, double* __restrict__ partial,
                                   int64_t partial_stride_s, int64_t partial_stride_q) {
   __shared__ double smem[kRowLanes][P][kColsPerBlock];
@@ -82,7 +82,7 @@ __global__ void power_sums_kernel(const scalar_t* __restrict__ x, int64_t B, int
 // stats rows 1..K from the per-split power sums, one thread per column: the splits are added in order, then the
 // raw moments about the shift become central ones (in float64, in the raw scratch [K, D]).
 template <typename acc_t>
-__global__ void finalize_stats_kernel(const double* __restrict__ partial, int64_t splits, int64_t B, int64_t K,
+__global__ void cmd_finalize_stats_kernel(const double* __restrict__ partial, int64_t splits, int64_t B, int64_t K,
                                       int64_t D, double* __restrict__ raw, acc_t* __restrict__ stats) {
   const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (d >= D) return;
@@ -96,7 +96,7 @@ __global__ void finalize_stats_kernel(const double* __restrict__ partial, int64_
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void poly_grad_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n, int64_t D,
+__global__ void cmd_poly_grad_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n, int64_t D,
                                  const acc_t* __restrict__ shift, const acc_t* __restrict__ offset,
                                  const acc_t* __restrict__ coef, int64_t K, acc_t scale) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -110,7 +110,7 @@ __global__ void poly_grad_kernel(const scalar_t* __restrict__ x, scalar_t* __res
 // inv_norms[p * K + k - 1] = inverse_or_zero(norm) when inv_norms != nullptr, and the mean over pairs of the sums
 // of the norms to *loss when loss != nullptr.
 template <typename acc_t, typename out_t>
-__global__ void pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, int64_t K, int64_t D,
+__global__ void cmd_pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, int64_t K, int64_t D,
                                   acc_t* __restrict__ inv_norms, out_t* __restrict__ loss) {
   __shared__ double smem[kReduceThreads];  // float64 sums, as on the CPU
   const int64_t stride_m = (K + 1) * D;
@@ -145,7 +145,7 @@ __global__ void pair_norms_kernel(const acc_t* __restrict__ stats, int64_t M, in
 
 // coef[i, :, d] for every input i and column d (one thread each); *grad is the upstream gradient of the loss.
 template <typename acc_t>
-__global__ void pairwise_coefficients_kernel(const acc_t* __restrict__ stats, const acc_t* __restrict__ inv_norms,
+__global__ void cmd_pairwise_coefficients_kernel(const acc_t* __restrict__ stats, const acc_t* __restrict__ inv_norms,
                                              const acc_t* __restrict__ grad, int64_t M, int64_t K, int64_t D,
                                              acc_t* __restrict__ coef) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -159,7 +159,7 @@ __global__ void pairwise_coefficients_kernel(const acc_t* __restrict__ stats, co
 }
 
 template <typename acc_t>
-__global__ void moment_coefficients_kernel(acc_t* __restrict__ coef, const acc_t* __restrict__ moments, int64_t K,
+__global__ void cmd_moment_coefficients_kernel(acc_t* __restrict__ coef, const acc_t* __restrict__ moments, int64_t K,
                                            int64_t D) {
   const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (d < D) grad_coefficients_inplace(coef + d, moments + d, D, K);
@@ -182,7 +182,7 @@ void launch_power_sums(int64_t n_powers, const scalar_t* x, int64_t B, int64_t D
   switch (n_powers) {
 #define MMER_LAUNCH_POWER_SUMS(P)                                                                               \
   case P:                                                                                                       \
-    power_sums_kernel<P, scalar_t, acc_t>                                                                       \
+    cmd_power_sums_kernel<P, scalar_t, acc_t>                                                                       \
         <<<grid, block, 0, stream>>>(x, B, D, rows_per_split, shift, p_lo, partial, partial_stride_s, D);        \
     break;
     MMER_LAUNCH_POWER_SUMS(1)
@@ -195,10 +195,10 @@ void launch_power_sums(int64_t n_powers, const scalar_t* x, int64_t B, int64_t D
     MMER_LAUNCH_POWER_SUMS(8)
 #undef MMER_LAUNCH_POWER_SUMS
   }
-  mmer_ext::cuda::launch_check("power_sums_kernel");
+  mmer_ext::cuda::launch_check("cmd_power_sums_kernel");
 }
 
-void column_stats_cuda(const at::Tensor& x, at::Tensor& stats) {
+void cmd_column_stats_cuda(const at::Tensor& x, at::Tensor& stats) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
   const int64_t B = x.size(0), D = x.size(1), K = stats.size(0) - 1;
   if (D == 0) return;
@@ -208,121 +208,100 @@ void column_stats_cuda(const at::Tensor& x, at::Tensor& stats) {
   auto raw = at::empty({K, D}, stats.options().dtype(at::kDouble));
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto column_blocks = static_cast<unsigned>(mmer_ext::cuda::ceil_div(D, kPolyThreads));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.column_stats_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.cmd_column_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     acc_t* sp = stats.mutable_data_ptr<acc_t>();
-    shift_kernel<scalar_t, acc_t><<<column_blocks, kPolyThreads, 0, stream>>>(xp, B, D, sp);
-    mmer_ext::cuda::launch_check("shift_kernel");
+    cmd_shift_kernel<scalar_t, acc_t><<<column_blocks, kPolyThreads, 0, stream>>>(xp, B, D, sp);
+    mmer_ext::cuda::launch_check("cmd_shift_kernel");
     // Powers 1..K of x - shift in one read of x when K <= kMaxPowersPerLaunch.
     for (int64_t q0 = 0; q0 < K; q0 += kMaxPowersPerLaunch) {
       launch_power_sums<scalar_t, acc_t>(std::min<int64_t>(kMaxPowersPerLaunch, K - q0), xp, B, D, rows_per_split,
                                          sp, static_cast<int>(q0) + 1, partial.mutable_data_ptr<double>() + q0 * D,
                                          K * D, splits, stream);
     }
-    finalize_stats_kernel<acc_t><<<column_blocks, kPolyThreads, 0, stream>>>(
+    cmd_finalize_stats_kernel<acc_t><<<column_blocks, kPolyThreads, 0, stream>>>(
         partial.const_data_ptr<double>(), splits, B, K, D, raw.mutable_data_ptr<double>(), sp);
-    mmer_ext::cuda::launch_check("finalize_stats_kernel");
+    mmer_ext::cuda::launch_check("cmd_finalize_stats_kernel");
   });
 }
 
-at::Tensor pairwise_loss_cuda(const at::Tensor& stats, at::ScalarType dtype) {
+at::Tensor cmd_pairwise_loss_cuda(const at::Tensor& stats, at::ScalarType dtype) {
   const at::cuda::OptionalCUDAGuard guard(stats.device());
   auto loss = at::empty({}, stats.options().dtype(dtype));
   const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
-  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_loss_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.cmd_pairwise_loss_cuda", [&] {
     using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mmer_ext.pairwise_loss_cuda", [&] {
-      pair_norms_kernel<acc_t, scalar_t><<<1, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mmer_ext.cmd_pairwise_loss_cuda", [&] {
+      cmd_pair_norms_kernel<acc_t, scalar_t><<<1, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           stats.const_data_ptr<acc_t>(), M, K, D, nullptr, loss.mutable_data_ptr<scalar_t>());
-      mmer_ext::cuda::launch_check("pair_norms_kernel");
+      mmer_ext::cuda::launch_check("cmd_pair_norms_kernel");
     });
   });
   return loss;
 }
 
-at::Tensor pairwise_coefficients_cuda(const at::Tensor& grad, const at::Tensor& stats) {
+at::Tensor cmd_pairwise_coefficients_cuda(const at::Tensor& grad, const at::Tensor& stats) {
   const at::cuda::OptionalCUDAGuard guard(stats.device());
   const int64_t M = stats.size(0), K = stats.size(1) - 1, D = stats.size(2);
   auto coef = at::empty({M, K, D}, stats.options());
   auto inv_norms = at::empty({M * (M - 1) / 2, K}, stats.options());
   auto g = grad.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.pairwise_coefficients_cuda", [&] {
-    pair_norms_kernel<scalar_t, scalar_t><<<1, kReduceThreads, 0, stream>>>(
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "mmer_ext.cmd_pairwise_coefficients_cuda", [&] {
+    cmd_pair_norms_kernel<scalar_t, scalar_t><<<1, kReduceThreads, 0, stream>>>(
         stats.const_data_ptr<scalar_t>(), M, K, D, inv_norms.mutable_data_ptr<scalar_t>(), nullptr);
-    mmer_ext::cuda::launch_check("pair_norms_kernel");
+    mmer_ext::cuda::launch_check("cmd_pair_norms_kernel");
     if (M * D > 0) {
       const auto blocks = static_cast<unsigned>(mmer_ext::cuda::ceil_div(M * D, kPolyThreads));
-      pairwise_coefficients_kernel<scalar_t><<<blocks, kPolyThreads, 0, stream>>>(
+      cmd_pairwise_coefficients_kernel<scalar_t><<<blocks, kPolyThreads, 0, stream>>>(
           stats.const_data_ptr<scalar_t>(), inv_norms.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), M, K, D,
           coef.mutable_data_ptr<scalar_t>());
-      mmer_ext::cuda::launch_check("pairwise_coefficients_kernel");
+      mmer_ext::cuda::launch_check("cmd_pairwise_coefficients_kernel");
     }
   });
   return coef;
 }
 
-at::Tensor moment_coefficients_cuda(const at::Tensor& grad, const at::Tensor& moments) {
+at::Tensor cmd_moment_coefficients_cuda(const at::Tensor& grad, const at::Tensor& moments) {
   const at::cuda::OptionalCUDAGuard guard(grad.device());
   auto coef = grad.clone();
   const int64_t K = coef.size(0), D = coef.size(1);
   if (D == 0) return coef;
-  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "mmer_ext.moment_coefficients_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "mmer_ext.cmd_moment_coefficients_cuda", [&] {
     const auto blocks = static_cast<unsigned>(mmer_ext::cuda::ceil_div(D, kPolyThreads));
-    moment_coefficients_kernel<scalar_t><<<blocks, kPolyThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    cmd_moment_coefficients_kernel<scalar_t><<<blocks, kPolyThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         coef.mutable_data_ptr<scalar_t>(), moments.const_data_ptr<scalar_t>(), K, D);
-    mmer_ext::cuda::launch_check("moment_coefficients_kernel");
+    mmer_ext::cuda::launch_check("cmd_moment_coefficients_kernel");
   });
   return coef;
 }
 
-at::Tensor poly_grad_cuda(const at::Tensor& x, const at::Tensor& center, const at::Tensor& coef, double scale) {
+at::Tensor cmd_poly_grad_cuda(const at::Tensor& x, const at::Tensor& center, const at::Tensor& coef, double scale) {
   const at::cuda::OptionalCUDAGuard guard(x.device());
   auto out = at::empty_like(x, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
   if (n == 0) return out;
   auto c = center.narrow(0, 0, 2).contiguous();
   auto k = coef.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.poly_grad_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mmer_ext.cmd_poly_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* cp = c.const_data_ptr<acc_t>();
-    poly_grad_kernel<scalar_t, acc_t>
+    cmd_poly_grad_kernel<scalar_t, acc_t>
         <<<mmer_ext::cuda::grid_for(n, kPolyThreads), kPolyThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
             x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, x.size(1), cp, cp + x.size(1),
             k.const_data_ptr<acc_t>(), k.size(0), static_cast<acc_t>(scale));
-    mmer_ext::cuda::launch_check("poly_grad_kernel");
+    mmer_ext::cuda::launch_check("cmd_poly_grad_kernel");
   });
   return out;
 }
 
-const DeviceKernels kCudaKernels{&column_stats_cuda, &pairwise_loss_cuda, &pairwise_coefficients_cuda,
-                                 &moment_coefficients_cuda, &poly_grad_cuda};
-
-std::tuple<at::Tensor, at::Tensor> central_moments_forward_cuda(const at::Tensor& x, int64_t n_moments) {
-  const at::cuda::OptionalCUDAGuard guard(x.device());
-  return central_moments_forward(kCudaKernels, x, n_moments);
-}
-at::Tensor central_moments_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& stats) {
-  const at::cuda::OptionalCUDAGuard guard(x.device());
-  return central_moments_backward(kCudaKernels, grad, x, stats);
-}
-std::tuple<at::Tensor, at::Tensor> cmd_pairwise_forward_cuda(at::TensorList xs, int64_t n_moments) {
-  const at::cuda::OptionalCUDAGuard guard(xs.empty() ? at::Device(at::kCUDA) : xs[0].device());
-  return cmd_pairwise_forward(kCudaKernels, xs, n_moments);
-}
-std::vector<at::Tensor> cmd_pairwise_backward_cuda(const at::Tensor& grad, at::TensorList xs,
-                                                   const at::Tensor& stats) {
-  const at::cuda::OptionalCUDAGuard guard(stats.device());
-  return cmd_pairwise_backward(kCudaKernels, grad, xs, stats);
-}
+const DeviceKernels kCudaKernels{&cmd_column_stats_cuda, &cmd_pairwise_loss_cuda, &cmd_pairwise_coefficients_cuda,
+                                 &cmd_moment_coefficients_cuda, &cmd_poly_grad_cuda};
 
 }  // namespace
 }  // namespace mmer_ext::cmd
 
 TORCH_LIBRARY_IMPL(mmer_ext, CUDA, m) {
-  m.impl("_central_moments_forward", &mmer_ext::cmd::central_moments_forward_cuda);
-  m.impl("_central_moments_backward", &mmer_ext::cmd::central_moments_backward_cuda);
-  m.impl("_cmd_pairwise_forward", &mmer_ext::cmd::cmd_pairwise_forward_cuda);
-  m.impl("_cmd_pairwise_backward", &mmer_ext::cmd::cmd_pairwise_backward_cuda);
+  mmer_ext::cmd::register_cmd_ops<mmer_ext::cmd::kCudaKernels>(m);
 }

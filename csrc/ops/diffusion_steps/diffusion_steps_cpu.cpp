@@ -148,7 +148,7 @@ std::optional<PhiloxSeed> seed_for(const StepPlan& p) {
   return cpu_seed(p.generator);
 }
 
-void affine_step_cpu(const StepPlan& p) {
+void diffusion_steps_affine_step_cpu(const StepPlan& p) {
   if (p.x.numel() == 0) return;
   const HostParam p0(p.p0), p1(p.p1);
   const auto seed = seed_for(p);
@@ -205,7 +205,7 @@ std::vector<double> langevin_step_sizes(const StepPlan& p, const std::optional<P
   return eps;
 }
 
-void langevin_step_cpu(const StepPlan& p) {
+void diffusion_steps_langevin_step_cpu(const StepPlan& p) {
   if (p.x.numel() == 0) return;
   const auto seed = seed_for(p);  // one draw, used by both passes
   AT_DISPATCH_FLOATING_TYPES(p.x.scalar_type(), "mmer_ext.langevin_corrector_step_cpu", [&] {
@@ -219,6 +219,6 @@ void langevin_step_cpu(const StepPlan& p) {
 
 }  // namespace
 
-const DeviceKernels kCpuKernels{&affine_step_cpu, &langevin_step_cpu};
+const DeviceKernels kCpuKernels{&diffusion_steps_affine_step_cpu, &diffusion_steps_langevin_step_cpu};
 
 }  // namespace mmer_ext::diffusion

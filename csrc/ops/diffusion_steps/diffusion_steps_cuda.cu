@@ -1,9 +1,9 @@
 // CUDA kernels of the sampling-step ops (see diffusion_steps.h) and the CUDA registration.
 //
-// affine_step_kernel: a grid-stride loop over groups of 4 consecutive elements (one Philox block of noise per
-// group, see diffusion_steps_math.h), with one 4-wide vector load/store per tensor when every pointer is aligned
-// for it; float32 math for float16/bfloat16. Coefficients computed on the host when the parameters are host values
-// (Python floats, 0-d CPU tensors); otherwise from the per-sample parameters, once per group.
+// diffusion_steps_affine_step_kernel: a grid-stride loop over groups of 4 consecutive elements (one Philox block of
+// noise per group, see diffusion_steps_math.h), with one 4-wide vector load/store per tensor when every pointer is
+// aligned for it; float32 math for float16/bfloat16. Coefficients computed on the host when the parameters are host
+// values (Python floats, 0-d CPU tensors); otherwise from the per-sample parameters, once per group.
 // Langevin: per-sample sums of squares of score and noise over chunks of each sample (the in-kernel noise is
 // regenerated, never stored), the step sizes in order over the chunks (no atomics: deterministic), then the same
 // affine kernel with the same Philox state, so both passes see the same noise.
@@ -100,7 +100,7 @@ __device__ __forceinline__ PhiloxSeed unpack_seed(const at::PhiloxCudaState& phi
 
 // m = a x + b s, n = c m + d s + e z (diffusion_steps_math.h); s, m_out or n_out may be null.
 template <typename scalar_t, typename acc_t, int kNoise>
-__global__ void affine_step_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ s,
+__global__ void diffusion_steps_affine_step_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ s,
                                    const scalar_t* __restrict__ z, scalar_t* __restrict__ m_out,
                                    scalar_t* __restrict__ n_out, int64_t numel, CoefSource<acc_t> coefs,
                                    at::PhiloxCudaState philox, bool vec) {
@@ -153,7 +153,8 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* smem) {
 
 // partial[2 * item + {0, 1}] = sums of score^2 and z^2 over chunk c of sample b, item = b * chunks + c.
 template <typename scalar_t, typename acc_t, int kNoise>
-__global__ void langevin_partial_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ z, int64_t inner,
+__global__ void diffusion_steps_langevin_partial_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ z,
+                                                        int64_t inner,
                                         int64_t chunk, int64_t chunks, at::PhiloxCudaState philox,
                                         acc_t* __restrict__ partial) {
   __shared__ acc_t smem[kReduceThreads / 32];
@@ -194,7 +195,8 @@ __global__ void langevin_partial_kernel(const scalar_t* __restrict__ s, const sc
 }
 
 template <typename acc_t>
-__global__ void langevin_eps_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t B, acc_t snr,
+__global__ void diffusion_steps_langevin_eps_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t B,
+                                                    acc_t snr,
                                     acc_t* __restrict__ eps) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
@@ -246,19 +248,19 @@ void launch_affine(const StepPlan& p, CoefSource<acc_t> coefs, NoiseMode mode, c
   auto stream = at::cuda::getCurrentCUDAStream();
   switch (mode) {
     case kNoNoise:
-      affine_step_kernel<scalar_t, acc_t, kNoNoise>
+      diffusion_steps_affine_step_kernel<scalar_t, acc_t, kNoNoise>
           <<<grid, kThreads, 0, stream>>>(x, s, z, m, n, numel, coefs, philox, vec);
       break;
     case kNoiseTensor:
-      affine_step_kernel<scalar_t, acc_t, kNoiseTensor>
+      diffusion_steps_affine_step_kernel<scalar_t, acc_t, kNoiseTensor>
           <<<grid, kThreads, 0, stream>>>(x, s, z, m, n, numel, coefs, philox, vec);
       break;
     case kNoisePhilox:
-      affine_step_kernel<scalar_t, acc_t, kNoisePhilox>
+      diffusion_steps_affine_step_kernel<scalar_t, acc_t, kNoisePhilox>
           <<<grid, kThreads, 0, stream>>>(x, s, z, m, n, numel, coefs, philox, vec);
       break;
   }
-  mmer_ext::cuda::launch_check("affine_step_kernel");
+  mmer_ext::cuda::launch_check("diffusion_steps_affine_step_kernel");
 }
 
 NoiseMode noise_mode(const StepPlan& p) {
@@ -272,7 +274,7 @@ NoiseMode noise_mode(const StepPlan& p) {
   }
 }
 
-void affine_step_cuda(const StepPlan& p) {
+void diffusion_steps_affine_step_cuda(const StepPlan& p) {
   const at::cuda::OptionalCUDAGuard guard(p.x.device());
   if (p.x.numel() == 0) return;
   const NoiseMode mode = noise_mode(p);
@@ -300,7 +302,7 @@ void affine_step_cuda(const StepPlan& p) {
   });
 }
 
-void langevin_step_cuda(const StepPlan& p) {
+void diffusion_steps_langevin_step_cuda(const StepPlan& p) {
   const at::cuda::OptionalCUDAGuard guard(p.x.device());
   if (p.x.numel() == 0) return;
   const NoiseMode mode = noise_mode(p);
@@ -320,16 +322,17 @@ void langevin_step_cuda(const StepPlan& p) {
     const scalar_t* z = mode == kNoiseTensor ? p.noise.const_data_ptr<scalar_t>() : nullptr;
     const auto blocks = static_cast<unsigned>(B * chunks);
     if (mode == kNoisePhilox) {
-      langevin_partial_kernel<scalar_t, acc_t, kNoisePhilox><<<blocks, kReduceThreads, 0, stream>>>(
+      diffusion_steps_langevin_partial_kernel<scalar_t, acc_t, kNoisePhilox><<<blocks, kReduceThreads, 0, stream>>>(
           s, z, inner, chunk, chunks, philox, partial.mutable_data_ptr<acc_t>());
     } else {
-      langevin_partial_kernel<scalar_t, acc_t, kNoiseTensor><<<blocks, kReduceThreads, 0, stream>>>(
+      diffusion_steps_langevin_partial_kernel<scalar_t, acc_t, kNoiseTensor><<<blocks, kReduceThreads, 0, stream>>>(
           s, z, inner, chunk, chunks, philox, partial.mutable_data_ptr<acc_t>());
     }
-    mmer_ext::cuda::launch_check("langevin_partial_kernel");
-    langevin_eps_kernel<acc_t><<<static_cast<unsigned>(mmer_ext::cuda::ceil_div(B, kThreads)), kThreads, 0, stream>>>(
+    mmer_ext::cuda::launch_check("diffusion_steps_langevin_partial_kernel");
+    diffusion_steps_langevin_eps_kernel<acc_t>
+        <<<static_cast<unsigned>(mmer_ext::cuda::ceil_div(B, kThreads)), kThreads, 0, stream>>>(
         partial.const_data_ptr<acc_t>(), chunks, B, static_cast<acc_t>(p.snr), eps.mutable_data_ptr<acc_t>());
-    mmer_ext::cuda::launch_check("langevin_eps_kernel");
+    mmer_ext::cuda::launch_check("diffusion_steps_langevin_eps_kernel");
     CoefSource<acc_t> coefs{StepKind::kLangevin,
                             SampleParam<acc_t>{eps.const_data_ptr<acc_t>(), 1, acc_t(0)},
                             SampleParam<acc_t>{nullptr, 0, acc_t(0)},
@@ -347,7 +350,7 @@ void langevin_step_cuda(const StepPlan& p) {
 
 }  // namespace
 
-const DeviceKernels kCudaKernels{&affine_step_cuda, &langevin_step_cuda};
+const DeviceKernels kCudaKernels{&diffusion_steps_affine_step_cuda, &diffusion_steps_langevin_step_cuda};
 
 }  // namespace mmer_ext::diffusion
 
