@@ -16,7 +16,7 @@ from typing import Any
 
 from mmer_ext.cli._help import HelpFormatter
 from mmer_ext.data.sources import data_spec_help
-from mmer_ext.train.config import TrainConfig
+from mmer_ext.train.config import OwnedChoices, TrainConfig
 
 EXAMPLES = """\
 examples:
@@ -74,7 +74,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             help_text += f" (default: {'on' if f.default else 'off'})"
         else:
             kwargs["type"] = kind
-            if "choices" in cli:
+            # Without the compiled library the model and sampler names cannot be read; only --help runs then.
+            if "choices" in cli and (not isinstance(cli["choices"], OwnedChoices) or OwnedChoices.available()):
                 kwargs["choices"] = cli["choices"]
             if "metavar" in cli:
                 kwargs["metavar"] = cli["metavar"]

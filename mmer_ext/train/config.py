@@ -6,9 +6,11 @@ The recipe of a model (:data:`mmer_ext.models.recipes.RECIPES`) holds the paper'
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,42 @@ from mmer_ext.data.protocols import CORRUPTION_MODES, MISSING_RATES, MR_PROTOCOL
 
 __all__ = ["TrainConfig", "ConfigError", "Limits", "check_field", "load_config", "config_to_dict", "validate"]
 
-# The choices come from the modules that own them. Recipe and sampler names are the exception: their owners
-# (models.recipes, sampling) load the compiled ops, and `mmer-ext --help` must work without them; so the names are
-# listed here and python_tests/train/test_train_config.py checks them against RECIPES and SAMPLERS.
-MODELS = ("baseline", "augmented", "mmin", "ifmmin", "nmer", "mmgcn", "mmgcn-meld", "imder", "imder-mosei",
-          "imder-authors", "baseline-msp", "mmin-msp", "nmer-authors", "mmgcn-authors", "mmgcn-meld-authors")
-SAMPLER_NAMES = ("em", "pc", "ode", "ode-heun", "ddim")  # IMDer's score-based recovery samplers
+class OwnedChoices(Sequence):
+    """The allowed values of a field, read on first use from the module that owns them (the keys of
+    ``module.attribute``), so the list is written once, where the things it names are defined.
+
+    Lazy because the owners of the model and sampler names import the compiled ops, while the command line must build
+    its parser without them (``mmer-ext train --help`` with a broken build); :meth:`available` says whether it can.
+    """
+
+    def __init__(self, module: str, attribute: str) -> None:
+        self.module, self.attribute = module, attribute
+        self._values: tuple[str, ...] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        import mmer_ext
+
+        return mmer_ext.load_error is None
+
+    def _resolve(self) -> tuple[str, ...]:
+        if self._values is None:
+            self._values = tuple(getattr(importlib.import_module(self.module), self.attribute))
+        return self._values
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._resolve()[index]
+
+    def __len__(self) -> int:
+        return len(self._resolve())
+
+    def __repr__(self) -> str:
+        return f"OwnedChoices({self.module}.{self.attribute})"
+
+
+# Every list of choices belongs to the module that defines what it names.
+MODELS = OwnedChoices("mmer_ext.models.recipes", "RECIPES")
+SAMPLER_NAMES = OwnedChoices("mmer_ext.sampling", "SAMPLERS")  # IMDer's score-based recovery samplers
 CORRUPTIONS = CORRUPTION_MODES
 MISSING_PROTOCOLS = MR_PROTOCOLS
 
