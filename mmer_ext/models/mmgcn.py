@@ -18,7 +18,9 @@ Architecture (``modalities="avl"``, hidden 200, GCN hidden 100; ``M`` modalities
   ``M`` intra-modality blocks and the cross-modality diagonals (``propagation="modal"``, default): a third of the
   propagation's multiply-adds of the full blocks (``"full"``), same result to rounding (issue 17: the 64-layer
   training step went from 18.9x to 27.3x faster than the authors' dense loop-built graph on one shared CPU thread,
-  together with the dropout below).
+  together with the dropout below; the cross-modality edges are applied pairwise rather than by broadcasting, which
+  took the step from ~680 to ~570 ms on 2 quiet threads when timed alone; the committed benchmark run,
+  ``benchmarks/results/cpu-vm-2026-12-05.md``, measured 13.8x on 2 quiet threads, short of issue 17's 20x).
 * Dropout (``dropout_rng="uniform"``, default) keeps an entry where a ``torch.rand_like`` draw is ``>= p``: the
   keep probability of ``F.dropout``, a quarter of its CPU cost, but other masks for a given seed than
   ``F.dropout`` draws (``dropout_rng="bernoulli"``, the model before issue 17, the authors' ``nn.Dropout``).
@@ -400,12 +402,19 @@ class MMGCN(MERModel):
                  < lengths.to(device=adj.device, dtype=torch.int64)[:, None])
         # cross[a, b, k]: weight of the edge from utterance k's node in modality b to its node in modality a.
         cross = (torch.diagonal(b, dim1=2, dim2=4) * off[None, :, :, None]).permute(1, 2, 0, 3)[:, :, valid]
-        cross = cross.unsqueeze(-1)
+        cross_pairs = [row.unbind(0) for row in cross.unsqueeze(-1).unbind(0)]
 
         def propagate(h: Tensor) -> Tensor:
-            out = block_graph_propagate(intra, h, lengths_rep, 1)
-            hv = h.view(m, 1, -1, h.shape[-1]).transpose(0, 1)  # [1, M(b), N, F]
-            return out + (cross * hv).sum(1).reshape(out.shape)
+            out = block_graph_propagate(intra, h, lengths_rep, 1).view(m, -1, h.shape[-1]).unbind(0)
+            hm = h.view(m, -1, h.shape[-1]).unbind(0)
+            # One [N, F] product per ordered pair a != b: broadcasting cross against h would build (and
+            # differentiate) the [M, M, N, F] tensor, zero diagonal included, which cost more than the GEMMs.
+            # unbind rather than indexing: each index's backward would fill a zero [M, N, F] gradient.
+            rows = []
+            for a in range(m):
+                others = [cross_pairs[a][b_] * hm[b_] for b_ in range(m) if b_ != a]
+                rows.append(out[a] + sum(others[1:], others[0]))
+            return torch.cat(rows)
 
         return propagate
 

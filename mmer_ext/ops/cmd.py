@@ -1,7 +1,9 @@
 """Central moment discrepancy (CMD): ``central_moments``, ``cmd``, ``cmd_pairwise``.
 
 The kernels are C++/CUDA (``csrc/ops/cmd/``); this module holds the typed wrappers and registers the fake
-kernels (for ``torch.compile`` and meta tensors) and the autograd formulas of the ops.
+kernels (for ``torch.compile`` and meta tensors). Unlike the other op families, the autograd of this one is
+registered in C++ (``csrc/ops/cmd/cmd_autograd.cpp``): at IF-MMIN's batch sizes a Python autograd kernel costs more
+than the kernels themselves.
 
 The public ops ``torch.ops.mmer_ext.central_moments``, ``cmd`` and ``cmd_pairwise`` are CompositeImplicitAutograd
 ops (as ``layer_norm`` is over ``native_layer_norm``): they check their arguments and call
@@ -25,6 +27,21 @@ __all__ = ["central_moments", "cmd", "cmd_pairwise"]
 _ops = torch.ops.mmer_ext
 
 
+def _clearer_error(op: str, n_moments: object, **tensors: object) -> ValueError | None:
+    """The error the Python checks find in the arguments of a failed op call, or None.
+
+    The wrappers call the op first and run these checks only when it fails, to replace the dispatcher's message
+    (which names no argument for a sparse tensor or an int beyond int64) with a clear one: IF-MMIN calls
+    cmd_pairwise every step on batches where the kernels take a few microseconds, so passing checks must cost nothing.
+    """
+    try:
+        check_dense(op, **tensors)
+        check_int64(op, "n_moments", n_moments)
+    except ValueError as err:
+        return err
+    return None
+
+
 def central_moments(x: Tensor, n_moments: int) -> Tensor:
     """Mean and central moments of ``x`` over its batch dimension.
 
@@ -38,9 +55,12 @@ def central_moments(x: Tensor, n_moments: int) -> Tensor:
         ``E[(x - mean)^k]`` for ``k = 2..K``. Computed in two passes about the first row, so data with a large mean
         (1e4 with unit spread) keeps full precision. Differentiable (first order).
     """
-    check_dense("mmer_ext.central_moments", x=x)
-    check_int64("mmer_ext.central_moments", "n_moments", n_moments)
-    return _ops.central_moments.default(x, n_moments)
+    try:
+        return _ops.central_moments.default(x, n_moments)
+    except (RuntimeError, TypeError):
+        if (clearer := _clearer_error("mmer_ext.central_moments", n_moments, x=x)) is not None:
+            raise clearer from None
+        raise
 
 
 def cmd(x1: Tensor, x2: Tensor, n_moments: int = 5) -> Tensor:
@@ -58,9 +78,12 @@ def cmd(x1: Tensor, x2: Tensor, n_moments: int = 5) -> Tensor:
         A 0-d tensor in the inputs' dtype. Where two moments are equal the gradient of their norm is taken as 0,
         so identical inputs give a loss of 0 and zero gradients (the reference code gives NaN there).
     """
-    check_dense("mmer_ext.cmd", x1=x1, x2=x2)
-    check_int64("mmer_ext.cmd", "n_moments", n_moments)
-    return _ops.cmd.default(x1, x2, n_moments)
+    try:
+        return _ops.cmd.default(x1, x2, n_moments)
+    except (RuntimeError, TypeError):
+        if (clearer := _clearer_error("mmer_ext.cmd", n_moments, x1=x1, x2=x2)) is not None:
+            raise clearer from None
+        raise
 
 
 def cmd_pairwise(xs: Tensor | Sequence[Tensor], n_moments: int = 5) -> Tensor:
@@ -72,6 +95,13 @@ def cmd_pairwise(xs: Tensor | Sequence[Tensor], n_moments: int = 5) -> Tensor:
         xs: a ``[M, B, D]`` tensor, or a sequence of ``M >= 2`` tensors ``[B_i, D]`` (batch sizes may differ).
         n_moments: ``1 <= K <= 256``.
     """
+    if type(xs) is list or type(xs) is tuple:
+        try:
+            return _ops.cmd_pairwise.default(xs, n_moments)
+        except (RuntimeError, TypeError):
+            if (clearer := _clearer_error("mmer_ext.cmd_pairwise", n_moments, xs=xs)) is not None:
+                raise clearer from None
+            raise
     if isinstance(xs, Tensor):
         if xs.dim() != 3:
             raise ValueError(
@@ -115,68 +145,3 @@ def _cmd_pairwise_forward_fake(xs: list[Tensor], n_moments: int) -> tuple[Tensor
 @register_fake("mmer_ext::_cmd_pairwise_backward")
 def _cmd_pairwise_backward_fake(grad: Tensor, xs: list[Tensor], stats: Tensor) -> list[Tensor]:
     return [x.new_empty(x.shape) for x in xs]
-
-
-def _central_moments_setup(ctx, inputs, output):
-    x, _ = inputs
-    _, stats = output
-    ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(x, stats)
-
-
-def _central_moments_backward(ctx, grad, _grad_stats):
-    x, stats = ctx.saved_tensors
-    return _ops._central_moments_backward.default(grad, x, stats), None
-
-
-class _CmdPairwiseFunction(torch.autograd.Function):
-    """Autograd of ``_cmd_pairwise_forward`` with the inputs as varargs.
-
-    ``register_autograd`` would do the same, but for an op with a ``Tensor[]`` argument it flattens and rebuilds the
-    arguments with pytrees on every call, which costs more than the kernels themselves at IF-MMIN's batch sizes.
-    """
-
-    @staticmethod
-    def forward(ctx, keyset, n_moments, *xs):
-        with torch._C._AutoDispatchBelowAutograd():
-            loss, stats = _ops._cmd_pairwise_forward.default.redispatch(
-                keyset & torch._C._after_autograd_keyset, list(xs), n_moments
-            )
-        ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(*xs, stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        *xs, stats = ctx.saved_tensors
-        return (None, None, *_ops._cmd_pairwise_backward.default(grad_loss, xs, stats))
-
-
-def _cmd_pairwise_forward_autograd(keyset, xs, n_moments):
-    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
-        return _CmdPairwiseFunction.apply(keyset, n_moments, *xs)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _ops._cmd_pairwise_forward.default.redispatch(
-            keyset & torch._C._after_autograd_keyset, xs, n_moments
-        )
-
-
-def _refuse_double_backward(public_name: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"mmer_ext.{public_name}: second derivatives are not implemented (its backward is a fused kernel with a "
-            f"first-order formula). Use the pure-PyTorch reference in mmer_ext.ops._reference for gradient penalties."
-        )
-
-    return backward
-
-
-torch.library.register_autograd(
-    "mmer_ext::_central_moments_forward", _central_moments_backward, setup_context=_central_moments_setup
-)
-_lib = torch.library.Library("mmer_ext", "IMPL")
-_lib.impl("_cmd_pairwise_forward", _cmd_pairwise_forward_autograd, "Autograd", with_keyset=True)
-# Differentiating a backward op would otherwise warn and treat its output as a constant: a silently wrong
-# second derivative. Refuse it instead.
-torch.library.register_autograd("mmer_ext::_central_moments_backward", _refuse_double_backward("central_moments"))
-torch.library.register_autograd("mmer_ext::_cmd_pairwise_backward", _refuse_double_backward("cmd"))

@@ -775,6 +775,30 @@ def test_n_moments_above_the_bound(n_moments):
             cmd_pairwise([x, x], n_moments)
 
 
+@pytest.mark.parametrize("n_moments", [2**63, 2**70])
+def test_n_moments_beyond_int64_is_named(n_moments):
+    # The schema's own message ("expected int, found int") names no argument; the wrappers replace it.
+    x = _t(5, 3)
+    pattern = rf"n_moments must fit in int64, got {n_moments}"
+    with pytest.raises(ValueError, match=r"central_moments: " + pattern):
+        central_moments(x, n_moments)
+    with pytest.raises(ValueError, match=r"cmd: " + pattern):
+        cmd(x, x, n_moments)
+    for xs in ([x, x], (x, x), torch.stack([x, x])):
+        with pytest.raises(ValueError, match=r"cmd_pairwise: " + pattern):
+            cmd_pairwise(xs, n_moments)
+
+
+def test_sparse_input_is_named():
+    dense, sparse = _t(5, 3), _t(5, 3).to_sparse()
+    with pytest.raises(ValueError, match=r"central_moments: x must be a dense \(strided\) tensor, got a sparse_coo"):
+        central_moments(sparse, 3)
+    with pytest.raises(ValueError, match=r"cmd: x2 must be a dense \(strided\) tensor, got a sparse_coo tensor"):
+        cmd(dense, sparse)
+    with pytest.raises(ValueError, match=r"cmd_pairwise: xs\[1\] must be a dense \(strided\) tensor"):
+        cmd_pairwise([dense, sparse])
+
+
 def test_empty_batch():
     _assert_each_op_names(_t(0, 3), _t(5, 3), r"has an empty batch \(shape \[0, 3\]\); moments need at least one row")
 

@@ -42,7 +42,35 @@ MMER_EXT_CPU_MULTIVERSION void power_sums(const scalar_t* __restrict x, int64_t 
   for (int64_t i = 0; i < P * n; ++i) total[i] = 0.0;
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
     const int64_t r1 = std::min(rows, r0 + kRowBlock);
-    for (int64_t c = 0; c < n_vec; c += L) {
+    // Two vectors of columns per sweep over the rows: each accumulator is a chain of dependent adds, and two
+    // independent sets of chains keep the adders busy. Lane by lane the operations are those of one vector.
+    int64_t c = 0;
+    for (; c + 2 * L <= n_vec; c += 2 * L) {
+      const int64_t d = d0 + c;
+      const Vec s0 = cpu::load<acc_t>(shift + d), s1 = cpu::load<acc_t>(shift + d + L);
+      Vec acc0[P] = {}, acc1[P] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const Vec y0 = cpu::load<acc_t>(x + r * D + d) - s0;
+        const Vec y1 = cpu::load<acc_t>(x + r * D + d + L) - s1;
+        Vec p0 = y0, p1 = y1;
+        for (int e = 1; e < p_lo; ++e) {
+          p0 *= y0;
+          p1 *= y1;
+        }
+        for (int q = 0; q < P; ++q) {
+          acc0[q] += p0;
+          acc1[q] += p1;
+          p0 *= y0;
+          p1 *= y1;
+        }
+      }
+      for (int q = 0; q < P; ++q)
+        for (int w = 0; w < L; ++w) {
+          total[q * n + c + w] += static_cast<double>(acc0[q][w]);
+          total[q * n + c + L + w] += static_cast<double>(acc1[q][w]);
+        }
+    }
+    for (; c < n_vec; c += L) {
       const int64_t d = d0 + c;
       const Vec s = cpu::load<acc_t>(shift + d);
       Vec acc[P] = {};
@@ -67,6 +95,34 @@ MMER_EXT_CPU_MULTIVERSION void power_sums(const scalar_t* __restrict x, int64_t 
   }
   for (int q = 0; q < P; ++q)
     for (int64_t c = 0; c < n; ++c) out[q * D + d0 + c] = total[q * n + c];
+}
+
+// raw_to_central (cmd_math.h) of the D columns of r ([K, D]) at once, the loops over columns innermost so they
+// vectorise; column by column the operations are raw_to_central's, in its order. Deliberately not multiversioned:
+// the x86-64-v3/v4 clones would contract `a -= b * c` into FMAs and change the rounding from the baseline build's.
+void raw_to_central_columns(double* __restrict r, int64_t D, int64_t K) {
+  std::vector<double> offset(r, r + D);
+  for (int64_t i = 1; i <= K; ++i) {
+    for (int64_t p = K; p >= i; --p) {
+      double* __restrict dst = r + (p - 1) * D;
+      if (p == 1) {
+        for (int64_t d = 0; d < D; ++d) dst[d] -= offset[d];
+      } else {
+        const double* __restrict src = r + (p - 2) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] -= offset[d] * src[d];
+      }
+    }
+  }
+  std::copy(offset.begin(), offset.end(), r);
+}
+
+// shift[d] = sum of rows [0, rows) of column d, in float64, row by row (the order does not depend on the target).
+template <typename scalar_t>
+MMER_EXT_CPU_MULTIVERSION void column_sums(const scalar_t* __restrict x, int64_t rows, int64_t D,
+                                           double* __restrict out) {
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) out[d] += static_cast<double>(x[r * D + d]);
 }
 
 // stats rows 1..K (see cmd_math.h) from one pass over x, given row 0 (the shift).
@@ -127,7 +183,7 @@ void moments_about_shift(const scalar_t* x, int64_t B, int64_t D, int64_t K, acc
   }
   const double inv_b = 1.0 / static_cast<double>(B);
   for (int64_t i = 0; i < K * D; ++i) raw[i] *= inv_b;
-  for (int64_t d = 0; d < D; ++d) raw_to_central(raw.data() + d, D, K);
+  raw_to_central_columns(raw.data(), D, K);
   for (int64_t i = 0; i < K * D; ++i) stats[D + i] = static_cast<acc_t>(raw[i]);
 }
 
@@ -138,9 +194,8 @@ void column_stats_impl(const at::Tensor& x, at::Tensor& stats) {
   acc_t* sp = stats.mutable_data_ptr<acc_t>();
   if (D == 0) return;
   const int64_t shift_rows = std::min(B, kShiftRows);
-  std::vector<double> shift(static_cast<size_t>(D), 0.0);
-  for (int64_t r = 0; r < shift_rows; ++r)
-    for (int64_t d = 0; d < D; ++d) shift[d] += static_cast<double>(xp[r * D + d]);
+  std::vector<double> shift(static_cast<size_t>(D));
+  column_sums(xp, shift_rows, D, shift.data());
   for (int64_t d = 0; d < D; ++d) sp[d] = static_cast<acc_t>(shift[d] / static_cast<double>(shift_rows));
   moments_about_shift<scalar_t, acc_t>(xp, B, D, K, sp);
 }
@@ -221,14 +276,40 @@ at::Tensor cmd_pairwise_coefficients_cpu(const at::Tensor& grad, const at::Tenso
     scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
     auto inv_norms = pair_norms(sp, M, K, D);
     for (auto& n : inv_norms) n = inverse_or_zero(n);
-    const scalar_t scale = grad.item<scalar_t>() / static_cast<scalar_t>(M * (M - 1) / 2);
+    const scalar_t scale = grad.const_data_ptr<scalar_t>()[0] / static_cast<scalar_t>(M * (M - 1) / 2);
     const int64_t stride_m = (K + 1) * D;
+    // pairwise_stat_grad and grad_coefficients_inplace (cmd_math.h) on all D columns at once, columns innermost so
+    // the loops vectorise; column by column the operations and their order are those of the two helpers. Not
+    // multiversioned, for the reason given at raw_to_central_columns.
     for (int64_t i = 0; i < M; ++i) {
-      for (int64_t d = 0; d < D; ++d) {
-        scalar_t* g = cp + i * K * D + d;
-        for (int64_t k = 1; k <= K; ++k)
-          g[(k - 1) * D] = scale * pairwise_stat_grad(sp + d, stride_m, M, i, k, D, inv_norms.data(), K);
-        grad_coefficients_inplace(g, sp + i * stride_m + D + d, D, K);
+      scalar_t* g = cp + i * K * D;
+      for (int64_t k = 1; k <= K; ++k) {
+        scalar_t* __restrict gk = g + (k - 1) * D;
+        for (int64_t d = 0; d < D; ++d) gk[d] = scalar_t(0);
+        for (int64_t j = 0; j < M; ++j) {
+          if (j == i) continue;
+          const int64_t a = std::min(i, j), b = std::max(i, j);
+          const scalar_t* sa = sp + a * stride_m;
+          const scalar_t* sb = sp + b * stride_m;
+          const scalar_t inv = inv_norms[pair_index(a, b, M) * K + (k - 1)];
+          if (i == a) {
+            for (int64_t d = 0; d < D; ++d) gk[d] += stat_diff(sa + d, sb + d, k, D) * inv;
+          } else {
+            for (int64_t d = 0; d < D; ++d) gk[d] += -stat_diff(sa + d, sb + d, k, D) * inv;
+          }
+        }
+        for (int64_t d = 0; d < D; ++d) gk[d] = scale * gk[d];
+      }
+      // grad_coefficients_inplace: a_0 = G_1 - sum_{k>=3} k G_k c_{k-1}, then a_j = (j+1) G_{j+1}.
+      const scalar_t* m = sp + i * stride_m + D;  // row k-1 of m holds c_k
+      for (int64_t k = 3; k <= K; ++k) {
+        const scalar_t* __restrict gk = g + (k - 1) * D;
+        const scalar_t* __restrict mk = m + (k - 2) * D;
+        for (int64_t d = 0; d < D; ++d) g[d] -= scalar_t(k) * gk[d] * mk[d];
+      }
+      for (int64_t j = 1; j < K; ++j) {
+        scalar_t* __restrict gj = g + j * D;
+        for (int64_t d = 0; d < D; ++d) gj[d] *= scalar_t(j + 1);
       }
     }
   });
