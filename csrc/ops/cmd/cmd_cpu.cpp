@@ -116,6 +116,21 @@ void raw_to_central_columns(double* __restrict r, int64_t D, int64_t K) {
   std::copy(offset.begin(), offset.end(), r);
 }
 
+// grad_coefficients_inplace (cmd_math.h) of the D columns of g ([K, D]; m's row k-1 holds c_k) at once, columns
+// innermost; column by column its operations in its order. Not multiversioned, as raw_to_central_columns.
+template <typename T>
+void grad_coefficients_columns(T* __restrict g, const T* __restrict m, int64_t D, int64_t K) {
+  for (int64_t k = 3; k <= K; ++k) {
+    const T* gk = g + (k - 1) * D;
+    const T* mk = m + (k - 2) * D;
+    for (int64_t d = 0; d < D; ++d) g[d] -= T(k) * gk[d] * mk[d];
+  }
+  for (int64_t j = 1; j < K; ++j) {
+    T* gj = g + j * D;
+    for (int64_t d = 0; d < D; ++d) gj[d] *= T(j + 1);
+  }
+}
+
 // shift[d] = sum of rows [0, rows) of column d, in float64, row by row (the order does not depend on the target).
 template <typename scalar_t>
 MMER_EXT_CPU_MULTIVERSION void column_sums(const scalar_t* __restrict x, int64_t rows, int64_t D,
@@ -300,17 +315,7 @@ at::Tensor cmd_pairwise_coefficients_cpu(const at::Tensor& grad, const at::Tenso
         }
         for (int64_t d = 0; d < D; ++d) gk[d] = scale * gk[d];
       }
-      // grad_coefficients_inplace: a_0 = G_1 - sum_{k>=3} k G_k c_{k-1}, then a_j = (j+1) G_{j+1}.
-      const scalar_t* m = sp + i * stride_m + D;  // row k-1 of m holds c_k
-      for (int64_t k = 3; k <= K; ++k) {
-        const scalar_t* __restrict gk = g + (k - 1) * D;
-        const scalar_t* __restrict mk = m + (k - 2) * D;
-        for (int64_t d = 0; d < D; ++d) g[d] -= scalar_t(k) * gk[d] * mk[d];
-      }
-      for (int64_t j = 1; j < K; ++j) {
-        scalar_t* __restrict gj = g + j * D;
-        for (int64_t d = 0; d < D; ++d) gj[d] *= scalar_t(j + 1);
-      }
+      grad_coefficients_columns(g, sp + i * stride_m + D, D, K);
     }
   });
   return coef;
@@ -322,7 +327,7 @@ at::Tensor cmd_moment_coefficients_cpu(const at::Tensor& grad, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "mmer_ext.cmd_moment_coefficients_cpu", [&] {
     scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
     const scalar_t* mp = moments.const_data_ptr<scalar_t>();
-    for (int64_t d = 0; d < D; ++d) grad_coefficients_inplace(cp + d, mp + d, D, K);
+    grad_coefficients_columns(cp, mp, D, K);
   });
   return coef;
 }
