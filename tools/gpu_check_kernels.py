@@ -27,6 +27,7 @@ _ADJ = "python_tests/ops/test_angular_adjacency.py::"
 _STEPS = "python_tests/ops/test_diffusion_steps.py::"
 _NOISE = "python_tests/ops/test_diffusion_steps_noise.py::"
 _GRAPH = "python_tests/sampling/test_sampling_cuda_graph.py::"
+_GCNII = "python_tests/ops/test_gcnii.py::"
 
 # CMD family. B = 100000, D = 17 gives hundreds of row splits; B = 33, D = 1024 one split over 32 column blocks.
 CMD_PAIRWISE_GRADS = _CMD + "test_grads_match_reference[cuda-cmd_pairwise-B100000xD17-5-float32]"
@@ -46,6 +47,11 @@ STEPS_DDIM_PHILOX = _NOISE + "test_in_kernel_noise_is_standard_normal[cuda-ddim_
 STEPS_SCALAR_PATH = _NOISE + "test_cuda_vector_and_scalar_paths_draw_the_same_noise"
 STEPS_GRAPH = _NOISE + "test_cuda_graph_replay_matches_eager_loop[generator-batch]"
 SAMPLER_GRAPH_PC = _GRAPH + "test_replay_equals_eager_and_follows_new_inputs[pc]"
+# GCNII layer: without dropout (no Philox) in float64, with in-kernel dropout in float32 (and its exact stream), replay.
+GCNII_GRADS = _GCNII + "test_grads_match_reference[cuda-300x32-0.0-float64]"
+GCNII_DROPOUT_GRADS = _GCNII + "test_grads_match_reference[cuda-300x32-0.4-float32]"
+GCNII_STREAM = _GCNII + "test_cuda_mask_is_the_reference_philox_stream_for_its_seed"
+GCNII_GRAPH = _GCNII + "test_cuda_graph_replay_draws_fresh_masks"
 
 KERNEL_TESTS: dict[str, tuple[str, ...]] = {
     # csrc/ops/cmd/cmd_cuda.cu
@@ -77,11 +83,14 @@ KERNEL_TESTS: dict[str, tuple[str, ...]] = {
     ),
     "diffusion_steps_langevin_partial_kernel": (STEPS_LANGEVIN, STEPS_LANGEVIN_PHILOX, SAMPLER_GRAPH_PC),
     "diffusion_steps_langevin_eps_kernel": (STEPS_LANGEVIN, STEPS_LANGEVIN_PHILOX, SAMPLER_GRAPH_PC),
+    # csrc/ops/gcnii/gcnii_cuda.cu
+    "gcnii_output_kernel": (GCNII_GRADS, GCNII_DROPOUT_GRADS, GCNII_STREAM, GCNII_GRAPH),
+    "gcnii_pre_gradient_kernel": (GCNII_GRADS, GCNII_DROPOUT_GRADS),
 }
 
 # Subset tests that capture CUDA graphs: capture needs torch's caching allocator, so the sanitizer runs them in a pass
 # of their own without PYTORCH_NO_CUDA_MEMORY_CACHING (every kernel is also launched by a test outside this set).
-GRAPH_TESTS: frozenset[str] = frozenset({CMD_GRAPH, STEPS_GRAPH, SAMPLER_GRAPH_PC})
+GRAPH_TESTS: frozenset[str] = frozenset({CMD_GRAPH, STEPS_GRAPH, SAMPLER_GRAPH_PC, GCNII_GRAPH})
 
 # CUDA code of ours without a __global__ of its own (ATen ops and cuBLAS on the device path), checked all the same.
 EXTRA_SANITIZER_TESTS: dict[str, str] = {
@@ -99,6 +108,7 @@ CUDA_TEST_FILES: tuple[str, ...] = (
     "python_tests/ops/test_diffusion_steps.py",
     "python_tests/ops/test_diffusion_steps_autograd.py",
     "python_tests/ops/test_diffusion_steps_noise.py",
+    "python_tests/ops/test_gcnii.py",
     "python_tests/sampling/test_samplers.py",
     "python_tests/sampling/test_sampling_cuda_graph.py",
     "python_tests/sampling/test_sampling_schedulers.py",

@@ -21,9 +21,14 @@ Architecture (``modalities="avl"``, hidden 200, GCN hidden 100; ``M`` modalities
   together with the dropout below; the cross-modality edges are applied pairwise rather than by broadcasting, which
   took the step from ~680 to ~570 ms on 2 quiet threads when timed alone; the committed benchmark run,
   ``benchmarks/results/cpu-vm-2026-12-05.md``, measured 13.8x on 2 quiet threads, short of issue 17's 20x).
-* Dropout (``dropout_rng="uniform"``, default) keeps an entry where a ``torch.rand_like`` draw is ``>= p``: the
-  keep probability of ``F.dropout``, a quarter of its CPU cost, but other masks for a given seed than
-  ``F.dropout`` draws (``dropout_rng="bernoulli"``, the model before issue 17, the authors' ``nn.Dropout``).
+* Dropout (``dropout_rng="philox"``, default): each GCNII layer, with the dropout that follows it, is one
+  :func:`mmer_ext.ops.gcnii_layer` call, whose masks are drawn inside the kernel from a Philox stream keyed by the
+  global generator (no mask is drawn into memory or stored for the backward); the other three dropouts (nodes,
+  ``h0`` before the first layer, classifier) are ``"uniform"``. ``"uniform"`` keeps an entry where a
+  ``torch.rand_like`` draw is ``>= p``: the keep probability of ``F.dropout`` at a quarter of its CPU cost.
+  ``"bernoulli"`` is ``F.dropout`` (the model before issue 17, the authors' ``nn.Dropout``). The three draw
+  different masks for a given seed; the distribution is the same. ``variant=False`` layers are not what the fused
+  op computes: with ``"philox"`` they run as modules with ``"uniform"`` masks.
 * GCNII (the authors' ``variant=True``): ``x = dropout(nodes)``, ``h0 = ReLU(Linear(200, 100)(x))``; for
   ``l = 1..L`` (``L = 64`` as hard-coded upstream): ``h = dropout(h)``, ``hi = A h``,
   ``h = ReLU(theta_l [hi || h0] W_l + (1 - theta_l)((1 - alpha) hi + alpha h0))`` with
@@ -88,7 +93,7 @@ from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 from mmer_ext.corpora import IEMOCAP_ERC_CLASS_FREQUENCIES
 from mmer_ext.models.base import DATA_ORDER, MERModel
-from mmer_ext.ops import angular_adjacency, block_graph_propagate
+from mmer_ext.ops import angular_adjacency, block_graph_propagate, gcnii_layer
 
 __all__ = ["GCNIILayer", "IEMOCAP_ERC_CLASS_WEIGHTS", "MMGCN", "gcnii_theta", "mmgcn_focal_loss",
            "parse_modalities"]
@@ -96,6 +101,7 @@ __all__ = ["GCNIILayer", "IEMOCAP_ERC_CLASS_WEIGHTS", "MMGCN", "gcnii_theta", "m
 #: MMGCN's IEMOCAP class weights, ``1 / frequency`` of happy, sad, neutral, angry, excited, frustrated (the authors' code, github.com/hujingwen6666/MMGCN).
 IEMOCAP_ERC_CLASS_WEIGHTS: tuple[float, ...] = tuple(1.0 / f for f in IEMOCAP_ERC_CLASS_FREQUENCIES)
 MISSING_NODE_MODES = ("zero", "input", "isolate")
+DROPOUT_RNGS = ("philox", "uniform", "bernoulli")
 _LETTER = {"a": "A", "v": "V", "l": "L", "t": "L"}
 
 
@@ -209,8 +215,9 @@ class MMGCN(MERModel):
         ``Linear(0) = bias`` (module docstring).
     propagation : {"modal", "full"}
         How the block layout is applied per layer (module docstring); same maths.
-    dropout_rng : {"uniform", "bernoulli"}
-        Where dropout masks come from (module docstring); different masks for the same seed.
+    dropout_rng : {"philox", "uniform", "bernoulli"}
+        Where dropout masks come from (module docstring); different masks for the same seed. "philox" also runs
+        each GCNII layer as one fused op.
     """
 
     clip_grad_norm = None
@@ -241,7 +248,7 @@ class MMGCN(MERModel):
         graph_layout: str = "blocks",
         text_lstm_input: str = "packed",
         propagation: str = "modal",
-        dropout_rng: str = "uniform",
+        dropout_rng: str = "philox",
     ) -> None:
         super().__init__()
         del teacher
@@ -270,8 +277,8 @@ class MMGCN(MERModel):
         self.text_lstm_input = text_lstm_input
         if propagation not in ("modal", "full"):
             raise ValueError(f"propagation must be 'modal' or 'full', got {propagation!r}")
-        if dropout_rng not in ("uniform", "bernoulli"):
-            raise ValueError(f"dropout_rng must be 'uniform' or 'bernoulli', got {dropout_rng!r}")
+        if dropout_rng not in DROPOUT_RNGS:
+            raise ValueError(f"dropout_rng must be one of {DROPOUT_RNGS}, got {dropout_rng!r}")
         self.propagation, self.dropout_rng = propagation, dropout_rng
         if window is not None and int(window) < 0:
             raise ValueError("window must be None or >= 0")
@@ -400,26 +407,21 @@ class MMGCN(MERModel):
         off = 1.0 - torch.eye(m, dtype=adj.dtype, device=adj.device)
         valid = (torch.arange(lmax, device=adj.device)[None, :]
                  < lengths.to(device=adj.device, dtype=torch.int64)[:, None])
-        # cross[a, b, k]: weight of the edge from utterance k's node in modality b to its node in modality a.
-        cross = (torch.diagonal(b, dim1=2, dim2=4) * off[None, :, :, None]).permute(1, 2, 0, 3)[:, :, valid]
-        cross_pairs = [row.unbind(0) for row in cross.unsqueeze(-1).unbind(0)]
+        # cross[k, a, b]: weight of the edge from utterance k's node in modality b to its node in modality a (zero
+        # diagonal: the self-loop is in the intra block).
+        cross = (torch.diagonal(b, dim1=2, dim2=4) * off[None, :, :, None]).permute(0, 3, 1, 2)[valid]
 
         def propagate(h: Tensor) -> Tensor:
-            out = block_graph_propagate(intra, h, lengths_rep, 1).view(m, -1, h.shape[-1]).unbind(0)
-            hm = h.view(m, -1, h.shape[-1]).unbind(0)
-            # One [N, F] product per ordered pair a != b: broadcasting cross against h would build (and
-            # differentiate) the [M, M, N, F] tensor, zero diagonal included, which cost more than the GEMMs.
-            # unbind rather than indexing: each index's backward would fill a zero [M, N, F] gradient.
-            rows = []
-            for a in range(m):
-                others = [cross_pairs[a][b_] * hm[b_] for b_ in range(m) if b_ != a]
-                rows.append(out[a] + sum(others[1:], others[0]))
-            return torch.cat(rows)
+            f = h.shape[-1]
+            out = block_graph_propagate(intra, h, lengths_rep, 1).view(m, -1, f)
+            # All cross-modality edges as one batched product of each utterance's [M, M] weights with its [M, F]
+            # node features: per-pair products cost an element-wise pass (and two in the backward) per ordered pair.
+            return (out + torch.bmm(cross, h.view(m, -1, f).transpose(0, 1)).transpose(0, 1)).view(-1, f)
 
         return propagate
 
     def _dropout(self, x: Tensor) -> Tensor:
-        """Inverted dropout. ``dropout_rng="uniform"`` keeps ``u >= p`` of a ``torch.rand_like`` draw (the global
+        """Inverted dropout (outside the fused GCNII layers). ``dropout_rng="uniform"`` / ``"philox"`` keep ``u >= p`` of a ``torch.rand_like`` draw (the global
         generator, so seeding works as before): the same keep-probability as ``F.dropout`` in about a quarter of its
         CPU time, forward and backward (``bernoulli_`` is the slow part), but a different stream of masks; ``"bernoulli"`` is
         ``F.dropout``."""
@@ -440,11 +442,17 @@ class MMGCN(MERModel):
         propagate = self._propagator(adj, lengths, m)
         x = self._dropout(nodes.reshape(m * n, -1))
         h0 = F.relu(self.fc0(x))
-        h = h0
-        for layer in self.layers:
-            h = self._dropout(h)
-            h = F.relu(layer(propagate(h), h0))
-        h = self._dropout(h)
+        h = self._dropout(h0)
+        if self.dropout_rng == "philox" and self.layers and self.layers[0].variant and self.dropout < 1.0:
+            # Layer l's output dropout is layer l + 1's input dropout (and the last one's is the final dropout).
+            p = self.dropout if self.training else 0.0
+            for layer in self.layers:
+                h = gcnii_layer(propagate(h), h0, layer.weight, layer.theta, layer.alpha, p)
+        else:
+            for i, layer in enumerate(self.layers):
+                h = F.relu(layer(propagate(h if i == 0 else self._dropout(h)), h0))
+            if self.layers:
+                h = self._dropout(h)
         return torch.cat([x, h], -1).reshape(m, n, -1)
 
     def utterance_features(self, batch: Mapping[str, Tensor]) -> Tensor:

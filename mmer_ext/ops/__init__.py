@@ -7,6 +7,7 @@ op are in :mod:`mmer_ext.ops._reference`; ``nn.Module`` forms (:class:`CMDLoss`,
 
 from mmer_ext.ops.angular_adjacency import angular_adjacency, block_graph_propagate
 from mmer_ext.ops.cmd import central_moments, cmd, cmd_pairwise
+from mmer_ext.ops.gcnii import gcnii_layer
 from mmer_ext.ops.modules import AngularAdjacency, BlockGraphPropagate, CMDLoss
 from mmer_ext.ops.diffusion_steps import (
     ddim_step,
@@ -28,6 +29,7 @@ __all__ = [
     "cmd",
     "cmd_pairwise",
     "ddim_step",
+    "gcnii_layer",
     "langevin_corrector_step",
     "ve_diffusion_coeff",
     "ve_marginal_std",

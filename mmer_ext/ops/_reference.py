@@ -238,6 +238,48 @@ def block_graph_propagate_ref(blocks: Tensor, x: Tensor, lengths: Tensor, num_mo
     return out.reshape(G * slots, x.shape[1])[slot_of_node]
 
 
+# ---- MMGCN's GCNII layer -------------------------------------------------------------------------------------------
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10_ref(counter_lo: int, counter_hi: Tensor, key: int) -> Tensor:
+    """Philox-4x32-10 blocks ``[len(counter_hi), 4]`` (int64 holding uint32 words) for the 64-bit counters
+    ``(counter_lo, counter_hi[i])`` and 64-bit ``key``: the generator of ``csrc/common/philox.h`` (and curand)."""
+    hi = counter_hi.to(torch.int64)
+    c = [torch.full_like(hi, counter_lo & _MASK32), torch.full_like(hi, (counter_lo >> 32) & _MASK32),
+         hi & _MASK32, (hi >> 32) & _MASK32]
+    k0, k1 = key & _MASK32, (key >> 32) & _MASK32
+    for _ in range(10):
+        # 32 x 32 -> 64-bit products wrap in int64 but keep their low 64 bits, so both halves come out right.
+        p0, p1 = c[0] * 0xD2511F53, c[2] * 0xCD9E8D57
+        hi0, lo0 = (p0 >> 32) & _MASK32, p0 & _MASK32
+        hi1, lo1 = (p1 >> 32) & _MASK32, p1 & _MASK32
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return torch.stack(c, -1)
+
+
+def gcnii_dropout_keep_ref(key: int, shape: Sequence[int], dropout: float, counter_lo: int = 0) -> Tensor:
+    """The keep mask of :func:`mmer_ext.ops.gcnii_layer`'s in-kernel dropout for Philox key ``key``: element ``i``
+    (row-major) is kept iff word ``i % 4`` of block ``(counter_lo, i // 4)`` is ``>= round(dropout * 2^32)``."""
+    numel = math.prod(shape)
+    words = philox4x32_10_ref(counter_lo, torch.arange((numel + 3) // 4), key).reshape(-1)[:numel]
+    threshold = min(int(dropout * 2**32 + 0.5), _MASK32)
+    return (words >= threshold).reshape(tuple(shape))
+
+
+def gcnii_layer_ref(hi: Tensor, h0: Tensor, weight: Tensor, theta: float, alpha: float, dropout: float = 0.0,
+                    *, keep: Tensor | None = None) -> Tensor:
+    """``dropout(relu(theta [hi || h0] W + (1 - theta)((1 - alpha) hi + alpha h0)))``: GCNII's layer (``variant=True``)
+    as MMGCN stacks it, written out. ``keep``: the dropout's keep mask (``None``: no dropout, whatever ``dropout``)."""
+    f = hi.shape[-1]
+    pre = theta * (hi @ weight[:f] + h0 @ weight[f:]) + (1.0 - theta) * ((1.0 - alpha) * hi + alpha * h0)
+    out = torch.relu(pre)
+    return out if keep is None else out * keep.to(out.dtype) / (1.0 - dropout)
+
+
 # ---- score-based sampling steps (IMDer's VE SDE, predictor-corrector, DDIM) ----------------------------------------
 #
 # ``x`` is ``[B, ...]``. ``t`` / ``alpha_bar_*`` are a Python float, a 0-d tensor, or a ``[B]`` tensor broadcast over

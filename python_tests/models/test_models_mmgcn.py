@@ -354,4 +354,4 @@ def test_propagation_and_dropout_rng_arguments():
     with pytest.raises(ValueError, match="propagation"):
         model(propagation="sparse")
     with pytest.raises(ValueError, match="dropout_rng"):
-        model(dropout_rng="philox")
+        model(dropout_rng="threefry")

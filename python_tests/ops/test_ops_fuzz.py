@@ -233,6 +233,36 @@ def angular_adjacency_case(draw):
 
 
 @st.composite
+def gcnii_layer_case(draw):
+    dtype = draw(st.sampled_from(ALL_FLOATS))
+    N, F = draw(st.integers(0, 6)), draw(st.integers(1, 5))
+    hi, h0 = _tensor(draw, (N, F), dtype), _tensor(draw, (N, F), dtype)
+    weight = _tensor(draw, (2 * F, F), dtype, scale=0.5)
+    theta, alpha = draw(st.floats(0.0, 1.0)), draw(st.floats(0.0, 1.0))
+    dropout = draw(st.sampled_from([0.0, 0.0, 0.3]))
+    args = {"hi": hi, "h0": h0, "weight": weight, "theta": theta, "alpha": alpha, "dropout": dropout}
+    if dropout == 0.0:
+        return Case("gcnii_layer", args,
+                    lambda a: R.gcnii_layer_ref(_as64(a["hi"]), _as64(a["h0"]), _as64(a["weight"]), a["theta"],
+                                                a["alpha"]),
+                    dtype, grad_args=("hi", "h0", "weight"), tol={F16: 1e-2})
+    # With dropout: the mask of the generator's next 64-bit draw (the CPU kernel's key), read before the call.
+    generator = _draw_seed(draw)
+    state = generator.get_state()
+    args["generator"] = generator
+
+    def ref(a):
+        g = torch.Generator()
+        g.set_state(state)
+        key = torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=g).item() % 2**64
+        keep = R.gcnii_dropout_keep_ref(key, (N, F), a["dropout"])
+        return R.gcnii_layer_ref(_as64(a["hi"]), _as64(a["h0"]), _as64(a["weight"]), a["theta"], a["alpha"],
+                                 a["dropout"], keep=keep)
+
+    return Case("gcnii_layer", args, ref, dtype, tol={F16: 1e-2}, label="dropout")
+
+
+@st.composite
 def block_graph_propagate_case(draw):
     dtype = draw(st.sampled_from(ALL_FLOATS))
     M, F = draw(st.integers(1, 3)), draw(st.integers(0, 4))
@@ -370,6 +400,7 @@ BUILDERS: dict[str, Callable] = {
     "cmd_pairwise": cmd_pairwise_case,
     "angular_adjacency": angular_adjacency_case,
     "block_graph_propagate": block_graph_propagate_case,
+    "gcnii_layer": gcnii_layer_case,
     "ve_marginal_std": _coefficient_case("ve_marginal_std", R.ve_marginal_std_ref),
     "ve_diffusion_coeff": _coefficient_case("ve_diffusion_coeff", R.ve_diffusion_coeff_ref),
     "ve_perturb": ve_perturb_case,
@@ -701,6 +732,11 @@ def _every_op_call() -> dict[str, tuple[Callable, dict[str, Any]]]:
                                   {"blocks": blocks, "x": h, "lengths": lengths, "num_modalities": 2}),
         "_block_graph_outer": (ops._block_graph_outer, {"a": h, "b": h, "lengths": lengths, "num_modalities": 2,
                                                         "slots": blocks.shape[1]}),
+        "gcnii_layer": (ops.gcnii_layer, {"hi": h, "h0": h, "weight": torch.randn(8, 4), "theta": 0.1,
+                                          "alpha": 0.1, "dropout": 0.2}),
+        "_gcnii_layer_backward": (ops._gcnii_layer_backward,
+                                  {"grad": h, "out": h, "hi": h, "h0": h, "weight": torch.randn(8, 4), "theta": 0.1,
+                                   "alpha": 0.1, "dropout": 0.2}),
         "ve_marginal_std": (ops.ve_marginal_std, {"t": t}),
         "ve_diffusion_coeff": (ops.ve_diffusion_coeff, {"t": t}),
         "ve_perturb": (ops.ve_perturb, {"x": x, "t": t, "noise": z}),

@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include "common/macros.h"
+#include "common/philox.h"
 
 namespace mmer_ext::diffusion {
 
@@ -32,39 +33,6 @@ template <typename T>
 struct Coefs {
   T a, b, c, d, e;
 };
-
-// ---- Philox-4x32-10 -----------------------------------------------------------------------------------------
-
-struct Uint4 {
-  uint32_t v[4];
-};
-
-MMER_HD inline uint32_t mulhi32(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(a, b);
-#else
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-}
-
-MMER_HD inline Uint4 philox4x32_10(uint64_t counter_lo, uint64_t counter_hi, uint64_t key) {
-  uint32_t c0 = static_cast<uint32_t>(counter_lo), c1 = static_cast<uint32_t>(counter_lo >> 32);
-  uint32_t c2 = static_cast<uint32_t>(counter_hi), c3 = static_cast<uint32_t>(counter_hi >> 32);
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  MMER_UNROLL
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t lo0 = 0xD2511F53u * c0, hi0 = mulhi32(0xD2511F53u, c0);
-    const uint32_t lo1 = 0xCD9E8D57u * c2, hi1 = mulhi32(0xCD9E8D57u, c2);
-    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return Uint4{{c0, c1, c2, c3}};
-}
 
 // A uniform in (0, 1) from 32 random bits (curand's mapping: never 0, so the log below is finite).
 template <typename T>
@@ -156,12 +124,6 @@ MMER_HD inline void normal4(uint64_t seed, uint64_t counter_lo, uint64_t group, 
   MMER_UNROLL
   for (int k = 0; k < 4; ++k) out[k] = static_cast<T>(z[k]);
 }
-
-// Where the noise of one call starts: the generator's key and the counter's low 64 bits.
-struct PhiloxSeed {
-  uint64_t seed;
-  uint64_t counter_lo;
-};
 
 // ---- VE SDE and step coefficients -----------------------------------------------------------------------------
 
