@@ -16,11 +16,10 @@ Architecture (``modalities="avl"``, hidden 200, GCN hidden 100; ``M`` modalities
   built; gradients flow through the adjacency into the encoders, as in the authors' code (which does not detach).
   Because cross-modality edges only join an utterance's own nodes, the blocks are split once per forward into the
   ``M`` intra-modality blocks and the cross-modality diagonals (``propagation="modal"``, default): a third of the
-  propagation's multiply-adds of the full blocks (``"full"``), same result to rounding (issue 17: the 64-layer
-  training step went from 18.9x to 27.3x faster than the authors' dense loop-built graph on one shared CPU thread,
-  together with the dropout below; the cross-modality edges are applied pairwise rather than by broadcasting, which
-  took the step from ~680 to ~570 ms on 2 quiet threads when timed alone; the committed benchmark run,
-  ``benchmarks/results/cpu-vm-2026-12-05.md``, measured 13.8x on 2 quiet threads, short of issue 17's 20x).
+  propagation's multiply-adds of the full blocks (``"full"``), same result to rounding. The cross-modality edges
+  are one batched ``[M, M] x [M, F]`` product per utterance. With the fused GCNII layers below, the 64-layer
+  training step is ~25x the authors' loop-built dense graph with their module layers on 2 quiet CPU threads
+  (``benchmarks/bench_mmgcn_step.py``; the README's performance notes give the committed run).
 * Dropout (``dropout_rng="philox"``, default): each GCNII layer, with the dropout that follows it, is one
   :func:`mmer_ext.ops.gcnii_layer` call, whose masks are drawn inside the kernel from a Philox stream keyed by the
   global generator (no mask is drawn into memory or stored for the backward); the other three dropouts (nodes,

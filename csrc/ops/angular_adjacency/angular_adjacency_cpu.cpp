@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -492,10 +493,46 @@ at::Tensor angular_adjacency_backward_cpu(const at::Tensor& grad, const at::Tens
 }
 
 // ---- block_graph_propagate ------------------------------------------------------------------------------------------
-// Per dialogue, M^2 GEMMs of its L x L sub-blocks with the L-row chunks of x, on strided views of the inputs: no
-// gather, no padding (the padded batched matmul would do (Lmax / L)^2 times the work, 2.5x on IEMOCAP's test set).
+// Per dialogue, M^2 GEMMs of its L x L sub-blocks with the L-row chunks of x, on the inputs' memory: no gather, no
+// padding (the padded batched matmul would do (Lmax / L)^2 times the work, 2.5x on IEMOCAP's test set).
+//
+// float32 / float64 call the Fortran BLAS that torch's own CPU matmul calls (sgemm_ / dgemm_, exported by
+// libtorch_cpu's MKL or OpenBLAS) on raw pointers: MMGCN calls these ops 192 times per training step over ~50
+// dialogue-modality blocks each, and building two tensor views and dispatching at::mm for every microsecond-sized
+// GEMM cost about as much as the GEMMs' arithmetic. The symbols are weak: a torch without them (or another dtype)
+// takes the at::mm path on views.
 
 struct NoScratch {};
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+// Column-major C (m x n, ldc) = beta C + op(A) op(B), op given by 'N' / 'T'. Only where has_raw_gemm holds.
+template <typename scalar_t>
+void raw_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b,
+              int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  const scalar_t one = 1;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+  } else {
+    dgemm_(&ta, &tb, &mi, &ni, &ki, &one, a, &la, b, &lb, &beta, c, &lc);
+  }
+}
+
+// Whether raw_gemm can take the calls of a block op: a float32 / float64 BLAS is there, and every size and leading
+// dimension (at most the block stride and the feature count) fits BLAS's 32-bit integers.
+bool has_raw_gemm(at::ScalarType t, int64_t largest) {
+  const bool blas = (t == at::kFloat && sgemm_ != nullptr) || (t == at::kDouble && dgemm_ != nullptr);
+  return blas && largest <= 2147483647;
+}
 
 // The L x L block of dialogue g between modalities m (rows) and n (columns), a strided view of blocks.
 at::Tensor sub_block(const at::Tensor& blocks, int64_t g, int64_t m, int64_t n, int64_t Lmax, int64_t L) {
@@ -507,6 +544,28 @@ at::Tensor block_graph_propagate_cpu(const at::Tensor& blocks, const at::Tensor&
   auto xc = x.contiguous();
   auto y = at::empty({M * N, x.size(1)}, x.options());
   if (y.numel() == 0) return y;
+  const int64_t F = x.size(1), gs = blocks.stride(0), rs = blocks.stride(1), cs = blocks.stride(2);
+  if (has_raw_gemm(x.scalar_type(), std::max({F, rs, cs})) && (rs == 1 || cs == 1)) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mmer_ext.block_graph_propagate_cpu", [&] {
+      const scalar_t* bp = blocks.const_data_ptr<scalar_t>();
+      const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      // Row-major y_m = A x_n is column-major y_m^T = x_n^T A^T; a column-major block (transposed blocks, in the
+      // backward) is read transposed instead.
+      const bool row_major = cs == 1;
+      for_each_dialogue<NoScratch>(layout.dialogues, [&](int64_t g, NoScratch&) {
+        const int64_t off = layout.dialogues.offset(g), L = layout.dialogues.length(g);
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t n = 0; n < M; ++n) {
+            const scalar_t* a = bp + g * gs + m * Lmax * rs + n * Lmax * cs;
+            raw_gemm<scalar_t>('N', row_major ? 'N' : 'T', F, L, L, xp + (n * N + off) * F, F, a, row_major ? rs : cs,
+                               scalar_t(n > 0 ? 1 : 0), yp + (m * N + off) * F, F);
+          }
+        }
+      });
+    });
+    return y;
+  }
   for_each_dialogue<NoScratch>(layout.dialogues, [&](int64_t g, NoScratch&) {
     const int64_t off = layout.dialogues.offset(g), L = layout.dialogues.length(g);
     for (int64_t m = 0; m < M; ++m) {
@@ -527,18 +586,50 @@ at::Tensor block_graph_propagate_cpu(const at::Tensor& blocks, const at::Tensor&
 
 at::Tensor block_graph_outer_cpu(const at::Tensor& a, const at::Tensor& b, const NodeLayout& layout) {
   const int64_t M = layout.M, N = layout.N, Lmax = layout.dialogues.max_length, S = layout.slots();
-  auto out = at::zeros({layout.dialogues.count(), S, S}, a.options());
-  if (a.size(1) == 0 || N == 0) return out;
-  auto ac = a.contiguous(), bc = b.contiguous();
-  for_each_dialogue<NoScratch>(layout.dialogues, [&](int64_t g, NoScratch&) {
-    const int64_t off = layout.dialogues.offset(g), L = layout.dialogues.length(g);
-    for (int64_t m = 0; m < M; ++m) {
-      const auto a_m = ac.narrow(0, m * N + off, L);
-      for (int64_t n = 0; n < M; ++n) {
-        auto o = sub_block(out, g, m, n, Lmax, L);
-        at::cpu::mm_out(o, a_m, bc.narrow(0, n * N + off, L).t());
+  if (a.size(1) == 0 || N == 0 || !has_raw_gemm(a.scalar_type(), std::max(S, a.size(1)))) {
+    auto out = at::zeros({layout.dialogues.count(), S, S}, a.options());
+    if (a.size(1) == 0 || N == 0) return out;
+    auto ac = a.contiguous(), bc = b.contiguous();
+    for_each_dialogue<NoScratch>(layout.dialogues, [&](int64_t g, NoScratch&) {
+      const int64_t off = layout.dialogues.offset(g), L = layout.dialogues.length(g);
+      for (int64_t m = 0; m < M; ++m) {
+        const auto a_m = ac.narrow(0, m * N + off, L);
+        for (int64_t n = 0; n < M; ++n) {
+          auto o = sub_block(out, g, m, n, Lmax, L);
+          at::cpu::mm_out(o, a_m, bc.narrow(0, n * N + off, L).t());
+        }
       }
-    }
+    });
+    return out;
+  }
+  // Every entry is written once, by its dialogue's thread: the GEMMs fill the L x L sub-blocks and the padding is
+  // zeroed there (not in a separate pass over the whole tensor first).
+  auto out = at::empty({layout.dialogues.count(), S, S}, a.options());
+  auto ac = a.contiguous(), bc = b.contiguous();
+  const int64_t F = a.size(1);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mmer_ext._block_graph_outer_cpu", [&] {
+    const scalar_t* ap = ac.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for_each_dialogue<NoScratch>(layout.dialogues, [&](int64_t g, NoScratch&) {
+      const int64_t off = layout.dialogues.offset(g), L = layout.dialogues.length(g);
+      scalar_t* block = op + g * S * S;
+      for (int64_t r = 0; r < S; ++r) {
+        scalar_t* row = block + r * S;
+        if (r % Lmax >= L) {
+          std::fill(row, row + S, scalar_t(0));
+          continue;
+        }
+        for (int64_t n = 0; n < M; ++n) std::fill(row + n * Lmax + L, row + (n + 1) * Lmax, scalar_t(0));
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < M; ++n) {
+          // Row-major block (m, n) = a_m b_n^T is column-major b_n a_m^T.
+          raw_gemm<scalar_t>('T', 'N', L, L, F, bp + (n * N + off) * F, F, ap + (m * N + off) * F, F, scalar_t(0),
+                             block + m * Lmax * S + n * Lmax, S);
+        }
+      }
+    });
   });
   return out;
 }
