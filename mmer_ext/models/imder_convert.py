@@ -165,6 +165,7 @@ def authors_hparams(state: Mapping[str, Tensor], *, num_heads: int = 8, score_he
                                // state["rec_l.1.body.0.body.3.conv_du.0.weight"].shape[0]),
             score_net="unet",
             score_ema=None,  # their checkpoints hold no EMA of the score weights; their samplers read the live nets
+            refine_residual=False,  # their rec_* are plain stacks: a residual one would add the sample to its output
         )
     except KeyError as e:
         raise AuthorsCheckpointError(f"not an authors' IMDer state dict: no tensor {e.args[0]!r}") from None

@@ -58,8 +58,9 @@ imder-mosei    128    2e-3  5         0.6       6             0 / 0 (MOSEI)
 =============  =====  ====  ========  ========  ============  ==============================================
 
 ``imder-authors`` is ``imder`` with the authors' condition mode (``condition_noise="shared"``: the condition is
-perturbed with the target's noise in training and re-noised in sampling); ``imder`` and ``imder-mosei`` keep the
-condition clean (see :class:`~mmer_ext.models.imder.IMDer`). The authors train until early stopping; the recipes cap
+perturbed with the target's noise in training and re-noised in sampling), score network (``"unet"``, no EMA) and
+plain refiners (``refine_residual=False``); ``imder`` and ``imder-mosei`` keep the condition clean and start their
+refiners as the identity (see :class:`~mmer_ext.models.imder.IMDer`). The authors train until early stopping; the recipes cap
 each stage at 100 epochs. The recovery sampler is the
 authors' 100-step Euler-Maruyama unless ``TrainConfig.sampler`` / ``sampler_steps`` (``--sampler``, ``--steps``) say
 otherwise.
@@ -248,10 +249,11 @@ RECIPES["imder"] = _imder_with_score_stage(_imder_stages(32, 24, {"condition_noi
 RECIPES["imder-mosei"] = _imder_with_score_stage(_imder_stages(
     128, 5, {"nlevels": 6, "attn_dropout_a": 0.0, "embed_dropout": 0.0, "clip_grad_value": 0.6,
              "condition_noise": "clean"}))
-# The authors keep no EMA of the score weights (their samplers read the live networks) and score with a sequence
-# U-Net (the package's default is the per-frame score net, see IMDer's notes).
+# The authors keep no EMA of the score weights (their samplers read the live networks), score with a sequence
+# U-Net (the package's default is the per-frame score net, see IMDer's notes) and refine with a plain
+# (non-residual) stack.
 RECIPES["imder-authors"] = _imder_stages(32, 24, {"condition_noise": "shared", "score_ema": None,
-                                                  "score_net": "unet"})
+                                                  "score_net": "unet", "refine_residual": False})
 
 
 # ---------------------------------------------------------------------------------------------- MSP-IMPROV (MMIN)

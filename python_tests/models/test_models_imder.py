@@ -387,9 +387,29 @@ def test_condition_noise_reaches_the_score_loss_and_the_sampler(monkeypatch, mod
 def test_condition_is_clean_by_default_and_not_a_sampler_option():
     model = tiny()
     assert model.condition_noise == "clean"
-    assert IMDer.legacy_defaults == {"condition_noise": "shared", "score_ema": None, "score_net": "unet"}
+    assert IMDer.legacy_defaults == {"condition_noise": "shared", "score_ema": None, "score_net": "unet",
+                                     "refine_residual": False}
     with pytest.raises(ValueError, match="condition_noise is the model's"):
         model.set_sampler("em", 3, condition_noise="shared")
+
+
+def test_untrained_refiner_is_the_identity_by_default():
+    # An untrained residual refiner passes the sample through; the authors' plain stack maps it to something else,
+    # and the reconstruction loss's gradient still reaches every weight of the residual one.
+    from mmer_ext.models.imder import RecoveryRefiner
+
+    x = torch.randn(4, 8, 11)
+    residual, plain = RecoveryRefiner(8, num_blocks=2, reduction=4), RecoveryRefiner(8, 2, 4, residual=False)
+    assert torch.equal(residual(x), x)
+    assert (plain(x) - x).abs().mean() > 0.1
+    residual(x).sub(torch.randn_like(x)).pow(2).mean().backward()
+    assert residual[2].weight.grad.abs().sum() > 0
+    assert all(m.refine[k].residual for m in (tiny(),) for k in m.refine)
+    assert not any(m.refine[k].residual for m in (tiny(refine_residual=False),) for k in m.refine)
+    from mmer_ext.models.recipes import RECIPES
+
+    assert all(s.hparams.get("refine_residual") is False for s in RECIPES["imder-authors"])
+    assert all("refine_residual" not in s.hparams for s in RECIPES["imder"])
 
 
 def test_clean_sampling_feeds_the_condition_itself(monkeypatch):

@@ -243,7 +243,8 @@ def test_shapes_give_the_authors_configuration(mosi):
     hp = authors_hparams(sd)
     assert hp == dict(dims=(5, 20, 768), num_classes=1, d_model=32, nlevels=4, num_heads=8, proj_kernel=3,
                       score_channels=(32, 64, 128, 256), score_heads=8, score_layers=2, score_embed_dim=256,
-                      rcab_blocks=20, rcab_reduction=16, score_net="unet", score_ema=None)
+                      rcab_blocks=20, rcab_reduction=16, score_net="unet", score_ema=None,
+                      refine_residual=False)
     converted = convert_authors_state_dict(sd)
     dropped = [k for k in sd if k.endswith((".version", ".embed_positions._float_tensor"))]
     assert len(converted) == len(sd) - len(dropped) == len(model.state_dict())
@@ -286,6 +287,7 @@ def test_refiners_are_mapped(mosi):
     gate = model.refine["V"][1].body[7].body[3].gate[2]
     assert torch.equal(gate.weight, sd["rec_v.1.body.7.body.3.conv_du.2.weight"])
     assert torch.equal(model.refine["L"][2].bias, sd["rec_l.2.bias"])
+    assert not any(r.residual for r in model.refine.values())  # theirs are plain stacks
 
 
 def test_convert_command_writes_a_loadable_model(tmp_path):
