@@ -18,7 +18,7 @@ Architecture (``modalities="avl"``, hidden 200, GCN hidden 100; ``M`` modalities
   ``M`` intra-modality blocks and the cross-modality diagonals (``propagation="modal"``, default): a third of the
   propagation's multiply-adds of the full blocks (``"full"``), same result to rounding. The cross-modality edges
   are one batched ``[M, M] x [M, F]`` product per utterance. With the fused GCNII layers below, the 64-layer
-  training step is ~25x the authors' loop-built dense graph with their module layers on 2 quiet CPU threads
+  training step is ~24x the authors' loop-built dense graph with their module layers on 2 quiet CPU threads
   (``benchmarks/bench_mmgcn_step.py``; the README's performance notes give the committed run).
 * Dropout (``dropout_rng="philox"``, default): each GCNII layer, with the dropout that follows it, is one
   :func:`mmer_ext.ops.gcnii_layer` call, whose masks are drawn inside the kernel from a Philox stream keyed by the
@@ -420,10 +420,10 @@ class MMGCN(MERModel):
         return propagate
 
     def _dropout(self, x: Tensor) -> Tensor:
-        """Inverted dropout (outside the fused GCNII layers). ``dropout_rng="uniform"`` / ``"philox"`` keep ``u >= p`` of a ``torch.rand_like`` draw (the global
-        generator, so seeding works as before): the same keep-probability as ``F.dropout`` in about a quarter of its
-        CPU time, forward and backward (``bernoulli_`` is the slow part), but a different stream of masks; ``"bernoulli"`` is
-        ``F.dropout``."""
+        """Inverted dropout (outside the fused GCNII layers). ``dropout_rng="uniform"`` and ``"philox"`` keep
+        ``u >= p`` of a ``torch.rand_like`` draw (the global generator, so seeding works as before): the same
+        keep-probability as ``F.dropout`` in about a quarter of its CPU time, forward and backward (``bernoulli_`` is
+        the slow part), but a different stream of masks; ``"bernoulli"`` is ``F.dropout``."""
         if not self.training or self.dropout == 0.0 or self.dropout_rng == "bernoulli":
             return F.dropout(x, self.dropout, self.training)
         if self.dropout >= 1.0:

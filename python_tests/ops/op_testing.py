@@ -27,6 +27,20 @@ def cuda_only(f):
     return f
 
 
+# ---- registration ----------------------------------------------------------------------------------------------
+
+
+def ops_registered_from(module: str) -> set[str]:
+    """Names of the ``mmer_ext::`` ops whose schemas name ``module`` as their Python module (``set_python_module``):
+    an op family's ops, which its test file must all opcheck."""
+    return {
+        s.name.split("::")[1]
+        for s in torch._C._jit_get_all_schemas()
+        if s.name.startswith("mmer_ext::")
+        and (torch._C._dispatch_pystub(s.name, s.overload_name) or ("",))[0] == module
+    }
+
+
 # ---- test ids --------------------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 // The GCNII layer op family (MMGCN's deep graph convolution): declarations shared by gcnii.cpp, gcnii_cpu.cpp and
 // gcnii_cuda.cu.
 //
-//   gcnii_layer(hi, h0, W, theta, alpha, p) = dropout_p(relu(theta [hi || h0] W + (1 - theta)((1 - alpha) hi + alpha h0)))
+//   gcnii_layer(hi, h0, W, theta, alpha, p)
+//     = dropout_p(relu(theta [hi || h0] W + (1 - theta)((1 - alpha) hi + alpha h0)))
 //
 // with hi = A h (the propagated input), h0 the first layer's output, W [2F, F]. The two GEMMs are ATen's; the
 // per-device kernels below are the one pass that does everything else (mixing, residual, relu, the in-kernel

@@ -85,7 +85,8 @@ void gcnii_output_inplace_cpu(at::Tensor& acc, const at::Tensor& hi, const at::T
 at::Tensor gcnii_pre_gradient_cpu(const at::Tensor& grad, const at::Tensor& out, double dropout) {
   auto g = at::empty_like(grad, at::MemoryFormat::Contiguous);
   const int64_t numel = grad.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mmer_ext.gcnii_layer_backward_cpu", [&] {
+  const auto dtype = grad.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mmer_ext.gcnii_layer_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto scale = static_cast<acc_t>(1.0 / (1.0 - dropout));
     const scalar_t* gr = grad.const_data_ptr<scalar_t>();

@@ -92,7 +92,8 @@ at::Tensor gcnii_pre_gradient_cuda(const at::Tensor& grad, const at::Tensor& out
   const int64_t numel = grad.numel();
   if (numel == 0) return g;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mmer_ext.gcnii_layer_backward_cuda", [&] {
+  const auto dtype = grad.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mmer_ext.gcnii_layer_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gcnii_pre_gradient_kernel<scalar_t, acc_t><<<mmer_ext::cuda::grid_for(numel, kThreads), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), g.mutable_data_ptr<scalar_t>(), numel,
