@@ -220,6 +220,8 @@ class MMGCN(MERModel):
     """
 
     clip_grad_norm = None
+    # Runs saved before "philox" became the default drew "uniform" masks: they resume with that stream.
+    legacy_defaults = {"dropout_rng": "uniform"}
 
     def __init__(
         self,

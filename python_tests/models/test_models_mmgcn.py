@@ -350,6 +350,11 @@ def test_uniform_dropout_keep_probability_and_seeding():
     torch.testing.assert_close(x.grad, g * (y.detach() / x.detach()))  # the backward applies the same mask
 
 
+def test_dropout_rng_default_and_legacy():
+    assert model().dropout_rng == "philox"
+    assert MMGCN.legacy_defaults == {"dropout_rng": "uniform"}  # runs saved before the default changed
+
+
 def test_propagation_and_dropout_rng_arguments():
     with pytest.raises(ValueError, match="propagation"):
         model(propagation="sparse")
