@@ -6,17 +6,16 @@
 // draw from the CPU generator, so every element's noise depends on its index alone: the result does not depend on
 // the thread count, and the Langevin step regenerates the same noise in its second pass instead of storing it.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#include <mutex>
 #include <vector>
 
 #include "common/macros.h"
+#include "common/philox_cpu.h"
 #include "ops/diffusion_steps/diffusion_steps.h"
 #include "ops/diffusion_steps/diffusion_steps_math.h"
 
@@ -26,13 +25,6 @@ namespace {
 constexpr int64_t kGrain = 1 << 14;  // elements per task: below that, waking the pool costs more than it saves
 constexpr int64_t kBlock = 256;      // elements per noise buffer (stays in L1)
 constexpr int64_t kNormChunk = 1 << 14;
-
-PhiloxSeed cpu_seed(const std::optional<at::Generator>& generator) {
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-  // See Note [Acquire lock when using random generators].
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  return PhiloxSeed{gen->random64(), 0};
-}
 
 // The Philox blocks of groups [g0, g0 + n): bits[4 i + k] is word k of group g0 + i.
 MMER_EXT_CPU_MULTIVERSION void philox_blocks(const PhiloxSeed& seed, int64_t g0, int64_t n, uint32_t* __restrict bits) {
@@ -145,7 +137,7 @@ void run_affine(const StepPlan& p, const CoefFn& coef_at, const std::optional<Ph
 
 std::optional<PhiloxSeed> seed_for(const StepPlan& p) {
   if (p.noise_source != NoiseSource::kGenerator) return std::nullopt;
-  return cpu_seed(p.generator);
+  return PhiloxSeed{cpu_philox_key(p.generator), 0};
 }
 
 void diffusion_steps_affine_step_cpu(const StepPlan& p) {

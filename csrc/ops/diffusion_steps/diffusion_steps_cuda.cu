@@ -13,15 +13,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <mutex>
-
 #include "common/cuda_utils.cuh"
+#include "common/philox_cuda.cuh"
 #include "ops/diffusion_steps/diffusion_steps.h"
 #include "ops/diffusion_steps/diffusion_steps_math.h"
 
@@ -92,12 +89,6 @@ __device__ __forceinline__ void store4(scalar_t* __restrict__ p, int64_t e0, int
   }
 }
 
-__device__ __forceinline__ PhiloxSeed unpack_seed(const at::PhiloxCudaState& philox) {
-  const auto seeds = at::cuda::philox::unpack(philox);
-  // The generator's offset counts 32-bit draws; one Philox block is 4 of them (see diffusion_steps_math.h).
-  return PhiloxSeed{std::get<0>(seeds), std::get<1>(seeds) / 4};
-}
-
 // m = a x + b s, n = c m + d s + e z (diffusion_steps_math.h); s, m_out or n_out may be null.
 template <typename scalar_t, typename acc_t, int kNoise>
 __global__ void diffusion_steps_affine_step_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ s,
@@ -105,7 +96,7 @@ __global__ void diffusion_steps_affine_step_kernel(const scalar_t* __restrict__ 
                                    scalar_t* __restrict__ n_out, int64_t numel, CoefSource<acc_t> coefs,
                                    at::PhiloxCudaState philox, bool vec) {
   PhiloxSeed seed{0, 0};
-  if constexpr (kNoise == kNoisePhilox) seed = unpack_seed(philox);
+  if constexpr (kNoise == kNoisePhilox) seed = mmer_ext::cuda::unpack_seed(philox);
   const int64_t groups = (numel + 3) / 4;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
        g += int64_t(gridDim.x) * blockDim.x) {
@@ -163,7 +154,7 @@ __global__ void diffusion_steps_langevin_partial_kernel(const scalar_t* __restri
   const int64_t lo = b * inner + c * chunk;
   const int64_t hi = min((b + 1) * inner, lo + chunk);
   PhiloxSeed seed{0, 0};
-  if constexpr (kNoise == kNoisePhilox) seed = unpack_seed(philox);
+  if constexpr (kNoise == kNoisePhilox) seed = mmer_ext::cuda::unpack_seed(philox);
   acc_t ss = acc_t(0), zz = acc_t(0);
   if (lo < hi) {
     // Whole Philox groups that meet [lo, hi); elements outside belong to the neighbouring chunk or sample.
@@ -218,11 +209,7 @@ at::PhiloxCudaState philox_state(const StepPlan& p) {
     TORCH_CHECK(p.generator->device() == p.x.device(), "mmer_ext: generator is on ", p.generator->device(),
                 " but the input is on ", p.x.device(), "; pass a generator of the input's device");
   }
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      p.generator, at::cuda::detail::getDefaultCUDAGenerator(p.x.device().index()));
-  // See Note [Acquire lock when using random generators]. One Philox block (4 draws) per group of elements.
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  return gen->philox_cuda_state(4);
+  return mmer_ext::cuda::philox_state(p.generator, p.x.device());
 }
 
 // A parameter as the kernels read it: host values as values, tensors converted to acc_t on x's device.

@@ -43,7 +43,7 @@ at::Tensor gcnii_layer(const DeviceKernels& k, const at::Tensor& hi, const at::T
   constexpr const char* op = "mmer_ext.gcnii_layer";
   check_layer_args(hi, h0, weight, theta, alpha, dropout, op);
   if (generator.has_value()) {
-    TORCH_CHECK(generator->device().type() == hi.device().type(), op, ": generator is on ", generator->device(),
+    TORCH_CHECK(generator->device() == hi.device(), op, ": generator is on ", generator->device(),
                 " but hi is on ", hi.device(), "; pass a generator of hi's device");
   }
   const int64_t f = hi.size(1);

@@ -4,15 +4,14 @@
 // an L1-sized buffer and runs a branch-free loop the compiler vectorises, so the mask, and the result, do not
 // depend on the thread count.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <mutex>
 
 #include "common/macros.h"
+#include "common/philox_cpu.h"
 #include "ops/gcnii/gcnii.h"
 #include "ops/gcnii/gcnii_math.h"
 
@@ -53,14 +52,8 @@ MMER_EXT_CPU_MULTIVERSION void pre_gradient_run(const scalar_t* __restrict grad,
 void gcnii_output_inplace_cpu(at::Tensor& acc, const at::Tensor& hi, const at::Tensor& h0, double theta,
                               double alpha, double dropout, const std::optional<at::Generator>& generator) {
   const int64_t numel = acc.numel();
-  uint64_t key = 0;
   const uint32_t threshold = dropout > 0.0 ? dropout_threshold(dropout) : 0u;
-  if (threshold != 0u) {
-    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
-    // See Note [Acquire lock when using random generators]. One 64-bit draw keys the whole mask.
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    key = gen->random64();
-  }
+  const uint64_t key = threshold != 0u ? cpu_philox_key(generator) : 0;  // one 64-bit draw keys the whole mask
   if (numel == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "mmer_ext.gcnii_layer_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -8,14 +8,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
-#include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <mutex>
-
 #include "common/cuda_utils.cuh"
+#include "common/philox_cuda.cuh"
 #include "ops/gcnii/gcnii.h"
 #include "ops/gcnii/gcnii_math.h"
 
@@ -28,17 +25,11 @@ template <typename scalar_t, typename acc_t>
 __global__ void gcnii_output_kernel(scalar_t* __restrict__ acc, const scalar_t* __restrict__ hi,
                                     const scalar_t* __restrict__ h0, int64_t numel, LayerCoefs<acc_t> c,
                                     at::PhiloxCudaState philox) {
-  uint64_t key = 0, counter_lo = 0;
-  if (c.threshold != 0u) {
-    const auto seeds = at::cuda::philox::unpack(philox);
-    // The generator's offset counts 32-bit draws; one Philox block is 4 of them.
-    key = std::get<0>(seeds);
-    counter_lo = std::get<1>(seeds) / 4;
-  }
+  const PhiloxSeed seed = c.threshold != 0u ? mmer_ext::cuda::unpack_seed(philox) : PhiloxSeed{0, 0};
   const int64_t groups = (numel + 3) / 4;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
     Uint4 bits{{0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu}};
-    if (c.threshold != 0u) bits = philox4x32_10(counter_lo, static_cast<uint64_t>(g), key);
+    if (c.threshold != 0u) bits = philox4x32_10(seed.counter_lo, static_cast<uint64_t>(g), seed.seed);
     const int64_t e0 = g * 4;
     MMER_UNROLL
     for (int k = 0; k < 4; ++k) {
@@ -64,14 +55,8 @@ void gcnii_output_inplace_cuda(at::Tensor& acc, const at::Tensor& hi, const at::
   const at::cuda::OptionalCUDAGuard guard(acc.device());
   const int64_t numel = acc.numel();
   const uint32_t threshold = dropout > 0.0 ? dropout_threshold(dropout) : 0u;
-  at::PhiloxCudaState philox;
-  if (threshold != 0u) {
-    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-        generator, at::cuda::detail::getDefaultCUDAGenerator(acc.device().index()));
-    // See Note [Acquire lock when using random generators]. One Philox block (4 draws) per group of elements.
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(4);
-  }
+  const at::PhiloxCudaState philox =
+      threshold != 0u ? mmer_ext::cuda::philox_state(generator, acc.device()) : at::PhiloxCudaState();
   if (numel == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "mmer_ext.gcnii_layer_cuda", [&] {
