@@ -67,8 +67,8 @@ class DemoPlan:
     condition window, 0.31M parameters each, instead of the paper's 3.5M-parameter sequence U-Net, which did not
     learn the conditional on this data) and the recipe's three stages: 15 pretraining epochs, ``imder_score_passes`` passes
     of score pretraining on the complete training sequences, 6 missing-data epochs (the authors train until early
-    stopping); 10-step DDIM is the recovery sampler instead of the authors' 100-step Euler-Maruyama
-    (``benchmarks/imder_recovery.py`` compares them). The section then shows the recovery against zero-fill and a
+    stopping); 10-step DDIM with half the ancestral noise (``eta=0.5``) is the recovery sampler instead of the authors'
+    100-step Euler-Maruyama (``benchmarks/imder_recovery.py`` compares them). The section then shows the recovery against zero-fill and a
     ridge regressor from the same condition on the test split at MR ``imder_recovery_rates``, with pictures.
     """
 
@@ -81,7 +81,7 @@ class DemoPlan:
     # IMDer: the synthetic MOSI-like sequences, and the recovery sampler used in training and evaluation.
     sequence_data: str = "synthetic-mosi-small"
     sequence_options: dict[str, Any] | None = None
-    imder_sampler: tuple[str, int] = ("ddim", 10)
+    imder_sampler: str = "ddim:10:eta=0.5"  # NAME:STEPS[:key=value], see mmer_ext.train.recovery.parse_sampler
     imder_hparams: dict[str, Any] | None = None
     imder_recovery_rates: tuple[float, ...] = (0.5,)
 
@@ -108,7 +108,7 @@ class DemoPlan:
             n_seeds=2,
             batch_size={**{m: 32 for m in UTTERANCE_MODELS}, "mmgcn": 4, "imder": 16},
             sequence_options={"sizes": (48, 16, 24)},
-            imder_sampler=("ddim", 3),
+            imder_sampler="ddim:3:eta=0.5",
             imder_hparams={"score_hidden": 32, "score_depth": 1, "rcab_blocks": 2, "nlevels": 1},
         )
 
@@ -226,12 +226,14 @@ def _imder_section(plan: DemoPlan, out_dir: Path, *, seed: int, device: str, pro
     train = splits["train"]
     log(f"embedded synthetic sequences ({plan.sequence_data}): " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         + f"; dims {tuple(train.dims)}")
-    sampler, steps = plan.imder_sampler
+    from mmer_ext.train.recovery import parse_sampler
+
+    sampler, steps, sampler_options = parse_sampler(plan.imder_sampler)
     hparams = {name: dict(plan.imder_hparams) for name in _stage_names("imder")} if plan.imder_hparams else {}
     cfg = load_config(None, model="imder", data=plan.sequence_data, data_options=options, seed=seed,
                       out_dir=str(out_dir / "imder"), device=device, stage_epochs=plan.stage_epochs["imder"],
                       batch_size=(plan.batch_size or {}).get("imder"), progress=progress, sampler=sampler,
-                      sampler_steps=steps, hparams=hparams)
+                      sampler_steps=steps, sampler_eta=sampler_options.get("eta"), hparams=hparams)
     result = fit(cfg, splits=splits, log=log)
     metrics = result.test_metrics
     lines = [
@@ -240,7 +242,7 @@ def _imder_section(plan: DemoPlan, out_dir: Path, *, seed: int, device: str, pro
         f"Stages: complete-data pretraining; score pretraining ({plan.stage_epochs['imder'].get('score', 0)} passes "
         "over the complete training sequences, projections frozen, EMA of the score weights); training at MR "
         f"{cfg.missing_rate} ({cfg.missing_protocol} missingness); condition `clean` (never noised). Recovery sampler "
-        f"`{sampler}` with {steps} steps in training and evaluation (the authors sample 100 Euler-Maruyama steps; "
+        f"`{plan.imder_sampler}` ({steps} steps) in training and evaluation (the authors sample 100 Euler-Maruyama steps; "
         "`benchmarks/imder_recovery.py` compares the samplers). Acc-2 and F1 on the non-zero labels, as IMDer reports them; recovery MSE between the recovered "
         "and the true projected features of the missing modalities.",
         "",
@@ -249,12 +251,12 @@ def _imder_section(plan: DemoPlan, out_dir: Path, *, seed: int, device: str, pro
     report.write_missing_rate_csv(out_dir / "imder_results.csv", {"IMDer": metrics})
     t1 = time.perf_counter()
     recovery, rec_lines, figures = _imder_recovery(result.model, splits, plan, out_dir, seed=seed,
-                                                   sampler=f"{sampler}:{steps}", log=log)
+                                                   sampler=plan.imder_sampler, log=log)
     lines += ["", *rec_lines]
     seconds = time.perf_counter() - t0
     log(f"IMDer: trained and evaluated in {seconds:.0f} s (recovery comparison and pictures {time.perf_counter() - t1:.0f} s)")
     return {"metrics": metrics, "markdown": "\n".join(lines), "sizes": {k: len(v) for k, v in splits.items()},
-            "sampler": [sampler, steps], "seconds": seconds, "recovery": recovery, "figures": figures}
+            "sampler": plan.imder_sampler, "seconds": seconds, "recovery": recovery, "figures": figures}
 
 
 def _imder_recovery(model, splits, plan: DemoPlan, out_dir: Path, *, seed: int, sampler: str,

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,9 @@ def test_smoke_run_writes_every_method_bar_and_curve(tmp_path, capsys):
     assert zero["cosine"][0] == 0.0 and zero["MSE"][0] > 0
     assert len(payload["bars"]) >= 5 and payload["aggregate"]["end_to_end"]["speedup"][0] > 0
     assert [p["step"] for p in payload["aggregate"]["curves"][0]] == [0, 2, 4]
+    # the seconds-against-calls line over the three samplers timed end to end (em:4, ddim:2 and ddim:1)
+    [fit] = payload["aggregate"]["end_to_end"]["curve"]
+    assert set(fit["points"]) == {"em:4", "ddim:2", "ddim:1"} and np.isfinite([fit["base"], fit["per_call"]]).all()
     assert (tmp_path / "out" / payload["figure"]).is_file()
     md = path.with_suffix(".md").read_text()
     assert "Tiny smoke run: not a result" in md and "| ridge |" in md and "## Bars" in md
@@ -73,5 +77,10 @@ def test_metrics_known_answers():
     assert rec.frechet(f[:1000], f[1000:2000]) < 0.1 < rec.frechet(f[:1000], 2 * f[1000:2000])
     assert rec.network_calls("pc:20") == 40 and rec.network_calls("ode-heun:10") == 19
     assert rec.network_calls("ddim:10") == 10
+    assert rec.parse_sampler("ddim:10:eta=0.5") == ("ddim", 10, {"eta": 0.5})
+    assert rec.parse_sampler("ddim:10:karras:eta=1") == ("ddim", 10, {"schedule": "karras", "eta": 1.0})
+    assert rec.network_calls("pc:10:corrector_steps=2") == 30
     with pytest.raises(ValueError, match="NAME:STEPS"):
         rec.parse_sampler("ddim")
+    with pytest.raises(ValueError, match="unknown option 'beta'"):
+        rec.parse_sampler("ddim:10:beta=1")

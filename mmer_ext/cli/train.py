@@ -26,8 +26,8 @@ examples:
   mmer-ext train --config mmin.yaml --data iemocap:/data/IEMOCAP --fold 3 --set hparams.student.cycle_weight=1
   # the paper's protocol: all 10 IEMOCAP folds x 3 seeds, mean ± std per condition (resumable, run by run)
   mmer-ext train --model mmin --data iemocap:/data/IEMOCAP --folds all --seeds 3 --out runs/mmin-cv
-  # IMDer at missing rate 0.3 with a 10-step DDIM sampler
-  mmer-ext train --model imder --data synthetic-mosi:small --missing-rate 0.3 --sampler ddim --steps 10
+  # IMDer at missing rate 0.3 with a 10-step DDIM sampler (half the ancestral noise)
+  mmer-ext train --model imder --data synthetic-mosi:small --missing-rate 0.3 --sampler ddim --steps 10 --eta 0.5
 """
 
 _BOOL_FLAG_HELP = {True: "--no-{name} turns it off", False: "--{name} turns it on"}

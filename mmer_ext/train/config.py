@@ -170,6 +170,10 @@ class TrainConfig:
                                  limits=Limits(choices=SAMPLER_NAMES))
     sampler_steps: int | None = _opt(None, "imder: sampler steps (default: the recipe's 100)", flag="--steps",
                                      limits=Limits(ge=1))
+    sampler_eta: float | None = _opt(None, "imder, ddim only: the share of the ancestral noise per step, 0 "
+                                           "(deterministic) to 1 (default 0; the recovery benchmark's few-step "
+                                           "sampler is --sampler ddim --steps 10 --eta 0.5)", flag="--eta",
+                                     limits=Limits(ge=0.0, le=1.0))
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -26,17 +26,33 @@ WINDOW = 5  # condition steps (centred) the ridge regressor reads for each step
 
 
 def parse_sampler(spec: str) -> tuple[str, int, dict[str, Any]]:
-    """``"ddim:10"`` or ``"ddim:10:karras"`` -> ``("ddim", 10, {"schedule": "karras"})``."""
+    """``NAME:STEPS[:OPTION...]`` -> ``(name, steps, options)``; an option is ``key=value`` (``eta``, ``snr``,
+    ``eps``: numbers; ``schedule``, ``corrector_steps``) or a bare schedule name: ``"ddim:10:eta=0.5"`` ->
+    ``("ddim", 10, {"eta": 0.5})``, ``"ddim:10:karras"`` -> ``("ddim", 10, {"schedule": "karras"})``."""
     parts = spec.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"sampler spec {spec!r} must be NAME:STEPS or NAME:STEPS:SCHEDULE")
-    return parts[0], int(parts[1]), ({"schedule": parts[2]} if len(parts) == 3 else {})
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError(f"sampler spec {spec!r} must be NAME:STEPS[:key=value...] (e.g. ddim:10:eta=0.5)")
+    options: dict[str, Any] = {}
+    for part in parts[2:]:
+        key, sep, value = part.partition("=")
+        if not sep:
+            key, value = "schedule", part
+        if key == "schedule":
+            options[key] = value
+        elif key == "corrector_steps":
+            options[key] = int(value)
+        elif key in ("eta", "snr", "eps"):
+            options[key] = float(value)
+        else:
+            raise ValueError(f"sampler spec {spec!r}: unknown option {key!r} (eta, snr, eps, schedule, "
+                             "corrector_steps)")
+    return parts[0], int(parts[1]), options
 
 
 def network_calls(spec: str) -> int:
     """Score-network evaluations of one sampler run (PC: predictor + corrector per step; Heun: two but the last)."""
-    name, steps, _ = parse_sampler(spec)
-    return {"pc": 2 * steps, "ode-heun": 2 * steps - 1}.get(name, steps)
+    name, steps, options = parse_sampler(spec)
+    return {"pc": (1 + options.get("corrector_steps", 1)) * steps, "ode-heun": 2 * steps - 1}.get(name, steps)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

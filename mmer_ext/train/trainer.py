@@ -130,6 +130,11 @@ def _sampler_hparams(cfg: TrainConfig, stage: Stage) -> dict[str, Any]:
         out["sampler"] = cfg.sampler
     if cfg.sampler_steps is not None and "steps" in params:
         out["steps"] = cfg.sampler_steps
+    if cfg.sampler_eta is not None and "sampler_kwargs" in params:
+        sampler = cfg.sampler if cfg.sampler is not None else stage.hparams.get("sampler", params["sampler"].default)
+        if sampler != "ddim":
+            raise ConfigError(f"--eta is DDIM's noise share; it needs --sampler ddim (the sampler is {sampler!r})")
+        out["sampler_kwargs"] = {**stage.hparams.get("sampler_kwargs", {}), "eta": cfg.sampler_eta}
     return out
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mmer_ext.models.mult import MulT, TransformerEncoder, future_mask, sinusoidal_positions
+from mmer_ext.models.mult import MulT, TransformerEncoder, attend, future_mask, sinusoidal_positions
 
 
 def test_sinusoidal_positions_start_at_one():
@@ -145,17 +145,18 @@ def test_attention_output_projection_has_xavier_init(dim):
         assert bool((b == 0).all())
 
 
-def test_keys_and_values_get_their_own_embedding_dropout():
+def test_keys_and_values_get_their_own_embedding_dropout(monkeypatch):
+    from mmer_ext.models import mult
+
     torch.manual_seed(0)
     enc = TransformerEncoder(8, 2, 1, embed_dropout=0.5)
     seen = []
-    real = enc.layers[0].attn.forward
 
-    def spy(q, k, v, **kw):
+    def spy(attn, q, k, v, *args):
         seen.append((k, v))
-        return real(q, k, v, **kw)
+        return attend(attn, q, k, v, *args)
 
-    enc.layers[0].attn.forward = spy
+    monkeypatch.setattr(mult, "attend", spy)
     x, kv = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
     enc.train()(x, kv)
     k, v = seen[-1]
@@ -166,3 +167,45 @@ def test_keys_and_values_get_their_own_embedding_dropout():
     # without embedding dropout nothing is drawn twice: training equals evaluation
     enc0 = TransformerEncoder(8, 2, 1)
     torch.testing.assert_close(enc0.train()(x, kv), enc0.eval()(x, kv))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["self", "cross-shared", "cross-separate"])
+@pytest.mark.parametrize("lengths", [(6, 6), (4, 7), (1, 1), (7, 3)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_is_the_module_forward_and_backward(dtype, kind, lengths, masked):
+    """attend() reads the module's weights and gives its output and gradients (dropout 0; the causal flag on the
+    square case must equal the explicit mask)."""
+    torch.manual_seed(1)
+    lq, lk = lengths
+    if kind == "self":
+        lk = lq
+    mha = torch.nn.MultiheadAttention(8, 4, batch_first=True).to(dtype)
+    x = torch.randn(3, lq, 8, dtype=dtype, requires_grad=True)
+    kv = x if kind == "self" else torch.randn(3, lk, 8, dtype=dtype, requires_grad=True)
+    v = kv if kind != "cross-separate" else torch.randn(3, lk, 8, dtype=dtype, requires_grad=True)
+    mask = future_mask(lq, lk) if masked else None
+    inputs = [x] + ([kv] if kv is not x else []) + ([v] if v is not kv else [])
+    ref = mha(x, kv, v, attn_mask=mask, need_weights=False)[0]
+    ours = attend(mha, x, kv, v, mask, training=True, causal=masked and lq == lk)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    params = list(mha.parameters())
+    torch.testing.assert_close(torch.autograd.grad(ours, inputs + params, g),
+                               torch.autograd.grad(ref, inputs + params, g))
+
+
+def test_attend_dropout_drops_attention_weights_in_training_only():
+    torch.manual_seed(2)
+    mha = torch.nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+    x = torch.randn(4, 10, 8)
+    mask = future_mask(10, 10)
+    mha.eval()
+    clean = mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(attend(mha, x, x, x, mask, training=False, causal=True), clean)
+    a, b = (attend(mha, x, x, x, mask, training=True, causal=True) for _ in range(2))
+    assert not torch.allclose(a, b) and not torch.allclose(a, clean)
+    # Inverted dropout keeps the expectation: the mean over many draws approaches the clean output.
+    mean = torch.stack([attend(mha, x, x, x, mask, training=True, causal=True) for _ in range(400)]).mean(0)
+    assert (mean - clean).abs().mean() < 0.1 * clean.abs().mean()
+    assert torch.isfinite(a).all()

@@ -99,7 +99,8 @@ def test_quick_demo_writes_every_artefact(tmp_path):
     assert "## IMDer on synthetic MOSI-like sequences" in report and "MR=0.7" in report
     assert {f"MR={mr / 10:.1f}" for mr in range(8)} <= set(results["imder"]["metrics"])
     # the recovery comparison (zero-fill / ridge / diffusion) and its two pictures
-    assert set(results["imder"]["recovery"]) == {"zero-fill", "ridge", "diffusion ddim:3"}
+    assert set(results["imder"]["recovery"]) == {"zero-fill", "ridge", "diffusion ddim:3:eta=0.5"}
+    assert results["imder"]["sampler"] == "ddim:3:eta=0.5"
     assert "| ridge |" in report and "imder_recovery_heatmaps.png" in report and "imder_recovery_pca.png" in report
     for name in ("imder_recovery_heatmaps.png", "imder_recovery_pca.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

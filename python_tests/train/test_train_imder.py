@@ -152,6 +152,9 @@ def test_cli_train_and_evaluate_imder(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--model", "imder", "--missing-rate", "0.05"], "missing_rate"),
     (["train", "--model", "imder", "--steps", "0"], "sampler_steps"),
+    (["train", "--model", "imder", "--eta", "1.5"], "sampler_eta"),
+    (["train", "--model", "imder", "--eta", "0.5"], "needs --sampler ddim"),
+    (["train", "--model", "imder", "--sampler", "pc", "--eta", "0.5"], "needs --sampler ddim"),
     (["train", "--model", "imder", "--set", "missing_protocol=per-epoch"], "missing_protocol"),
 ])
 def test_bad_imder_flags_are_one_clear_line(argv, message, tmp_path, capsys, monkeypatch):
@@ -159,3 +162,11 @@ def test_bad_imder_flags_are_one_clear_line(argv, message, tmp_path, capsys, mon
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_eta_reaches_every_stage_sampler(tmp_path):
+    from mmer_ext.train.trainer import resolve_stages
+
+    stages = resolve_stages(_cfg(tmp_path, sampler_eta=0.5))
+    assert [s.hparams["sampler_kwargs"] for s in stages] == [{"eta": 0.5}] * 3
+    assert all(s.hparams["sampler"] == "ddim" for s in stages)
