@@ -84,6 +84,15 @@ def test_exact_clean_score_samples_the_conditional(name, steps, options):
         (coef_err, cov_err, beta)
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_exact_clean_score_stochastic_ddim_samples_the_conditional(eta):
+    # DDIM with ancestral noise (eta = 0.5: the recovery benchmark's few-step sampler) has the same target.
+    y, c = _draw("ddim", 100, {"schedule": "karras", "eta": eta}, PROBLEM.clean_score, "clean")
+    coef_err, cov_err, beta, _ = _errors(y, c)
+    assert coef_err < EXACT_COEF_TOL and cov_err < EXACT_COV_TOL and abs(beta - 1) < EXACT_BETA_TOL, \
+        (coef_err, cov_err, beta)
+
+
 def test_the_tolerances_see_discretisation_error():
     # Three DDIM steps keep the conditional mean but shrink the spread (measured covariance error 0.74).
     y, c = _draw("ddim", 3, {"schedule": "karras"}, PROBLEM.clean_score, "clean")
