@@ -80,7 +80,7 @@ MAX_REPORT_BYTES = 4 << 20
 # IMDer size are left out to fit the budget: each torch.compile baseline costs seconds of compilation. A stage cut
 # at its cap still reports the groups it finished.
 BENCH_OPS_FILES = ("benchmarks/bench_cmd.py", "benchmarks/bench_angular_adjacency.py", "benchmarks/bench_diffusion_steps.py",
-                   "benchmarks/bench_gcnii.py")
+                   "benchmarks/bench_gcnii.py", "benchmarks/bench_attention.py")
 BENCH_OPS_SELECT = "cuda and not max-autotune and not mmgcn-loop and not imder128 and not dense"
 BENCH_SAMPLER_FILES = ("benchmarks/bench_imder_sampler.py",)
 BENCH_SAMPLER_SELECT = "cuda and not (B128 and compiled)"

@@ -28,6 +28,7 @@ _STEPS = "python_tests/ops/test_diffusion_steps.py::"
 _NOISE = "python_tests/ops/test_diffusion_steps_noise.py::"
 _GRAPH = "python_tests/sampling/test_sampling_cuda_graph.py::"
 _GCNII = "python_tests/ops/test_gcnii.py::"
+_ATTN = "python_tests/ops/test_attention.py::"
 
 # CMD family. B = 100000, D = 17 gives hundreds of row splits; B = 33, D = 1024 one split over 32 column blocks.
 CMD_PAIRWISE_GRADS = _CMD + "test_grads_match_reference[cuda-cmd_pairwise-B100000xD17-5-float32]"
@@ -52,6 +53,11 @@ GCNII_GRADS = _GCNII + "test_grads_match_reference[cuda-300x32-0.0-float64]"
 GCNII_DROPOUT_GRADS = _GCNII + "test_grads_match_reference[cuda-300x32-0.4-float32]"
 GCNII_STREAM = _GCNII + "test_cuda_mask_is_the_reference_philox_stream_for_its_seed"
 GCNII_GRAPH = _GCNII + "test_cuda_graph_replay_draws_fresh_masks"
+# Attention: float64 with a mask (a blocked row), float32 with dropout (its exact stream), odd widths, replay.
+ATTN_GRADS = _ATTN + "test_grads_match_reference[cuda-2x3x5x7x4-mask-0.0-float64]"
+ATTN_DROPOUT_GRADS = _ATTN + "test_grads_match_reference[cuda-2x2x17x33x40-mask-0.3-float32]"
+ATTN_STREAM = _ATTN + "test_mask_is_the_reference_philox_stream[cuda-0.5-3x2x19x23x8]"
+ATTN_GRAPH = _ATTN + "test_cuda_graph_replay_draws_fresh_masks_and_matching_gradients"
 
 KERNEL_TESTS: dict[str, tuple[str, ...]] = {
     # csrc/ops/cmd/cmd_cuda.cu
@@ -86,11 +92,15 @@ KERNEL_TESTS: dict[str, tuple[str, ...]] = {
     # csrc/ops/gcnii/gcnii_cuda.cu
     "gcnii_output_kernel": (GCNII_GRADS, GCNII_DROPOUT_GRADS, GCNII_STREAM, GCNII_GRAPH),
     "gcnii_pre_gradient_kernel": (GCNII_GRADS, GCNII_DROPOUT_GRADS),
+    # csrc/ops/attention/attention_cuda.cu
+    "attention_forward_kernel": (ATTN_GRADS, ATTN_DROPOUT_GRADS, ATTN_STREAM, ATTN_GRAPH),
+    "attention_dq_kernel": (ATTN_GRADS, ATTN_DROPOUT_GRADS, ATTN_GRAPH),
+    "attention_dkv_kernel": (ATTN_GRADS, ATTN_DROPOUT_GRADS, ATTN_GRAPH),
 }
 
 # Subset tests that capture CUDA graphs: capture needs torch's caching allocator, so the sanitizer runs them in a pass
 # of their own without PYTORCH_NO_CUDA_MEMORY_CACHING (every kernel is also launched by a test outside this set).
-GRAPH_TESTS: frozenset[str] = frozenset({CMD_GRAPH, STEPS_GRAPH, SAMPLER_GRAPH_PC, GCNII_GRAPH})
+GRAPH_TESTS: frozenset[str] = frozenset({CMD_GRAPH, STEPS_GRAPH, SAMPLER_GRAPH_PC, GCNII_GRAPH, ATTN_GRAPH})
 
 # CUDA code of ours without a __global__ of its own (ATen ops and cuBLAS on the device path), checked all the same.
 EXTRA_SANITIZER_TESTS: dict[str, str] = {
@@ -109,6 +119,7 @@ CUDA_TEST_FILES: tuple[str, ...] = (
     "python_tests/ops/test_diffusion_steps_autograd.py",
     "python_tests/ops/test_diffusion_steps_noise.py",
     "python_tests/ops/test_gcnii.py",
+    "python_tests/ops/test_attention.py",
     "python_tests/sampling/test_samplers.py",
     "python_tests/sampling/test_sampling_cuda_graph.py",
     "python_tests/sampling/test_sampling_schedulers.py",

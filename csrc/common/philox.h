@@ -46,4 +46,12 @@ struct PhiloxSeed {
   uint64_t counter_lo;
 };
 
+// Keep-bits threshold of dropout with drop probability p in (0, 1): an element is kept iff its 32 random bits are
+// >= the threshold, i.e. with probability 1 - threshold / 2^32 (within 2^-32 of 1 - p). Shared by the GCNII layer's
+// and the attention op's in-kernel dropout.
+inline uint32_t dropout_threshold(double p) {
+  const double t = p * 4294967296.0;
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t + 0.5);
+}
+
 }  // namespace mmer_ext

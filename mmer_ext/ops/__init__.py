@@ -5,6 +5,7 @@ op are in :mod:`mmer_ext.ops._reference`; ``nn.Module`` forms (:class:`CMDLoss`,
 :class:`BlockGraphPropagate`) in :mod:`mmer_ext.ops.modules`.
 """
 
+from mmer_ext.ops.attention import attention
 from mmer_ext.ops.angular_adjacency import angular_adjacency, block_graph_propagate
 from mmer_ext.ops.cmd import central_moments, cmd, cmd_pairwise
 from mmer_ext.ops.gcnii import gcnii_layer
@@ -24,6 +25,7 @@ __all__ = [
     "BlockGraphPropagate",
     "CMDLoss",
     "angular_adjacency",
+    "attention",
     "block_graph_propagate",
     "central_moments",
     "cmd",

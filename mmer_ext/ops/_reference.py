@@ -280,6 +280,22 @@ def gcnii_layer_ref(hi: Tensor, h0: Tensor, weight: Tensor, theta: float, alpha:
     return out if keep is None else out * keep.to(out.dtype) / (1.0 - dropout)
 
 
+def attention_ref(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None, dropout: float = 0.0, *,
+                  scale: float | None = None, keep: Tensor | None = None) -> Tensor:
+    """``(softmax(scale q k^T, -inf where mask) * keep / (1 - dropout)) v``, written out: the oracle of
+    :func:`mmer_ext.ops.attention`. ``keep``: the dropout's ``[B, H, Lq, Lk]`` keep mask (``None``: no dropout,
+    whatever ``dropout``; the op's is ``gcnii_dropout_keep_ref(rng[0], (B, H, Lq, Lk), dropout, rng[1])``). A row
+    blocked everywhere gives zeros, as the op defines it."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = scale * query @ key.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-blocked rows: 0/0
+    if keep is not None:
+        weights = weights * keep.to(weights.dtype) / (1.0 - dropout)
+    return weights @ value
+
+
 # ---- score-based sampling steps (IMDer's VE SDE, predictor-corrector, DDIM) ----------------------------------------
 #
 # ``x`` is ``[B, ...]``. ``t`` / ``alpha_bar_*`` are a Python float, a 0-d tensor, or a ``[B]`` tensor broadcast over

@@ -26,13 +26,6 @@ MMER_HD inline T layer_output(T acc, T hi, T h0, const LayerCoefs<T>& c, uint32_
   return bits >= c.threshold ? v * c.scale : T(0);
 }
 
-// Keep-bits threshold of dropout with drop probability p in (0, 1): an element is kept iff its 32 random bits are
-// >= the threshold, i.e. with probability 1 - threshold / 2^32 (within 2^-32 of 1 - p).
-inline uint32_t dropout_threshold(double p) {
-  const double t = p * 4294967296.0;
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t + 0.5);
-}
-
 // d loss / d pre from the output alone: an element with out > 0 was kept and had pre > 0 (scale >= 1, so a kept
 // positive value never rounds to 0); every other element's gradient is 0.
 template <typename T>
