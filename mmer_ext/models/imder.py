@@ -424,9 +424,12 @@ class IMDer(MERModel):
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if not grads:
             return None
-        peak = torch.stack([g.detach().abs().max() for g in grads]).max()
-        torch.nn.utils.clip_grad_value_([p for p in self.trainable_parameters() if p.grad is not None],
-                                        self.clip_grad_value)
+        # One foreach call each instead of ~2 ops per parameter (~480 tensors): the same values as abs().max() and
+        # clip_grad_value_'s clamp, a few ms less per training step on the CPU.
+        with torch.no_grad():
+            peak = torch.stack(torch._foreach_max(torch._foreach_abs(grads))).max()
+            torch._foreach_clamp_max_(grads, self.clip_grad_value)
+            torch._foreach_clamp_min_(grads, -self.clip_grad_value)
         return peak
 
     # ------------------------------------------------------------------ pieces

@@ -286,11 +286,12 @@ def attention_ref(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None
     :func:`mmer_ext.ops.attention`. ``keep``: the dropout's ``[B, H, Lq, Lk]`` keep mask (``None``: no dropout,
     whatever ``dropout``; the op's is ``gcnii_dropout_keep_ref(rng[0], (B, H, Lq, Lk), dropout, rng[1])``). A row
     blocked everywhere gives zeros, as the op defines it."""
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if scale is None:
+        scale = query.shape[-1] ** -0.5 if query.shape[-1] else 1.0  # D = 0: every score is 0 whatever the scale
     scores = scale * query @ key.transpose(-1, -2)
-    if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-blocked rows: 0/0
+    weights = torch.softmax(scores if mask is None else scores.masked_fill(mask, float("-inf")), dim=-1)
+    if mask is not None:  # all-blocked rows are 0/0 in softmax: zeros by definition (NaN from NaN input stays)
+        weights = weights.masked_fill(mask.all(-1, keepdim=True), 0.0)
     if keep is not None:
         weights = weights * keep.to(weights.dtype) / (1.0 - dropout)
     return weights @ value

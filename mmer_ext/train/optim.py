@@ -10,7 +10,7 @@ import torch
 
 from mmer_ext.models.recipes import Stage
 
-__all__ = ["StageOptimizer", "make_optimizer", "Selection", "selection_for"]
+__all__ = ["StageOptimizer", "adam", "make_optimizer", "Selection", "selection_for"]
 
 
 def _lr_lambda(epochs: int, epochs_decay: int) -> Callable[[int], float]:
@@ -43,11 +43,23 @@ class StageOptimizer:
         return self.optimizer.param_groups[0]["lr"]
 
 
+def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+         weight_decay: float = 0.0) -> torch.optim.Adam:
+    """``torch.optim.Adam``, fused (one kernel over every parameter) where all parameters are floating tensors of one
+    CPU or CUDA device. The same update as the default; on the CPU the default is a Python loop of ~8 ops per
+    parameter, ~18 ms of IMDer's ~300 ms training step (480 tensors) against ~3 ms fused."""
+    params = list(params)
+    devices = {p.device.type for p in params}
+    fused = bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(
+        p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
+
+
 def make_optimizer(model: torch.nn.Module, stage: Stage) -> StageOptimizer:
     """Adam over the model's trainable parameters with the stage's LR policy ("plateau": halve on a flat validation
     metric; "linear": constant, then linear decay to 0)."""
     params = [p for p in model.trainable_parameters()]
-    optimizer = torch.optim.Adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
+    optimizer = adam(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
     if stage.lr_policy == "plateau":
         lr_scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=stage.select_mode, factor=0.5, patience=stage.plateau_patience)

@@ -263,6 +263,37 @@ def gcnii_layer_case(draw):
 
 
 @st.composite
+def attention_case(draw):
+    dtype = draw(st.sampled_from(ALL_FLOATS))
+    B, H, Lq, Lk, D = (draw(st.integers(0, 2)), draw(st.integers(1, 3)), draw(st.integers(0, 6)),
+                       draw(st.integers(0, 6)), draw(st.integers(0, 5)))
+    q, k, v = (_tensor(draw, shape, dtype) for shape in ((B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D)))
+    mask = (torch.rand(Lq, Lk, generator=_draw_seed(draw)) < 0.4) if draw(st.booleans()) else None
+    scale = draw(st.sampled_from([None, None, 0.3, 1.0]))
+    dropout = draw(st.sampled_from([0.0, 0.0, 0.3]))
+    args = {"query": q, "key": k, "value": v, "mask": mask, "dropout": dropout, "scale": scale}
+    if dropout == 0.0:
+        return Case("attention", args,
+                    lambda a: R.attention_ref(_as64(a["query"]), _as64(a["key"]), _as64(a["value"]), a["mask"],
+                                              scale=a["scale"]),
+                    dtype, grad_args=("query", "key", "value"), tol={F16: 1e-2})
+    # With dropout: the mask of the generator's next 64-bit draw (the CPU kernel's key), read before the call.
+    generator = _draw_seed(draw)
+    state = generator.get_state()
+    args["generator"] = generator
+
+    def ref(a):
+        g = torch.Generator()
+        g.set_state(state)
+        key = torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=g).item() % 2**64
+        keep = R.gcnii_dropout_keep_ref(key, (B, H, Lq, Lk), a["dropout"])
+        return R.attention_ref(_as64(a["query"]), _as64(a["key"]), _as64(a["value"]), a["mask"], a["dropout"],
+                               scale=a["scale"], keep=keep)
+
+    return Case("attention", args, ref, dtype, tol={F16: 1e-2}, label="dropout")
+
+
+@st.composite
 def block_graph_propagate_case(draw):
     dtype = draw(st.sampled_from(ALL_FLOATS))
     M, F = draw(st.integers(1, 3)), draw(st.integers(0, 4))
@@ -401,6 +432,7 @@ BUILDERS: dict[str, Callable] = {
     "angular_adjacency": angular_adjacency_case,
     "block_graph_propagate": block_graph_propagate_case,
     "gcnii_layer": gcnii_layer_case,
+    "attention": attention_case,
     "ve_marginal_std": _coefficient_case("ve_marginal_std", R.ve_marginal_std_ref),
     "ve_diffusion_coeff": _coefficient_case("ve_diffusion_coeff", R.ve_diffusion_coeff_ref),
     "ve_perturb": ve_perturb_case,
@@ -710,6 +742,8 @@ def _every_op_call() -> dict[str, tuple[Callable, dict[str, Any]]]:
     _, pair_stats = ops._cmd_pairwise_forward([x, z], 3)
     h = torch.randn(10, 4)
     t = torch.full((4,), 0.5)
+    q4, k4, mask4 = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 6, 5), torch.rand(4, 6) < 0.3
+    out4, lse4, rng4 = ops.attention(q4, k4, k4, mask4, 0.2)
     return {
         "central_moments": (ops.central_moments, {"x": x, "n_moments": 3}),
         "_central_moments_forward": (ops._central_moments_forward, {"x": x, "n_moments": 3}),
@@ -737,6 +771,10 @@ def _every_op_call() -> dict[str, tuple[Callable, dict[str, Any]]]:
         "_gcnii_layer_backward": (ops._gcnii_layer_backward,
                                   {"grad": h, "out": h, "hi": h, "h0": h, "weight": torch.randn(8, 4), "theta": 0.1,
                                    "alpha": 0.1, "dropout": 0.2}),
+        "attention": (ops.attention, {"query": q4, "key": k4, "value": k4, "mask": mask4, "dropout": 0.2}),
+        "_attention_backward": (ops._attention_backward,
+                                {"grad": torch.randn_like(out4), "query": q4, "key": k4, "value": k4, "out": out4,
+                                 "lse": lse4, "rng": rng4, "mask": mask4, "dropout": 0.2, "scale": None}),
         "ve_marginal_std": (ops.ve_marginal_std, {"t": t}),
         "ve_diffusion_coeff": (ops.ve_diffusion_coeff, {"t": t}),
         "ve_perturb": (ops.ve_perturb, {"x": x, "t": t, "noise": z}),
