@@ -174,10 +174,10 @@ def train_score(model: IMDer, dataset, *, steps: int, batch_size: int, lr: float
         seconds += time.perf_counter() - t0
         if probe is not None and (step % probe_every == 0 or step == steps):
             model.eval()
-            point = {"step": step, "loss": float(loss), **probe()}
+            point = {"step": step, "loss": loss.item(), **probe()}
             model.train()
             curve.append(point)
-            log(f"  score step {step}: loss {float(loss):.1f}, recovery r live {point['live']:.3f} "
+            log(f"  score step {step}: loss {point['loss']:.1f}, recovery r live {point['live']:.3f} "
                 f"ema {point.get('ema', float('nan')):.3f} ({seconds:.0f} s)")
     model.eval()
     return seconds, curve

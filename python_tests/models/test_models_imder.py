@@ -442,3 +442,17 @@ class _Wrap(torch.nn.Module):
 
     def forward(self, x, t, c):
         return self.fn(x, t, c)
+
+
+def test_clip_gradients_returns_the_peak_and_clamps_every_gradient():
+    model = tiny()
+    params = [p for p in model.trainable_parameters()]
+    g = torch.Generator().manual_seed(3)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 3
+    before = [p.grad.clone() for p in params]
+    peak = model.clip_gradients_()
+    assert peak == max(b.abs().max() for b in before)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, b.clamp(-model.clip_grad_value, model.clip_grad_value))
+    assert tiny(clip_grad_value=None).clip_gradients_() is None
