@@ -324,7 +324,31 @@ def bars(agg: dict[str, Any], args) -> list[dict[str, Any]]:
         s = agg["end_to_end"]["speedup"][0]
         out.append({"bar": f"missing-data stage + MR sweep with {fast} >= 5x faster than with {args.reference}",
                     "measured": f"{s:.1f}x", "met": s >= 5})
+        # The issue's bar asks for one sampler of <= 20 calls that meets both halves; every sampler evaluated on
+        # both (correlation on every seed, end-to-end time on the timed seed) is a candidate, all are listed.
+        cands = few_step_candidates(agg, args, r_em)
+        if cands:
+            out.append({"bar": f"a sampler of <= 20 calls within 5 % of {default}'s correlation and >= 5x faster end "
+                               f"to end (every one measured on both)",
+                        "measured": "; ".join(f"{k}: {100 * dr:+.1f} %, {up:.1f}x" for k, dr, up in cands),
+                        "met": any(abs(dr) <= 0.05 and up >= 5 for _, dr, up in cands)})
     return out
+
+
+def few_step_candidates(agg: dict[str, Any], args, r_ref: float) -> list[tuple[str, float, float]]:
+    """(sampler, correlation change against the reference sampler's, end-to-end speed-up against the reference's)
+    for every sampler of <= 20 calls with both measurements, on the first timed seed, fewest calls first."""
+    e2e = agg["end_to_end"]
+    if not e2e or not e2e.get("curve") or not r_ref:
+        return []
+    points = e2e["curve"][0]["points"]
+    ref = points.get(args.reference)
+    t = agg["fills"]
+    if ref is None:
+        return []
+    return [(k, t[k]["recovery"]["raw"]["average"]["pearson"][0] / r_ref - 1, ref["seconds"] / points[k]["seconds"])
+            for k in sorted(points, key=lambda k: points[k]["calls"])
+            if k in t and k != args.reference and network_calls(k) <= 20]
 
 
 def _pm(v: tuple[float, float], fmt: str = ".3f", scale: float = 1.0) -> str:
@@ -413,21 +437,14 @@ def render_markdown(payload: dict[str, Any]) -> str:
                       f"nothing (MulT forward/backward, the refiners, the score loss, the optimiser, the sweep's "
                       f"forward passes) bound the speed-up over 100 calls: {(b + 100 * c) / (b + 10 * c):.1f}x at 10 "
                       f"calls, {(b + 100 * c) / (b + 5 * c):.1f}x at 5, {(b + 100 * c) / (b + c):.1f}x at 1."]
-            # Both halves of the few-step bar for every sampler measured on both (correlation on every seed,
-            # end-to-end time on this one): the bar asks for one sampler of <= 20 calls that meets both.
-            ref_pt = fit["points"].get(a["reference"])
-            both = [k for k in sorted(fit["points"], key=lambda k: fit["points"][k]["calls"])
-                    if k in t and network_calls(k) <= 20]
-            if ref_pt and both and r_ref:
-                lines += ["", f"Few-step samplers on both halves of the bar (correlation against {default}'s, "
-                          f"speed-up against {a['reference']}'s {ref_pt['seconds']:.1f} s):", "",
-                          "| sampler | calls | correlation vs EM | speed-up | both met |", "|---|---:|---:|---:|---|"]
-                for k in both:
-                    dr = t[k]["recovery"]["raw"]["average"]["pearson"][0] / r_ref - 1
-                    up = ref_pt["seconds"] / fit["points"][k]["seconds"]
-                    ok = abs(dr) <= 0.05 and up >= 5
-                    lines.append(f"| {k} | {network_calls(k)} | {100 * dr:+.1f} % | {up:.1f}x | "
-                                 f"{'yes' if ok else 'no'} |")
+        cands = few_step_candidates(agg, argparse.Namespace(**a), r_ref)
+        if cands:
+            lines += ["", f"Few-step samplers on both halves of the bar (correlation against {default}'s over the "
+                      f"seeds, end-to-end speed-up against {a['reference']}'s on seed {e2e['seeds'][0]}):", "",
+                      "| sampler | calls | correlation vs EM | speed-up | both met |", "|---|---:|---:|---:|---|"]
+            for k, dr, up in cands:
+                lines.append(f"| {k} | {network_calls(k)} | {100 * dr:+.1f} % | {up:.1f}x | "
+                             f"{'yes' if abs(dr) <= 0.05 and up >= 5 else 'no'} |")
     lines += ["", "## Recovery correlation against score-training steps", "",
               f"Probe: `{a['probe_sampler']}` on {a['probe_rows']} validation rows per modality (random condition "
               "kind); live weights vs the EMA. Figure: `" + payload.get("figure", "") + "`.", "",

@@ -79,11 +79,13 @@ def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, mask: T
     attention dropout on the weights, out-projection) without the module's own wrapping, which at MulT's sizes on the
     CPU (d = 32 with 8 heads: head width 4) costs as much as the attention itself. One GEMM for the three projections
     of self-attention, two for cross-attention with one key/value sequence. On the CPU the product is
-    :func:`mmer_ext.ops.attention`, made for such narrow heads: about 2x faster than
-    ``scaled_dot_product_attention``'s flash kernel forward + backward at MulT's [32, 8, 48, 4], 2.5x with attention
-    dropout (which sends SDPA to its unfused path); its output is already in the heads-interleaved layout, so merging
-    the heads copies nothing. On CUDA, ``scaled_dot_product_attention`` (``causal=True``: ``mask`` is the plain causal
-    mask and the kernel's causal flag replaces it).
+    :func:`mmer_ext.ops.attention` for heads up to 8 wide and wherever attention dropout is on, what it is made for:
+    about 2.4x faster than ``scaled_dot_product_attention``'s flash kernel forward + backward at MulT's [32, 8, 48, 4],
+    4x with attention dropout (which sends SDPA to its unfused path), and its output is already in the
+    heads-interleaved layout, so merging the heads copies nothing (``benchmarks/bench_attention.py``). Wider heads
+    without dropout (the U-Net score net's 16) keep SDPA, whose backward is faster there. On CUDA,
+    ``scaled_dot_product_attention`` (``causal=True``: ``mask`` is the plain causal mask and the kernel's causal flag
+    replaces it).
     """
     b, lq, e = q.shape
     lk = k.shape[1]
@@ -101,7 +103,7 @@ def attend(attn: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor, mask: T
     kh = kh.reshape(b, lk, h, e // h).transpose(1, 2)
     vh = vh.reshape(b, lk, h, e // h).transpose(1, 2)
     p = attn.dropout if training else 0.0
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and (e // h <= 8 or p > 0):
         o = attention(qh, kh, vh, mask, p)
     elif causal:
         o = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=p, is_causal=True)

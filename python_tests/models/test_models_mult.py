@@ -173,17 +173,18 @@ def test_keys_and_values_get_their_own_embedding_dropout(monkeypatch):
 @pytest.mark.parametrize("kind", ["self", "cross-shared", "cross-separate"])
 @pytest.mark.parametrize("lengths", [(6, 6), (4, 7), (1, 1), (7, 3)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attend_is_the_module_forward_and_backward(dtype, kind, lengths, masked):
+@pytest.mark.parametrize(("embed", "heads"), [(8, 4), (32, 2)], ids=["narrow-heads", "wide-heads"])
+def test_attend_is_the_module_forward_and_backward(dtype, kind, lengths, masked, embed, heads):
     """attend() reads the module's weights and gives its output and gradients (dropout 0; the causal flag on the
-    square case must equal the explicit mask)."""
+    square case must equal the explicit mask), through the attention op (heads of width 2) and SDPA (width 16)."""
     torch.manual_seed(1)
     lq, lk = lengths
     if kind == "self":
         lk = lq
-    mha = torch.nn.MultiheadAttention(8, 4, batch_first=True).to(dtype)
-    x = torch.randn(3, lq, 8, dtype=dtype, requires_grad=True)
-    kv = x if kind == "self" else torch.randn(3, lk, 8, dtype=dtype, requires_grad=True)
-    v = kv if kind != "cross-separate" else torch.randn(3, lk, 8, dtype=dtype, requires_grad=True)
+    mha = torch.nn.MultiheadAttention(embed, heads, batch_first=True).to(dtype)
+    x = torch.randn(3, lq, embed, dtype=dtype, requires_grad=True)
+    kv = x if kind == "self" else torch.randn(3, lk, embed, dtype=dtype, requires_grad=True)
+    v = kv if kind != "cross-separate" else torch.randn(3, lk, embed, dtype=dtype, requires_grad=True)
     mask = future_mask(lq, lk) if masked else None
     inputs = [x] + ([kv] if kv is not x else []) + ([v] if v is not kv else [])
     ref = mha(x, kv, v, attn_mask=mask, need_weights=False)[0]
