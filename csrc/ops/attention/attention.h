@@ -11,8 +11,8 @@
 // lse [B, H, Lq] in the accumulation dtype; rng [2] int64 (Philox key, block counter) on the inputs' device, which
 // the backward reads to regenerate Z. The gradients of q, k, v come back in the same head-interleaved layout.
 //
-// Made for the head widths of MulT and the IMDer score nets (D = 4 .. 64, L up to a few hundred), where the
-// blocked flash kernels spend their time on tiny GEMM calls; it never materialises the [Lq, Lk] matrix in memory.
+// Made for narrow heads (MulT's D = 4 and 8, L up to a few hundred), where the blocked flash kernels spend their
+// time on tiny GEMM calls; it never materialises the [Lq, Lk] matrix in memory.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 

@@ -3,9 +3,11 @@
 // One task per (batch, head): its q (pre-scaled), k, v are copied once into small accumulation-dtype buffers (any
 // input strides and dtypes), then the queries are processed a vector register at a time: each lane is one query
 // row, so the softmax, the dropout and the products with k and v are lane-wise and need no horizontal reductions
-// except once per key and channel at the end of the backward. At the head widths this op is for (D = 4 .. 64) that
-// keeps the units busy where the blocked flash kernels spend their time in tiny GEMM calls. The dropout mask is
-// drawn per query row from the Philox stream of attention_math.h, so results do not depend on the thread count.
+// except once per key and channel at the end of the backward. At the head widths this op is for (D <= 8) that keeps
+// the units busy where the blocked flash kernels spend their time in tiny GEMM calls; wider heads work, but the
+// backward's per-lane key and value sums then cost more than the flash kernel (benchmarks/bench_attention.py, wide).
+// Head widths 4, 8 and 16 are compiled as constants (accumulators in registers). The dropout bits of a (batch, head)
+// are drawn in one pass from the Philox stream of attention_math.h, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
