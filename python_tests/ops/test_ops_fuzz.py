@@ -232,6 +232,15 @@ def angular_adjacency_case(draw):
     return Case("angular_adjacency", args, ref, dtype, grad_args=grad_args, tol=tol)
 
 
+def _generator_and_key(draw) -> tuple[torch.Generator, int]:
+    """A drawn generator and the key an in-kernel dropout will take from it on the CPU: its next 64-bit draw, read
+    from a copy before the call (the ops' masks are then the reference Philox stream under that key)."""
+    generator = _draw_seed(draw)
+    twin = torch.Generator()
+    twin.set_state(generator.get_state())
+    return generator, torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=twin).item() % 2**64
+
+
 @st.composite
 def gcnii_layer_case(draw):
     dtype = draw(st.sampled_from(ALL_FLOATS))
@@ -246,15 +255,9 @@ def gcnii_layer_case(draw):
                     lambda a: R.gcnii_layer_ref(_as64(a["hi"]), _as64(a["h0"]), _as64(a["weight"]), a["theta"],
                                                 a["alpha"]),
                     dtype, grad_args=("hi", "h0", "weight"), tol={F16: 1e-2})
-    # With dropout: the mask of the generator's next 64-bit draw (the CPU kernel's key), read before the call.
-    generator = _draw_seed(draw)
-    state = generator.get_state()
-    args["generator"] = generator
+    args["generator"], key = _generator_and_key(draw)
 
     def ref(a):
-        g = torch.Generator()
-        g.set_state(state)
-        key = torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=g).item() % 2**64
         keep = R.gcnii_dropout_keep_ref(key, (N, F), a["dropout"])
         return R.gcnii_layer_ref(_as64(a["hi"]), _as64(a["h0"]), _as64(a["weight"]), a["theta"], a["alpha"],
                                  a["dropout"], keep=keep)
@@ -277,15 +280,9 @@ def attention_case(draw):
                     lambda a: R.attention_ref(_as64(a["query"]), _as64(a["key"]), _as64(a["value"]), a["mask"],
                                               scale=a["scale"]),
                     dtype, grad_args=("query", "key", "value"), tol={F16: 1e-2})
-    # With dropout: the mask of the generator's next 64-bit draw (the CPU kernel's key), read before the call.
-    generator = _draw_seed(draw)
-    state = generator.get_state()
-    args["generator"] = generator
+    args["generator"], key = _generator_and_key(draw)
 
     def ref(a):
-        g = torch.Generator()
-        g.set_state(state)
-        key = torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=g).item() % 2**64
         keep = R.gcnii_dropout_keep_ref(key, (B, H, Lq, Lk), a["dropout"])
         return R.attention_ref(_as64(a["query"]), _as64(a["key"]), _as64(a["value"]), a["mask"], a["dropout"],
                                scale=a["scale"], keep=keep)
