@@ -27,6 +27,17 @@ def cuda_only(f):
     return f
 
 
+# ---- in-kernel dropout ------------------------------------------------------------------------------------------
+
+
+def next_cpu_key(generator: torch.Generator) -> int:
+    """The 64-bit key a CPU op's in-kernel Philox dropout takes from ``generator`` on its next call (the generator's
+    next random64()), read from a copy so ``generator`` itself does not advance."""
+    twin = torch.Generator()
+    twin.set_state(generator.get_state())
+    return torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=twin).item() % 2**64
+
+
 # ---- registration ----------------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import mmer_ext  # noqa: F401  (loads the compiled library; registers torch.ops.mmer_ext)
 from mmer_ext.ops import attention
 from mmer_ext.ops._reference import attention_ref, gcnii_dropout_keep_ref
-from op_testing import ALL_DTYPES, as_float64_cpu, assert_within, cuda_only, dtype_id, ops_registered_from, place
+from op_testing import (ALL_DTYPES, as_float64_cpu, assert_within, cuda_only, dtype_id, next_cpu_key,
+                        ops_registered_from, place)
 
 ops = torch.ops.mmer_ext
 # (B, H, Lq, Lk, D): empty, single, MulT's [32, 8, 48, 4], unequal lengths, the compiled widths 8 and 16, widths
@@ -175,10 +176,7 @@ def test_mask_is_the_reference_philox_stream(shape, dropout, device):
 
 def test_cpu_key_is_the_generators_next_draw():
     g = torch.Generator().manual_seed(5)
-    state = g.get_state()
-    twin = torch.Generator()
-    twin.set_state(state)
-    key = torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=twin).item() % 2**64
+    key = next_cpu_key(g)
     _out, _lse, rng = ops.attention(*_inputs((1, 1, 2, 2, 2)), None, 0.5, None, g)
     assert int(rng[0]) % 2**64 == key and int(rng[1]) == 0
 

@@ -15,7 +15,8 @@ import torch
 import mmer_ext  # noqa: F401  (loads the compiled library; registers torch.ops.mmer_ext)
 from mmer_ext.ops import gcnii_layer
 from mmer_ext.ops._reference import gcnii_dropout_keep_ref, gcnii_layer_ref, philox4x32_10_ref
-from op_testing import ALL_DTYPES, as_float64_cpu, assert_within, cuda_only, dtype_id, ops_registered_from, place
+from op_testing import (ALL_DTYPES, as_float64_cpu, assert_within, cuda_only, dtype_id, next_cpu_key,
+                        ops_registered_from, place)
 
 ops = torch.ops.mmer_ext
 THETA, ALPHA = math.log(0.5 / 3 + 1), 0.1  # MMGCN's third layer
@@ -39,13 +40,6 @@ def _tolerance(hi, h0, w, dtype):
     acc = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
     rounding = torch.finfo(dtype).eps
     return scale * (4 * (2 * f + 4) * acc + 2 * rounding) + torch.finfo(dtype).tiny
-
-
-def _cpu_key(state: torch.Tensor) -> int:
-    """The 64-bit draw the CPU kernel keys its mask with: the generator's next random64(), read from a copy."""
-    g = torch.Generator()
-    g.set_state(state)
-    return torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=g).item() % 2**64
 
 
 # ---- forward and backward against the reference ---------------------------------------------------------------------
@@ -133,7 +127,7 @@ def test_cpu_mask_is_the_reference_philox_stream(shape, dropout):
     hi, h0, w = _inputs(*shape, seed=2)
     hi = hi.abs() + 1.0  # every pre-activation positive: the output is zero exactly where the mask drops
     g = torch.Generator().manual_seed(11)
-    key = _cpu_key(g.get_state())
+    key = next_cpu_key(g)
     out = gcnii_layer(hi, h0, w.abs(), THETA, ALPHA, dropout, generator=g)
     keep = gcnii_dropout_keep_ref(key, shape, dropout)
     assert torch.equal(out != 0, keep)

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 import mmer_ext  # noqa: F401  (loads the compiled library)
 from mmer_ext import ops as O
 from mmer_ext.ops import _reference as R
-from op_testing import dtype_id  # noqa: E402  (this folder, put on sys.path by pytest)
+from op_testing import dtype_id, next_cpu_key  # noqa: E402  (this folder, put on sys.path by pytest)
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 ALL_FLOATS = [F32, F64, F16, BF16]
@@ -233,12 +233,10 @@ def angular_adjacency_case(draw):
 
 
 def _generator_and_key(draw) -> tuple[torch.Generator, int]:
-    """A drawn generator and the key an in-kernel dropout will take from it on the CPU: its next 64-bit draw, read
-    from a copy before the call (the ops' masks are then the reference Philox stream under that key)."""
+    """A drawn generator and the key an in-kernel dropout will take from it on the CPU, read before the call (the
+    ops' masks are then the reference Philox stream under that key)."""
     generator = _draw_seed(draw)
-    twin = torch.Generator()
-    twin.set_state(generator.get_state())
-    return generator, torch.empty((), dtype=torch.int64).random_(-(2**63), None, generator=twin).item() % 2**64
+    return generator, next_cpu_key(generator)
 
 
 @st.composite

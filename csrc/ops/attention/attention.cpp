@@ -49,6 +49,13 @@ Shapes check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
 }
 
+// The kernels' view of a checked call; `mask` (contiguous or undefined) must outlive it. Default scale 1 / sqrt(D).
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                     const Shapes& s, double dropout, std::optional<double> scale) {
+  return {q, k, v, mask.defined() ? &mask : nullptr, s.batch, s.heads, s.lq, s.lk, s.dim,
+          scale.value_or(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(s.dim, 1)))), dropout};
+}
+
 // [B, H, L, D] with the memory of [B, L, H, D]: heads interleaved, as the in-projection produced them.
 at::Tensor head_interleaved(const at::Tensor& like, int64_t b, int64_t h, int64_t l, int64_t d) {
   return at::empty({b, l, h, d}, like.options()).transpose(1, 2);
@@ -71,8 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention(const DeviceKernels& ke
   auto lse = at::empty({s.batch, s.heads, s.lq}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   auto rng = at::zeros({2}, q.options().dtype(at::kLong));
   const at::Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
-  const Problem p{q, k, v, m.defined() ? &m : nullptr, s.batch, s.heads, s.lq, s.lk, s.dim,
-                  scale.value_or(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(s.dim, 1)))), dropout};
+  const Problem p = make_problem(q, k, v, m, s, dropout, scale);
   kernels.forward(p, out, lse, rng, generator);
   return {out, lse, rng};
 }
@@ -102,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   auto dk = head_interleaved(k, s.batch, s.heads, s.lk, s.dim);
   auto dv = head_interleaved(v, s.batch, s.heads, s.lk, s.dim);
   const at::Tensor m = mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
-  const Problem p{q, k, v, m.defined() ? &m : nullptr, s.batch, s.heads, s.lq, s.lk, s.dim,
-                  scale.value_or(1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(s.dim, 1)))), dropout};
+  const Problem p = make_problem(q, k, v, m, s, dropout, scale);
   kernels.backward(p, grad, out, lse.contiguous(), rng.contiguous(), dq, dk, dv);
   return {dq, dk, dv};
 }

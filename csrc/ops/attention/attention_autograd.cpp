@@ -16,6 +16,8 @@
 #include <optional>
 #include <tuple>
 
+#include "common/autograd.h"
+
 namespace mmer_ext::attention {
 namespace {
 
@@ -39,13 +41,6 @@ const auto& backward_op() {
                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const std::optional<at::Tensor>&, double, std::optional<double>)>();
   return op;
-}
-
-bool records_graph(std::initializer_list<at::Tensor> xs) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const auto& x : xs)
-    if (x.defined() && x.requires_grad()) return true;
-  return false;
 }
 
 class BackwardRefusal : public torch::autograd::Function<BackwardRefusal> {

@@ -142,7 +142,7 @@ void block_factors(Scratch<acc_t>& sc, int64_t i0, int64_t lq, int64_t lk, uint3
 
 template <typename acc_t>
 struct Shape {
-  int64_t heads, lq, lk, dim, lqp;
+  int64_t lq, lk, dim, lqp;
   acc_t scale;
   const acc_t* bias;  // [Lk][Lqp]: 0 or -inf (blocked), or nullptr
   uint32_t threshold;  // 0: no dropout
@@ -342,7 +342,6 @@ template <typename acc_t>
 Shape<acc_t> make_shape(const Problem& p, std::vector<acc_t>& bias, uint64_t key, uint64_t counter_lo) {
   constexpr int W = kLanes<acc_t>;
   Shape<acc_t> s{};
-  s.heads = p.heads;
   s.lq = p.lq;
   s.lk = p.lk;
   s.dim = p.dim;
@@ -392,6 +391,22 @@ int64_t grain(const Problem& p) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, p.lq * p.lk * std::max<int64_t>(p.dim, 1)));
 }
 
+// Runs f(scratch, bh, b, h, width) for every (batch, head) in parallel, with the head's q, k, v loaded into the
+// task's scratch and the head width as a template constant where one is compiled.
+template <typename scalar_t, typename acc_t, typename F>
+void for_each_head(const Problem& p, const Shape<acc_t>& s, const Strided<scalar_t>& q, const Strided<scalar_t>& k,
+                   const Strided<scalar_t>& v, bool backward, F&& f) {
+  at::parallel_for(0, p.batch * p.heads, grain(p), [&](int64_t bh0, int64_t bh1) {
+    Scratch<acc_t> sc;
+    size_scratch(sc, s, backward);
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      load_head(sc, s, q, k, v, b, h);
+      with_head_width(p.dim, [&](auto width) { f(sc, bh, b, h, width); });
+    }
+  });
+}
+
 void attention_forward_cpu(const Problem& p, at::Tensor& out, at::Tensor& lse, at::Tensor& rng,
                            const std::optional<at::Generator>& generator) {
   const uint64_t key = p.dropout > 0.0 ? cpu_philox_key(generator) : 0;  // one 64-bit draw keys the whole mask
@@ -405,16 +420,9 @@ void attention_forward_cpu(const Problem& p, at::Tensor& out, at::Tensor& lse, a
     const Strided<scalar_t> q(p.q), k(p.k), v(p.v);
     StridedOut<scalar_t> o(out);
     acc_t* lse_data = lse.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, p.batch * p.heads, grain(p), [&](int64_t bh0, int64_t bh1) {
-      Scratch<acc_t> sc;
-      size_scratch(sc, s, false);
-      for (int64_t bh = bh0; bh < bh1; ++bh) {
-        const int64_t b = bh / p.heads, h = bh % p.heads;
-        load_head(sc, s, q, k, v, b, h);
-        with_head_width(p.dim, [&](auto width) {
-          forward_head<scalar_t, acc_t, decltype(width)::value>(sc, s, bh, o, lse_data + bh * p.lq, b, h);
-        });
-      }
+    for_each_head(p, s, q, k, v, /*backward=*/false, [&](Scratch<acc_t>& sc, int64_t bh, int64_t b, int64_t h,
+                                                         auto width) {
+      forward_head<scalar_t, acc_t, decltype(width)::value>(sc, s, bh, o, lse_data + bh * p.lq, b, h);
     });
   });
 }
@@ -437,17 +445,10 @@ void attention_backward_cpu(const Problem& p, const at::Tensor& grad, const at::
     const Strided<scalar_t> q(p.q), k(p.k), v(p.v), g(grad), o(out);
     StridedOut<scalar_t> dqo(dq), dko(dk), dvo(dv);
     const acc_t* lse_data = lse.const_data_ptr<acc_t>();
-    at::parallel_for(0, p.batch * p.heads, grain(p), [&](int64_t bh0, int64_t bh1) {
-      Scratch<acc_t> sc;
-      size_scratch(sc, s, true);
-      for (int64_t bh = bh0; bh < bh1; ++bh) {
-        const int64_t b = bh / p.heads, h = bh % p.heads;
-        load_head(sc, s, q, k, v, b, h);
-        with_head_width(p.dim, [&](auto width) {
-          backward_head<scalar_t, acc_t, decltype(width)::value>(sc, s, bh, g, o, lse_data + bh * p.lq, dqo, dko,
-                                                                 dvo, b, h);
-        });
-      }
+    for_each_head(p, s, q, k, v, /*backward=*/true, [&](Scratch<acc_t>& sc, int64_t bh, int64_t b, int64_t h,
+                                                        auto width) {
+      backward_head<scalar_t, acc_t, decltype(width)::value>(sc, s, bh, g, o, lse_data + bh * p.lq, dqo, dko, dvo, b,
+                                                             h);
     });
   });
 }

@@ -17,6 +17,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/autograd.h"
+
 namespace mmer_ext::cmd {
 namespace {
 
@@ -52,13 +54,6 @@ const auto& moments_backward_op() {
           .findSchemaOrThrow("mmer_ext::_central_moments_backward", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   return op;
-}
-
-bool records_graph(at::TensorList xs) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const auto& x : xs)
-    if (x.defined() && x.requires_grad()) return true;
-  return false;
 }
 
 // The backward ops are fused first-order formulas. Differentiating through one would otherwise warn and treat its
